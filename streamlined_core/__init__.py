@@ -1,0 +1,11 @@
+"""Streamlined inference for video diffusion U-Nets: the host-agnostic engine.
+
+Import as ``streamlined_core`` (installed) or relatively from the ComfyUI pack; modules inside
+refer to each other relatively so either way there is one copy.
+"""
+
+from .memory import MemoryTracker
+
+__version__ = "0.1.0"
+
+__all__ = ["MemoryTracker", "__version__"]

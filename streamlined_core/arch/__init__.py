@@ -1,0 +1,120 @@
+"""Architecture adapters: what the engine needs to know about each supported U-Net family.
+
+One adapter per family. An adapter recognises its model, and names the tensors the down path hands
+to the up path (the skip tensors), both analytically from the module structure and as live modules
+whose outputs can be traced. Later engine parts (group slicing, step rehash) add to the same
+adapters rather than growing a second description of each model.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from . import comfy_unet, diffusers_animatediff, diffusers_svd
+
+
+@dataclass(frozen=True)
+class SkipTensor:
+    """One skip tensor of a single batch-x-frame item: channels x height x width."""
+
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def numel(self) -> int:
+        return self.channels * self.height * self.width
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to read one U-Net family."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    skip_layout: Callable[[nn.Module, int, int], list[SkipTensor]]
+    skip_sources: Callable[[nn.Module], list[tuple[nn.Module, Callable]]]
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("diffusers-svd", diffusers_svd.matches, diffusers_svd.skip_layout, diffusers_svd.skip_sources),
+    Adapter(
+        "diffusers-animatediff",
+        diffusers_animatediff.matches,
+        diffusers_animatediff.skip_layout,
+        diffusers_animatediff.skip_sources,
+    ),
+    Adapter("comfyui-unet", comfy_unet.matches, comfy_unet.skip_layout, comfy_unet.skip_sources),
+)
+
+
+def adapter_for(model: object) -> Adapter:
+    """The adapter for ``model``, or a ``TypeError`` naming the supported families."""
+    if isinstance(model, nn.Module):
+        for adapter in ADAPTERS:
+            if adapter.matches(model):
+                return adapter
+    names = ", ".join(a.name for a in ADAPTERS)
+    raise TypeError(f"unsupported model {type(model).__name__}: supported U-Nets are {names}")
+
+
+def skip_floor_bytes(model: nn.Module, items: int, latent_height: int, latent_width: int, dtype: torch.dtype) -> int:
+    """Bytes of every skip tensor for ``items`` batch-x-frame items, from the module structure alone."""
+    layout = adapter_for(model).skip_layout(model, latent_height, latent_width)
+    return items * sum(s.numel for s in layout) * torch.empty((), dtype=dtype).element_size()
+
+
+@contextmanager
+def traced_skips(model: nn.Module) -> Iterator[dict[int, int]]:
+    """Record the storages (key -> bytes) of the skip tensors the model produces in the context.
+
+    Only sizes are kept, never the tensors: holding them would keep every skip alive to the end of
+    the forward and change the peak being measured. All skips are alive together (the up path
+    still needs them), so their storage keys are distinct.
+    """
+    found: dict[int, int] = {}
+
+    def record(_module, _inputs, out, pick):
+        for t in pick(out):
+            s = t.untyped_storage()
+            found[s._cdata] = s.nbytes()
+
+    handles = [
+        module.register_forward_hook(lambda m, i, o, pick=pick: record(m, i, o, pick))
+        for module, pick in adapter_for(model).skip_sources(model)
+    ]
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# -- shared structure helpers ------------------------------------------------------------------
+
+
+def last_conv(module: nn.Module) -> nn.Module:
+    """The last convolution registered inside ``module`` (its output width is the module's)."""
+    convs = [m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise ValueError(f"{type(module).__name__} holds no convolution")
+    return convs[-1]
+
+
+def after_strided_convs(module: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Spatial size after every strided 2-D convolution inside ``module`` (a downsampler)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            height = _conv_len(height, m.kernel_size[0], m.stride[0], m.padding[0], m.dilation[0])
+            width = _conv_len(width, m.kernel_size[1], m.stride[1], m.padding[1], m.dilation[1])
+    return height, width
+
+
+def _conv_len(n: int, k: int, s: int, p: int, d: int) -> int:
+    return math.floor((n + 2 * p - d * (k - 1) - 1) / s) + 1

@@ -1,0 +1,16 @@
+"""diffusers ``UNetMotionModel`` (AnimateDiff: an SD1.5 U-Net with motion modules)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import _diffusers_unet
+
+
+def matches(model: nn.Module) -> bool:
+    """True for diffusers' AnimateDiff U-Net."""
+    return type(model).__name__ == "UNetMotionModel" and hasattr(model, "down_blocks")
+
+
+skip_layout = _diffusers_unet.skip_layout
+skip_sources = _diffusers_unet.skip_sources

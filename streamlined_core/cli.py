@@ -1,0 +1,102 @@
+"""The ``streamline`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 576x1024, got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise argparse.ArgumentTypeError(
+            f"height and width must be positive multiples of 8 (the VAE's factor), got {text!r}"
+        )
+    return h, w
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def _choices(accepted: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [t.strip().lower() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in accepted]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or 'empty list'}: accepted values are {', '.join(accepted)}")
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``streamline``."""
+    from .simulate import IMPLEMENTATIONS, MODELS
+
+    parser = argparse.ArgumentParser(
+        prog="streamline", description="Memory-efficient inference for video diffusion U-Nets: measure and simulate."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser(
+        "simulate",
+        help="activation memory of full-size models, simulated on the meta device (no weights, no GPU)",
+        description="Build the full-size models on the meta device in fp16 and measure one U-Net call "
+        "of each workload: weights, activation peak and skip floor, with the field's built-in options.",
+    )
+    sim.add_argument(
+        "--model", type=_choices(tuple(MODELS)), default=list(MODELS), metavar="NAMES",
+        help=f"comma-separated models among {', '.join(MODELS)} (default: all)",
+    )
+    sim.add_argument(
+        "--implementation", type=_choices(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS), metavar="NAMES",
+        help="comma-separated among diffusers, comfyui (default: both; ComfyUI rows need a ComfyUI checkout)",
+    )
+    sim.add_argument(
+        "--resolution", type=_resolution, nargs="+", default=None, metavar="HxW",
+        help="pixel resolutions, multiples of 8 (default: 512x512 576x1024)",
+    )
+    sim.add_argument("--frames", type=_positive, default=None, help="frames per video (default: 14 SVD, 25 SVD-XT, 16 AnimateDiff)")
+    sim.add_argument("--batch", type=_positive, default=2, help="videos per U-Net call; 2 is classifier-free guidance (default: 2)")
+    out = sim.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
+    out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``streamline`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from .simulate import RESOLUTIONS, format_markdown, format_text, simulate
+
+        rows = simulate(
+            models=args.model,
+            resolutions=args.resolution or RESOLUTIONS,
+            frames=args.frames,
+            batch=args.batch,
+            implementations_wanted=args.implementation,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        if args.json:
+            print(json.dumps([r.as_dict() for r in rows], indent=2))
+        elif args.markdown:
+            print(format_markdown(rows), end="")
+        else:
+            print(format_text(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Find and import a ComfyUI checkout for the simulator's ComfyUI rows and the host tests.
+
+ComfyUI is not a package index release: users run it from a git checkout. The search order is
+``$COMFYUI_PATH``, the ComfyUI this pack sits in (``ComfyUI/custom_nodes/<pack>``), then
+``~/comfy/ComfyUI`` (comfy-cli's default workspace).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_comfyui(path: Path) -> bool:
+    """True when ``path`` looks like a ComfyUI checkout."""
+    return (path / "comfy" / "model_patcher.py").is_file() and (path / "main.py").is_file()
+
+
+def find_comfyui() -> tuple[Path | None, str]:
+    """The ComfyUI checkout to use, and a sentence saying where it came from or why none was found."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if is_comfyui(path):
+            return path, f"ComfyUI from $COMFYUI_PATH ({path})"
+        return None, f"$COMFYUI_PATH={env} is not a ComfyUI checkout (no comfy/model_patcher.py)"
+    candidates = [PACK_ROOT.parent.parent, Path.home() / "comfy" / "ComfyUI"]
+    for path in candidates:
+        if is_comfyui(path):
+            return path.resolve(), f"ComfyUI at {path.resolve()}"
+    tried = ", ".join(str(p) for p in candidates)
+    return None, f"no ComfyUI checkout found ($COMFYUI_PATH unset; looked in {tried})"
+
+
+def import_comfy(path: Path | None = None, pytorch_attention: bool = True):
+    """Make ``comfy`` importable and return ``comfy.model_management``.
+
+    Before ``comfy.model_management`` is first imported, select PyTorch attention (what GPU users
+    run; ComfyUI's CPU default sizes its chunks from free memory) and the CPU device when no GPU
+    is present. Inside a running ComfyUI this only returns the module that is already loaded.
+    """
+    if "comfy.model_management" not in sys.modules:
+        if path is None:
+            path, why = find_comfyui()
+            if path is None:
+                raise ModuleNotFoundError(why)
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+        from comfy.cli_args import args
+
+        import torch
+
+        if not torch.cuda.is_available():
+            args.cpu = True
+        if pytorch_attention:
+            args.use_pytorch_cross_attention = True
+    import comfy.model_management
+
+    return comfy.model_management

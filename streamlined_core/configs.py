@@ -1,0 +1,138 @@
+"""Model configurations (CONFIGS.md): one source for tests, benchmarks and the simulator.
+
+Full-size models are built on the ``meta`` device, so they cost no memory and need no weights.
+Builders take ``device`` and ``dtype``; the ``*_inputs`` functions make a workload's U-Net inputs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+SVD_KWARGS: dict[str, Any] = {}  # diffusers' defaults are SVD's
+SVD_MID_KWARGS = dict(block_out_channels=(64, 128, 256, 256), num_attention_heads=(2, 4, 8, 8), cross_attention_dim=1024)
+SD15_KWARGS = dict(
+    sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8
+)
+MOTION_ADAPTER_KWARGS = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    motion_layers_per_block=2,
+    motion_mid_block_layers_per_block=1,
+    motion_num_attention_heads=8,
+    motion_norm_num_groups=32,
+    motion_max_seq_length=32,
+    use_motion_mid_block=True,
+)
+
+
+def comfy_svd_unet_kwargs() -> dict[str, Any]:
+    """ComfyUI's full-size SVD ``UNetModel`` arguments (imports ComfyUI's ops lazily)."""
+    import comfy.ops
+
+    return dict(
+        image_size=None, in_channels=8, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        transformer_depth_middle=1, context_dim=1024, use_linear_in_transformer=True, num_classes="sequential",
+        adm_in_channels=768, use_spatial_transformer=True, extra_ff_mix_layer=True, use_spatial_context=True,
+        merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+        use_temporal_resblock=True, use_temporal_attention=True, disable_temporal_crossattention=False,
+        num_head_channels=64, num_heads=-1, operations=comfy.ops.disable_weight_init,
+    )
+
+
+def _place(model: torch.nn.Module, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # Legacy torch.Tensor([...]) buffers (AlphaBlender.mix_factor) ignore the default device: move.
+    with quiet_diffusers():
+        return model.to(device=device, dtype=dtype).eval()
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warning about casting with ``.to()``: these models keep no fp32 modules."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+
+
+def build_diffusers_svd(device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, **overrides: Any):
+    """diffusers ``UNetSpatioTemporalConditionModel`` (SVD and SVD-XT share it)."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    with torch.device(device):
+        model = UNetSpatioTemporalConditionModel(**{**SVD_KWARGS, **overrides})
+    return _place(model, device, dtype)
+
+
+def build_diffusers_animatediff(
+    device: str | torch.device = "meta",
+    dtype: torch.dtype = torch.float16,
+    unet_kwargs: dict[str, Any] | None = None,
+    adapter_kwargs: dict[str, Any] | None = None,
+):
+    """diffusers ``UNetMotionModel``: an SD1.5 U-Net with the v1-5-2 motion adapter."""
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+
+    with torch.device(device), quiet_diffusers():
+        unet = UNet2DConditionModel(**(unet_kwargs or SD15_KWARGS))
+        adapter = MotionAdapter(**(adapter_kwargs or MOTION_ADAPTER_KWARGS))
+        model = UNetMotionModel.from_unet2d(unet, adapter)
+    return _place(model, device, dtype)
+
+
+def build_comfy_svd(device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, **overrides: Any):
+    """ComfyUI's ``openaimodel.UNetModel`` configured as SVD (needs ComfyUI importable)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    model = UNetModel(**{**comfy_svd_unet_kwargs(), **overrides, "device": device, "dtype": dtype})
+    return _place(model, device, dtype)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def diffusers_svd_inputs(model, batch: int, frames: int, height: int, width: int) -> tuple[tuple, dict]:
+    """Inputs of a diffusers SVD U-Net call: latents (B, T, 8, h, w), image embedding, time ids."""
+    p = next(model.parameters())
+    cfg = model.config
+    sample = torch.randn(batch, frames, cfg.in_channels, height // 8, width // 8, device=p.device, dtype=p.dtype)
+    context = torch.randn(batch, 1, cfg.cross_attention_dim, device=p.device, dtype=p.dtype)
+    n_ids = cfg.projection_class_embeddings_input_dim // cfg.addition_time_embed_dim
+    time_ids = torch.ones(batch, n_ids, device=p.device, dtype=p.dtype)
+    timestep = torch.full((batch,), 10.0, device=p.device, dtype=torch.float32)
+    return (sample, timestep, context), dict(added_time_ids=time_ids, return_dict=False)
+
+
+def diffusers_animatediff_inputs(model, batch: int, frames: int, height: int, width: int) -> tuple[tuple, dict]:
+    """Inputs of a diffusers ``UNetMotionModel`` call: latents (B, 4, T, h, w), per-frame prompt embeddings."""
+    p = next(model.parameters())
+    cfg = model.config
+    sample = torch.randn(batch, cfg.in_channels, frames, height // 8, width // 8, device=p.device, dtype=p.dtype)
+    context = torch.randn(batch * frames, 77, cfg.cross_attention_dim, device=p.device, dtype=p.dtype)
+    timestep = torch.full((batch,), 500, device=p.device, dtype=torch.long)
+    return (sample, timestep, context), dict(return_dict=False)
+
+
+def comfy_svd_inputs(model, batch: int, frames: int, height: int, width: int) -> tuple[tuple, dict]:
+    """Inputs of ComfyUI's SVD ``UNetModel``: frames are the batch, ``num_video_frames`` says how many."""
+    p = next(model.parameters())
+    n = batch * frames
+    x = torch.randn(n, model.in_channels, height // 8, width // 8, device=p.device, dtype=p.dtype)
+    timesteps = torch.full((n,), 0.5, device=p.device, dtype=p.dtype)
+    context = torch.randn(n, 1, _context_dim(model), device=p.device, dtype=p.dtype)
+    y = torch.randn(n, model.label_emb[0][0].in_features, device=p.device, dtype=p.dtype)
+    return (x, timesteps, context, y), dict(num_video_frames=frames)
+
+
+def _context_dim(model) -> int:
+    for name, m in model.named_modules():
+        if name.endswith("attn2") and getattr(m, "to_k", None) is not None:
+            return m.to_k.in_features
+    raise ValueError("cannot find the cross-attention width of this UNetModel")
+

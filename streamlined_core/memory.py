@@ -1,0 +1,251 @@
+"""Peak live-tensor memory, counted the way a GPU allocator would hold it.
+
+The rules (BENCHMARKS.md, "Peak memory"):
+
+* a storage counts from the op that creates it until it is freed;
+* storages that exist before the measured region (weights, buffers, inputs) never count, even
+  when an op hands out a view of them (``F.linear`` exposes every weight through a transposed
+  view); views and in-place ops add nothing;
+* the region runs under ``torch.no_grad()`` and its output counts until the region ends;
+* attention is modelled as a memory-efficient GPU kernel: it allocates its output and an fp32
+  log-sum-exp, never the attention matrix.
+
+The same tracker runs on ``cpu``, ``cuda`` and ``meta`` tensors, so a full-size model built on the
+``meta`` device (no weights, no GPU) is measured by exactly the rules a real run is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 1024**3
+
+_SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+@dataclass(frozen=True)
+class MemoryEvent:
+    """One mark on the timeline: live bytes now, and the peak since the previous mark."""
+
+    label: str
+    live_bytes: int
+    peak_bytes: int
+
+
+@dataclass
+class _Live:
+    ref: StorageWeakRef
+    nbytes: int
+    device: str
+
+
+def _storage(t: torch.Tensor):
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
+        return None
+
+
+def _tensors(tree: Any) -> Iterable[torch.Tensor]:
+    leaves, _ = tree_flatten(tree)
+    return (x for x in leaves if isinstance(x, torch.Tensor))
+
+
+def attention_lse_bytes(query: torch.Tensor) -> int:
+    """Bytes of the fp32 log-sum-exp an efficient attention kernel keeps: one per query row."""
+    return math.prod(query.shape[:-1]) * 4
+
+
+class MemoryTracker:
+    """Track the peak bytes of tensor storage created inside a ``with`` region.
+
+    ``devices`` limits counting to device types (``{"cuda"}``, ``{"meta"}``...); by default every
+    device counts and ``peak_bytes`` is their sum (``peak_bytes_by_device`` splits it).
+    ``mark(label)`` records a timeline event; ``on_event`` is called with each one.
+    """
+
+    def __init__(
+        self,
+        devices: Iterable[str] | None = None,
+        on_event: Callable[[MemoryEvent], None] | None = None,
+    ) -> None:
+        self.devices = set(devices) if devices is not None else None
+        self.on_event = on_event
+        self._paused = False
+        self._live: dict[int, _Live] = {}
+        self.reset()
+
+    # -- state -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything counted so far (storages already tracked stay tracked)."""
+        self.current_bytes = sum(v.nbytes for v in self._live.values())
+        self.peak_bytes = self.current_bytes
+        self._mark_peak = self.current_bytes
+        self.current_by_device: dict[str, int] = {}
+        self.peak_bytes_by_device: dict[str, int] = {}
+        for v in self._live.values():
+            self.current_by_device[v.device] = self.current_by_device.get(v.device, 0) + v.nbytes
+        self.peak_bytes_by_device = dict(self.current_by_device)
+        self.events = []
+
+    def mark(self, label: str) -> MemoryEvent:
+        """Record an event: live bytes now and the peak since the previous mark."""
+        self._sweep()
+        event = MemoryEvent(label, self.current_bytes, self._mark_peak)
+        self._mark_peak = self.current_bytes
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    # -- counting --------------------------------------------------------------------------
+    def _sweep(self) -> None:
+        dead = [k for k, v in self._live.items() if v.ref.expired()]
+        for k in dead:
+            v = self._live.pop(k)
+            self.current_bytes -= v.nbytes
+            self.current_by_device[v.device] -= v.nbytes
+
+    def _counts(self, device: torch.device) -> bool:
+        return self.devices is None or device.type in self.devices
+
+    def _record_outputs(self, out: Any, input_keys: set[int], transient: int = 0) -> None:
+        for t in _tensors(out):
+            if not self._counts(t.device):
+                continue
+            s = _storage(t)
+            if s is None:
+                continue
+            key = s._cdata
+            live = self._live.get(key)
+            if live is not None:
+                grown = s.nbytes() - live.nbytes  # an out= op may resize its storage
+                if grown > 0:
+                    live.nbytes += grown
+                    self.current_bytes += grown
+                    self.current_by_device[live.device] += grown
+                continue
+            if key in input_keys:
+                continue  # a view of, or an in-place op on, a storage older than the region
+            nbytes = s.nbytes()
+            dev = t.device.type
+            self._live[key] = _Live(StorageWeakRef(s), nbytes, dev)
+            self.current_bytes += nbytes
+            self.current_by_device[dev] = self.current_by_device.get(dev, 0) + nbytes
+        self._bump(transient)
+
+    def _bump(self, transient: int = 0) -> None:
+        now = self.current_bytes + transient
+        if now > self.peak_bytes:
+            self.peak_bytes = now
+        if now > self._mark_peak:
+            self._mark_peak = now
+        for dev, b in self.current_by_device.items():
+            if b > self.peak_bytes_by_device.get(dev, 0):
+                self.peak_bytes_by_device[dev] = b
+
+    @staticmethod
+    def _input_keys(args: Any, kwargs: Any) -> set[int]:
+        keys = set()
+        for t in _tensors((args, kwargs)):
+            s = _storage(t)
+            if s is not None:
+                keys.add(s._cdata)
+        return keys
+
+    def _attention(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+        query = args[0] if args else kwargs["query"]
+        value = args[2] if len(args) > 2 else kwargs["value"]
+        self._sweep()
+        self._paused = True
+        try:
+            if query.device.type == "meta":
+                out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+            else:
+                out = func(*args, **kwargs)
+        finally:
+            self._paused = False
+        lse = attention_lse_bytes(query) if self._counts(query.device) else 0
+        self._record_outputs(out, self._input_keys(args, kwargs), transient=lse)
+        return out
+
+    # -- region ----------------------------------------------------------------------------
+    def __enter__(self) -> "MemoryTracker":
+        self._paused = False
+        self._no_grad = torch.no_grad()
+        self._no_grad.__enter__()
+        self._function_mode = _AttentionMode(self)
+        self._dispatch_mode = _CountingMode(self)
+        self._function_mode.__enter__()
+        self._dispatch_mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._dispatch_mode.__exit__(*exc)
+        self._function_mode.__exit__(*exc)
+        self._no_grad.__exit__(*exc)
+        self._sweep()
+
+
+class _CountingMode(TorchDispatchMode):
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t = self.tracker
+        if t._paused:
+            return func(*args, **kwargs)
+        t._sweep()
+        out = func(*args, **kwargs)
+        t._record_outputs(out, t._input_keys(args, kwargs))
+        return out
+
+
+class _AttentionMode(TorchFunctionMode):
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SDPA_FUNCTIONS and not self.tracker._paused:
+            return self.tracker._attention(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class CudaMemory:
+    """What the CUDA caching allocator reports for a region, beside the tracker's count."""
+
+    max_allocated_bytes: int
+    max_reserved_bytes: int
+    baseline_bytes: int
+
+    @property
+    def activation_bytes(self) -> int:
+        """``max_memory_allocated`` minus what was allocated before the region (weights, inputs)."""
+        return self.max_allocated_bytes - self.baseline_bytes
+
+
+def measure_cuda(fn: Callable[[], Any], device: torch.device | str = "cuda") -> tuple[Any, CudaMemory]:
+    """Run ``fn`` under ``no_grad`` and return its result and the allocator's peak figures."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        out = fn()
+    torch.cuda.synchronize(device)
+    return out, CudaMemory(
+        torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), baseline
+    )

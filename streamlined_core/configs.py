@@ -136,3 +136,60 @@ def _context_dim(model) -> int:
             return m.to_k.in_features
     raise ValueError("cannot find the cross-attention width of this UNetModel")
 
+
+
+# -- tiny configurations (tests) ---------------------------------------------------------------
+
+TINY_SVD_KWARGS = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+    up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    cross_attention_dim=32,
+    num_attention_heads=8,
+    out_channels=4,
+    in_channels=8,
+    layers_per_block=2,
+    sample_size=32,
+    projection_class_embeddings_input_dim=32 * 3,
+    addition_time_embed_dim=32,
+)
+TINY_SD_KWARGS = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=2,
+)
+TINY_ADAPTER_KWARGS = dict(
+    block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=2, motion_num_attention_heads=4
+)
+
+
+def build_tiny_diffusers_svd(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny diffusers SVD U-Net (diffusers' own test configuration)."""
+    return build_diffusers_svd(device, dtype, **{**TINY_SVD_KWARGS, **overrides})
+
+
+def build_tiny_diffusers_animatediff(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A tiny diffusers AnimateDiff U-Net (diffusers' own test configuration)."""
+    return build_diffusers_animatediff(device, dtype, TINY_SD_KWARGS, TINY_ADAPTER_KWARGS)
+
+TINY_COMFY_SVD_OVERRIDES = dict(
+    model_channels=64,
+    channel_mult=[1, 2],
+    num_res_blocks=[1, 1],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    num_head_channels=32,
+    context_dim=64,
+    adm_in_channels=96,
+)
+
+
+def build_tiny_comfy_svd(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A tiny ComfyUI SVD ``UNetModel`` (weights uninitialised: ComfyUI never initialises them)."""
+    return build_comfy_svd(device, dtype, **TINY_COMFY_SVD_OVERRIDES)

@@ -223,29 +223,3 @@ class _AttentionMode(TorchFunctionMode):
             return self.tracker._attention(func, args, kwargs)
         return func(*args, **kwargs)
 
-
-@dataclass(frozen=True)
-class CudaMemory:
-    """What the CUDA caching allocator reports for a region, beside the tracker's count."""
-
-    max_allocated_bytes: int
-    max_reserved_bytes: int
-    baseline_bytes: int
-
-    @property
-    def activation_bytes(self) -> int:
-        """``max_memory_allocated`` minus what was allocated before the region (weights, inputs)."""
-        return self.max_allocated_bytes - self.baseline_bytes
-
-
-def measure_cuda(fn: Callable[[], Any], device: torch.device | str = "cuda") -> tuple[Any, CudaMemory]:
-    """Run ``fn`` under ``no_grad`` and return its result and the allocator's peak figures."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.memory_allocated(device)
-    with torch.no_grad():
-        out = fn()
-    torch.cuda.synchronize(device)
-    return out, CudaMemory(
-        torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), baseline
-    )

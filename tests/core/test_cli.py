@@ -1,0 +1,57 @@
+"""`streamline simulate`: output formats and clear errors with exit status 2."""
+
+import json
+
+import pytest
+
+from streamlined_core.cli import main
+
+SMALL = ["simulate", "--model", "animatediff", "--implementation", "diffusers", "--resolution", "64x128", "--frames", "3"]
+
+
+@pytest.mark.parametrize(
+    "argv, option, accepted",
+    [
+        (["simulate", "--model", "sdxl"], "--model", "svd, svd-xt, animatediff"),
+        (["simulate", "--model", "svd,nope"], "--model", "svd, svd-xt, animatediff"),
+        (["simulate", "--resolution", "500x512"], "--resolution", "multiples of 8"),
+        (["simulate", "--resolution", "576"], "--resolution", "HEIGHTxWIDTH"),
+        (["simulate", "--frames", "0"], "--frames", "positive integer"),
+        (["simulate", "--frames", "-3"], "--frames", "positive integer"),
+        (["simulate", "--implementation", "webui"], "--implementation", "diffusers, comfyui"),
+    ],
+)
+def test_bad_input_names_the_option_and_accepted_values_with_exit_status_2(capsys, argv, option, accepted):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and accepted in err
+
+
+def test_json_prints_one_object_per_row_with_the_documented_fields(capsys):
+    assert main(SMALL + ["--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [r["variant"] for r in rows] == [
+        "original",
+        "diffusers FreeNoise split (default)",
+        "diffusers FreeNoise split temporal_split_size=1",
+    ]
+    for r in rows:
+        for key in ("model", "variant", "height", "width", "frames", "weights_bytes", "original_peak_bytes",
+                    "peak_bytes", "skip_floor_bytes"):
+            assert key in r
+        assert (r["model"], r["height"], r["width"], r["frames"]) == ("animatediff", 64, 128, 3)
+        assert r["peak_bytes"] <= r["original_peak_bytes"]
+    assert "[1/3]" in captured.err and "[3/3]" in captured.err  # progress goes to stderr
+
+
+def test_markdown_and_text_tables_label_the_paper_figures_as_not_comparable(capsys):
+    assert main(SMALL + ["--markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("| model | implementation | variant |") and md.count("\n| AnimateDiff |") == 3
+    assert "not directly comparable" in md
+    assert main(SMALL) == 0
+    text = capsys.readouterr().out
+    assert "AnimateDiff" in text and "not directly comparable" in text

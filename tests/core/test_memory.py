@@ -1,0 +1,122 @@
+"""The tracker's counting rules (BENCHMARKS.md), one hand-made op sequence per rule."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamlined_core.memory import MemoryTracker, attention_lse_bytes
+
+DEVICES = ["cpu", "meta"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_forward_counts_only_its_output(device):
+    linear = torch.nn.Linear(256, 128, device=device)
+    x = torch.ones(4, 256, device=device)
+    with MemoryTracker() as t:
+        y = linear(x)
+    assert t.peak_bytes == 4 * 128 * 4  # not the 256x128 weight exposed through a transposed view
+    assert t.current_bytes == y.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_without_bias_on_3d_input_counts_only_its_output(device):
+    linear = torch.nn.Linear(64, 32, bias=False, device=device)
+    x = torch.ones(2, 5, 64, device=device)
+    with MemoryTracker() as t:
+        linear(x)
+    assert t.peak_bytes == 2 * 5 * 32 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_and_inplace_ops_add_nothing(device):
+    with MemoryTracker() as t:
+        a = torch.zeros(1000, device=device)  # 4000 bytes, created in the region
+        b = a.view(10, 100).transpose(0, 1)
+        b.mul_(2).add_(1)
+        c = a[10:20].unsqueeze(0)
+        a.relu_()
+    assert t.peak_bytes == 4000
+    assert c.untyped_storage().nbytes() == 4000
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_storages_from_before_the_region_never_count(device):
+    weight = torch.ones(512, 512, device=device)
+    with MemoryTracker() as t:
+        v = weight.t()
+        weight.add_(1)
+        w = weight.view(-1)[:10]
+        s = weight.sum()  # a new 4-byte storage
+    assert t.peak_bytes == 4
+    assert v.data_ptr() == weight.data_ptr() and w.numel() == 10 and s.numel() == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_freed_storage_stops_counting(device):
+    with MemoryTracker() as t:
+        a = torch.ones(1000, device=device)
+        b = a * 2  # 4000 + 4000 alive
+        del a
+        c = b + 1  # a freed: 4000 + 4000 again
+        del b, c
+        d = torch.ones(10, device=device)
+    assert t.peak_bytes == 8000
+    assert t.current_bytes == 40
+    assert d.numel() == 10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_counts_output_and_log_sum_exp_only(device):
+    q = torch.randn(2, 4, 512, 32, device=device)
+    k = torch.randn(2, 4, 256, 32, device=device)
+    v = torch.randn(2, 4, 256, 16, device=device)
+    with MemoryTracker() as t:
+        out = F.scaled_dot_product_attention(q, k, v)
+    out_bytes = 2 * 4 * 512 * 16 * 4
+    lse_bytes = 2 * 4 * 512 * 4  # fp32, one per query row; the 512x256 matrix never counts
+    assert attention_lse_bytes(q) == lse_bytes
+    assert t.peak_bytes == out_bytes + lse_bytes
+    assert t.current_bytes == out_bytes  # the log-sum-exp is gone after the call
+    assert out.shape == (2, 4, 512, 16)
+
+
+def test_attention_on_cpu_still_computes_the_real_result():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+    with MemoryTracker():
+        out = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_output_counts_until_the_region_ends_and_the_region_has_no_grad(device):
+    linear = torch.nn.Linear(8, 8, device=device)
+    with MemoryTracker() as t:
+        assert not torch.is_grad_enabled()
+        out = linear(torch.ones(3, 8, device=device, requires_grad=True))
+    assert torch.is_grad_enabled()
+    assert t.peak_bytes == 3 * 8 * 4 + 3 * 8 * 4  # the input was created in the region too
+    assert t.current_bytes == 3 * 8 * 4  # ... and freed; the output is still alive
+    assert not out.requires_grad
+
+
+def test_device_filter_counts_only_the_named_device():
+    with MemoryTracker(devices={"meta"}) as t:
+        torch.ones(100)
+        keep = torch.ones(50, device="meta")
+    assert t.peak_bytes == 200 and keep.numel() == 50
+    assert t.peak_bytes_by_device == {"meta": 200}
+
+
+def test_marks_record_a_timeline_of_live_bytes_and_peaks():
+    seen = []
+    with MemoryTracker(on_event=seen.append) as t:
+        a = torch.ones(100, device="meta")
+        t.mark("first")
+        b = torch.ones(300, device="meta")
+        del b
+        t.mark("second")
+    assert [(e.label, e.live_bytes, e.peak_bytes) for e in t.events] == [("first", 400, 400), ("second", 400, 1600)]
+    assert seen == t.events and a.numel() == 100

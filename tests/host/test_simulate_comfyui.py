@@ -1,0 +1,71 @@
+"""ComfyUI's own SVD UNetModel in the simulator: meta equals CPU, the floor, the reference figures."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamlined_core import configs
+from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
+from streamlined_core.memory import GIB
+from streamlined_core.simulate import format_markdown, measure_call, simulate
+
+ROOT = Path(__file__).resolve().parents[2]
+SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
+
+
+@pytest.fixture(scope="module")
+def tiny(comfyui):
+    cpu = configs.build_tiny_comfy_svd("cpu", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # ComfyUI leaves weights uninitialised: seed every one
+        for p in cpu.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return cpu, configs.build_tiny_comfy_svd("meta", torch.float32)
+
+
+def test_comfyui_unet_is_recognised(tiny):
+    assert adapter_for(tiny[0]).name == "comfyui-unet"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_t{}_{}x{}".format(*s))
+def test_meta_simulation_equals_tracked_cpu_run_on_comfyui_svd(tiny, shape):
+    cpu, meta = tiny
+    batch, frames, h, w = shape
+    cpu_peak, cpu_skips = measure_call(cpu, *configs.comfy_svd_inputs(cpu, batch, frames, h, w), trace=True)
+    meta_peak, meta_skips = measure_call(meta, *configs.comfy_svd_inputs(meta, batch, frames, h, w), trace=True)
+    assert cpu_peak == meta_peak > 0
+    assert cpu_skips == meta_skips == skip_floor_bytes(meta, batch * frames, h // 8, w // 8, torch.float32)
+
+
+def test_cpu_run_on_comfyui_svd_is_real(tiny):
+    cpu, _ = tiny
+    args, kwargs = configs.comfy_svd_inputs(cpu, 1, 3, 32, 32)
+    with torch.no_grad(), traced_skips(cpu) as skips:
+        out = cpu(*args, **kwargs)
+    assert torch.isfinite(out).all() and out.std() > 0
+    assert len(skips) == len(cpu.input_blocks)
+
+
+@pytest.fixture(scope="module")
+def all_rows(comfyui):
+    return simulate()
+
+
+def test_comfyui_svd_agrees_with_the_reference_table_within_5_percent(all_rows):
+    rows = {(r.model, r.implementation, r.height, r.width, r.variant): r for r in all_rows}
+    svd = rows[("svd", "comfyui", 576, 1024, "original")]
+    assert svd.peak_bytes / GIB == pytest.approx(4.19, rel=0.05)
+    assert svd.skip_floor_bytes / GIB == pytest.approx(0.78, rel=0.05)
+    assert svd.weights_bytes / GIB == pytest.approx(2.84, rel=0.05)
+    for r in all_rows:
+        if r.implementation == "comfyui":
+            assert r.traced_skip_floor_bytes == r.skip_floor_bytes
+
+
+def test_readme_table_is_the_one_the_command_prints(all_rows):
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- simulate:begin -->\n(.*?)<!-- simulate:end -->", readme, re.S)
+    assert match, "README.md lost its generated simulate table markers"
+    assert match.group(1) == format_markdown(all_rows), "regenerate with: streamline simulate --markdown"

@@ -1,11 +1,19 @@
-"""The down path shared by diffusers' video U-Nets: ``conv_in``, then down blocks that each
-return ``(hidden_states, residuals)`` with one residual per resnet and one per downsampler."""
+"""Pieces shared by diffusers' video U-Nets (SVD and AnimateDiff).
+
+The down path (``conv_in``, then down blocks that each return one residual per resnet and one per
+downsampler) and the groups both families run the same way: frame-sliced calls of a host module,
+the up path's skip concatenation and upsampler fused into the spatial group that follows them,
+downsamplers, and the output head.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
+import torch
 from torch import nn
+
+from ..slicing import Rows, Runner
 
 
 def skip_layout(model: nn.Module, height: int, width: int):
@@ -27,3 +35,88 @@ def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     sources: list[tuple[nn.Module, Callable]] = [(model.conv_in, lambda out: [out])]
     sources += [(block, lambda out: list(out[1])) for block in model.down_blocks]
     return sources
+
+
+def frames_group(
+    runner: Runner,
+    name: str,
+    call: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    per_item: Sequence[torch.Tensor | None] = (),
+) -> torch.Tensor:
+    """Run ``call(x_slice, *per_item_slices)`` over batch-x-frame slices of ``x``."""
+    n = x.shape[0]
+
+    def body(a: int, b: int) -> torch.Tensor:
+        return call(x[a:b], *[_rows(t, a, b, n) for t in per_item])
+
+    return runner.run(name, "frames", n, body, Rows(n))
+
+
+def _rows(t, a: int, b: int, n: int):
+    if isinstance(t, (tuple, list)):
+        return type(t)(_rows(v, a, b, n) for v in t)
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
+        return t  # shared by every item (or absent): not sliced
+    return t[a:b]
+
+
+def up_group(
+    runner: Runner,
+    name: str,
+    call: Callable[..., torch.Tensor],
+    h: torch.Tensor,
+    skip: torch.Tensor,
+    upsampler: nn.Module | None,
+    upsample_size: Sequence[int] | None,
+    per_item: Sequence[torch.Tensor | None] = (),
+    freeu: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """The up path's fused group: upsample (if pending), concatenate the skip, run ``call``.
+
+    Per slice only, so neither the upsampled tensor nor the concatenation ever exists whole.
+    """
+    n = h.shape[0]
+
+    def body(a: int, b: int) -> torch.Tensor:
+        hs = h[a:b]
+        if upsampler is not None:
+            hs = upsampler(hs, upsample_size)  # a module or a callable taking (x, output size)
+        rs = skip[a:b]
+        if freeu is not None:
+            hs, rs = freeu(hs if upsampler is not None else hs.clone(), rs)
+        x = torch.cat([hs, rs], dim=1)
+        del hs, rs
+        return call(x, *[_rows(t, a, b, n) for t in per_item])
+
+    return runner.run(name, "frames", n, body, Rows(n))
+
+
+def output_head(runner: Runner, model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``conv_norm_out`` -> ``conv_act`` -> ``conv_out``, frame-sliced (GroupNorm is per frame here)."""
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if getattr(model, "conv_norm_out", None) is not None:
+            x = model.conv_act(model.conv_norm_out(x))
+        return model.conv_out(x)
+
+    return frames_group(runner, "conv_out", call, h)
+
+
+def time_steps(timestep, sample: torch.Tensor, batch: int) -> torch.Tensor:
+    """The host's timestep handling: a tensor of ``batch`` timesteps on the sample's device."""
+    from diffusers.utils.torch_utils import maybe_adjust_dtype_for_device
+
+    timesteps = timestep
+    if not torch.is_tensor(timesteps):
+        dtype = maybe_adjust_dtype_for_device(torch.float64 if isinstance(timestep, float) else torch.int64, sample.device)
+        timesteps = torch.tensor([timesteps], dtype=dtype, device=sample.device)
+    elif len(timesteps.shape) == 0:
+        timesteps = timesteps[None].to(sample.device)
+    return timesteps.expand(batch)
+
+
+def needs_upsample_size(model: nn.Module, sample: torch.Tensor) -> bool:
+    """True when the latent is not a multiple of the overall up factor (sizes must be forwarded)."""
+    factor = 2**model.num_upsamplers
+    return any(s % factor != 0 for s in sample.shape[-2:])

@@ -1,10 +1,21 @@
-"""diffusers ``UNetSpatioTemporalConditionModel`` (SVD, SVD-XT)."""
+"""diffusers ``UNetSpatioTemporalConditionModel`` (SVD, SVD-XT).
+
+Groups: each ``SpatioTemporalResBlock`` is a spatial group (its 2-D ResBlock, frame-sliced) and a
+temporal group (its 3-D ResBlock and mixer, pixel-sliced, with both video-wide GroupNorms on
+full-extent statistics); each ``TransformerSpatioTemporalModel`` is a spatial group (norm,
+``proj_in``, spatial block) and a temporal group (temporal block with its per-pixel time context,
+mixer, ``proj_out``, residual). The engine owns the forward so the up path's skip concatenation
+and upsamplers fuse into the spatial group after them and every skip is freed once consumed.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from . import _diffusers_unet
+from .. import slicing
+from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
+from . import _diffusers_unet as common
 
 
 def matches(model: nn.Module) -> bool:
@@ -12,5 +23,183 @@ def matches(model: nn.Module) -> bool:
     return type(model).__name__ == "UNetSpatioTemporalConditionModel" and hasattr(model, "down_blocks")
 
 
-skip_layout = _diffusers_unet.skip_layout
-skip_sources = _diffusers_unet.skip_sources
+skip_layout = common.skip_layout
+skip_sources = common.skip_sources
+
+
+def temporal_resblock(
+    runner: Runner, name: str, block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None,
+    batch: int, frames: int, image_only_indicator: torch.Tensor,
+) -> torch.Tensor:
+    """``SpatioTemporalResBlock``'s temporal half on pixel slices: 3-D ResBlock, then the mixer."""
+    trb = block.temporal_res_block
+    n, c, height, width = x.shape
+    pixels = height * width
+    xv = pixel_view(x, batch, frames)
+    temb3 = temb.reshape(batch, frames, -1) if temb is not None else None
+    temb_term = None
+    if trb.time_emb_proj is not None and temb3 is not None:
+        temb_term = trb.time_emb_proj(trb.nonlinearity(temb3))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
+    stats1 = slicing.GroupNormStats(trb.norm1.num_groups)
+    stats2 = slicing.GroupNormStats(trb.norm2.num_groups)
+    affine1 = slicing.norm_affine(trb.norm1, x.dtype)
+    affine2 = slicing.norm_affine(trb.norm2, x.dtype)
+    kept: dict[str, torch.Tensor] = {}
+
+    def first_conv(v: torch.Tensor) -> torch.Tensor:
+        h = slicing.group_norm(v, stats1, trb.norm1.eps, affine1)
+        h = trb.conv1(trb.nonlinearity(h))
+        return h + temb_term if temb_term is not None else h
+
+    def norm1_stats(a: int, b: int, mode) -> None:
+        stats1.add(to_video(xv[..., a:b]))
+
+    def norm2_stats(a: int, b: int, mode) -> None:
+        h = first_conv(to_video(xv[..., a:b]))
+        stats2.add(h)
+        if mode == "keep":
+            if "h" not in kept:
+                kept["h"] = h.new_empty((batch, h.shape[1], frames, pixels))
+            kept["h"][..., a:b].copy_(h.squeeze(-1))
+
+    def body(a: int, b: int) -> torch.Tensor:
+        v = to_video(xv[..., a:b])
+        if b - a == pixels:
+            out = trb(v, temb3)  # one slice: the host's module, whole
+        else:
+            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first_conv(v)
+            h = slicing.group_norm(h, stats2, trb.norm2.eps, affine2)
+            h = trb.conv2(trb.dropout(trb.nonlinearity(h)))
+            out = (trb.conv_shortcut(v) if trb.conv_shortcut is not None else v) + h
+        mixed = block.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=image_only_indicator)
+        return from_video(mixed)
+
+    return runner.run(
+        name, "pixels", pixels, body, Pixels(batch, frames, height, width),
+        passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
+    )
+
+
+def resblock(runner, name, block, x, temb, batch, frames, ioi) -> torch.Tensor:
+    """A whole ``SpatioTemporalResBlock``: its spatial group, then its temporal group."""
+    h = common.frames_group(runner, f"{name}.spatial", block.spatial_res_block, x, [temb])
+    return temporal_resblock(runner, f"{name}.temporal", block, h, temb, batch, frames, ioi)
+
+
+def transformer(
+    runner: Runner, name: str, tr: nn.Module, x: torch.Tensor, context: torch.Tensor,
+    batch: int, frames: int, image_only_indicator: torch.Tensor,
+) -> torch.Tensor:
+    """``TransformerSpatioTemporalModel``: per layer a spatial group and a temporal group."""
+    n, c, height, width = x.shape
+    pixels = height * width
+    first_context = context[None, :].reshape(batch, frames, -1, context.shape[-1])[:, 0]
+    positions = torch.arange(frames, device=x.device).repeat(batch, 1).reshape(-1)
+    layers = list(zip(tr.transformer_blocks, tr.temporal_transformer_blocks))
+    emb = None
+    h = x
+    for i, (block, temporal_block) in enumerate(layers):
+        last = i == len(layers) - 1
+        suffix = "" if i == 0 else f".{i}"
+
+        if i == 0:
+            def spatial(xs: torch.Tensor, ctx: torch.Tensor, block=block) -> torch.Tensor:
+                hs = tr.norm(xs)
+                hs = hs.permute(0, 2, 3, 1).reshape(xs.shape[0], pixels, hs.shape[1])
+                return block(tr.proj_in(hs), encoder_hidden_states=ctx)
+        else:
+            def spatial(hs: torch.Tensor, ctx: torch.Tensor, block=block) -> torch.Tensor:
+                return block(hs, encoder_hidden_states=ctx)
+
+        h = common.frames_group(runner, f"{name}.spatial{suffix}", spatial, h, [context])
+        if emb is None:
+            emb = tr.time_pos_embed(tr.time_proj(positions).to(dtype=h.dtype))[:, None, :]
+        dim = h.shape[-1]
+        hv = h.view(batch, frames, pixels, dim)
+
+        def temporal(a: int, b: int, temporal_block=temporal_block, last=last, hv=hv) -> torch.Tensor:
+            p = b - a
+            hs = hv[:, :, a:b].reshape(n, p, dim)
+            time_context = first_context[:, None].broadcast_to(batch, p, *first_context.shape[1:])
+            time_context = time_context.reshape(batch * p, -1, first_context.shape[-1])
+            mix = temporal_block(hs + emb, num_frames=frames, encoder_hidden_states=time_context)
+            hs = tr.time_mixer(x_spatial=hs, x_temporal=mix, image_only_indicator=image_only_indicator)
+            if not last:
+                return hs
+            out = tr.proj_out(hs).view(batch, frames, p, -1).permute(0, 1, 3, 2)
+            return out + pixel_view(x, batch, frames)[..., a:b]
+
+        merge = Pixels(batch, frames, height, width) if last else Tokens(pixels)
+        h = runner.run(f"{name}.temporal{suffix}", "pixels", pixels, temporal, merge)
+        del hv
+    return h
+
+
+def streamlined_forward(
+    unet: nn.Module,
+    runner: Runner,
+    sample: torch.Tensor,
+    timestep,
+    encoder_hidden_states: torch.Tensor,
+    added_time_ids: torch.Tensor,
+    return_dict: bool = True,
+):
+    """``UNetSpatioTemporalConditionModel.forward`` with every layer group run by ``runner``."""
+    forward_upsample_size = common.needs_upsample_size(unet, sample)
+    batch, frames = sample.shape[:2]
+    timesteps = common.time_steps(timestep, sample, batch)
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=sample.dtype))
+    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
+    emb = emb + unet.add_embedding(time_embeds)
+    emb = emb.repeat_interleave(frames, dim=0, output_size=emb.shape[0] * frames)
+    context = encoder_hidden_states.repeat_interleave(
+        frames, dim=0, output_size=encoder_hidden_states.shape[0] * frames
+    )
+    h = unet.conv_in(sample.flatten(0, 1))
+    ioi = torch.zeros(batch, frames, dtype=h.dtype, device=h.device)
+
+    skips = [h]
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, res in enumerate(block.resnets):
+            h = resblock(runner, f"down_blocks.{i}.resnets.{j}", res, h, emb, batch, frames, ioi)
+            if attentions is not None:
+                h = transformer(runner, f"down_blocks.{i}.attentions.{j}", attentions[j], h, context, batch, frames, ioi)
+            skips.append(h)
+        for d, down in enumerate(block.downsamplers or []):
+            h = common.frames_group(runner, f"down_blocks.{i}.downsamplers.{d}", down, h)
+        if block.downsamplers:
+            skips.append(h)
+
+    mid = unet.mid_block
+    h = resblock(runner, "mid_block.resnets.0", mid.resnets[0], h, emb, batch, frames, ioi)
+    for j, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        h = transformer(runner, f"mid_block.attentions.{j}", attn, h, context, batch, frames, ioi)
+        h = resblock(runner, f"mid_block.resnets.{j + 1}", res, h, emb, batch, frames, ioi)
+
+    pending, upsample_size = None, None
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j, res in enumerate(block.resnets):
+            skip = skips.pop()
+            if pending is not None and forward_upsample_size:
+                upsample_size = skip.shape[2:]
+            name = f"up_blocks.{i}.resnets.{j}"
+            h = common.up_group(runner, f"{name}.spatial", res.spatial_res_block, h, skip, pending, upsample_size, [emb])
+            del skip
+            pending = None
+            h = temporal_resblock(runner, f"{name}.temporal", res, h, emb, batch, frames, ioi)
+            if attentions is not None:
+                h = transformer(runner, f"up_blocks.{i}.attentions.{j}", attentions[j], h, context, batch, frames, ioi)
+        if block.upsamplers:
+            (pending,) = block.upsamplers
+    if pending is not None:  # an up path ending on an upsampler: run it on its own
+        h = common.frames_group(runner, "upsample", lambda xs: pending(xs, upsample_size), h)
+
+    out = common.output_head(runner, unet, h)
+    out = out.reshape(batch, frames, *out.shape[1:])
+    if not return_dict:
+        return (out,)
+    from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+
+    return UNetSpatioTemporalConditionOutput(sample=out)

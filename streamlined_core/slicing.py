@@ -1,0 +1,268 @@
+"""Feature Slicer + Operator Grouping: run a layer group on slices of its input, merge once.
+
+A *group* is a run of operators over one domain. Spatial groups see every batch-x-frame item
+independently and are sliced along that axis (``"frames"``); temporal groups see every pixel's
+time series independently and are sliced along flattened pixel positions (``"pixels"``). Each
+slice runs through the whole group and is written into the group's output, so only one slice's
+intermediates are alive at a time: peak = group input + group output + one slice.
+
+A normalisation whose statistics span the sliced axis cannot run per slice. :class:`GroupNormStats`
+accumulates its statistics over every slice (fp32 per slice, merged in fp64 with Chan's parallel
+update) and :func:`group_norm` applies them to one slice, so the output equals the unsliced one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+from torch import nn
+
+Axis = Literal["frames", "pixels"]
+Mode = Literal["keep", "recompute"]
+AXES: tuple[Axis, ...] = ("frames", "pixels")
+
+
+def slice_bounds(length: int, slices: int) -> list[tuple[int, int]]:
+    """``slices`` contiguous ranges covering ``range(length)``, sizes differing by at most one."""
+    if length < 1 or slices < 1:
+        raise ValueError(f"length and slices must be positive, got {length} and {slices}")
+    slices = min(slices, length)
+    base, extra = divmod(length, slices)
+    bounds, start = [], 0
+    for i in range(slices):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+# -- exact statistics --------------------------------------------------------------------------
+
+
+class GroupNormStats:
+    """Per (video, group) mean and variance of a GroupNorm input, accumulated slice by slice."""
+
+    def __init__(self, num_groups: int) -> None:
+        self.num_groups = num_groups
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a slice shaped (B, C, ...) whose non-channel axes are part of the normalised extent."""
+        b = x.shape[0]
+        xf = x.float().reshape(b, self.num_groups, -1)
+        n = xf.shape[-1]
+        var, mean = torch.var_mean(xf, dim=-1, correction=0)
+        mean, m2 = mean.double(), var.double() * n
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def mean_rstd(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and 1/sqrt(var + eps) per (video, group), fp32."""
+        if self.mean is None:
+            raise RuntimeError("no slice was added to these statistics")
+        var = self.m2 / self.count
+        return self.mean.float(), torch.rsqrt(var + eps).float()
+
+
+def norm_affine(norm: nn.GroupNorm, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The norm's affine weight and bias in ``dtype``, as the module itself would use them."""
+    weight = norm.weight.to(dtype) if norm.weight is not None else None
+    bias = norm.bias.to(dtype) if norm.bias is not None else None
+    return weight, bias
+
+
+def group_norm(
+    x: torch.Tensor,
+    stats: GroupNormStats,
+    eps: float,
+    affine: tuple[torch.Tensor | None, torch.Tensor | None],
+) -> torch.Tensor:
+    """GroupNorm of one slice (B, C, ...) with statistics of the full extent, in the input dtype."""
+    b, c = x.shape[:2]
+    g = stats.num_groups
+    mean, rstd = stats.mean_rstd(eps)
+    shape = (b, g) + (1,) * (x.dim() - 1)
+    y = (x.float().reshape(b, g, c // g, *x.shape[2:]) - mean.view(shape)) * rstd.view(shape)
+    y = y.reshape(x.shape)
+    weight, bias = affine
+    view = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.float().view(view)
+    if bias is not None:
+        y = y + bias.float().view(view)
+    return y.to(x.dtype)
+
+
+# -- running groups ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupEvent:
+    """A group starting or ending: what the profiler and the planner listen to."""
+
+    kind: Literal["start", "end"]
+    name: str
+    axis: Axis
+    length: int
+    slices: int
+    mode: Mode
+    modes: tuple[Mode, ...] = ("keep",)
+
+
+Decide = Callable[[str, Axis, int], tuple[int, Mode]]
+
+
+def unsliced(_name: str, _axis: Axis, _length: int) -> tuple[int, Mode]:
+    """Run every group whole."""
+    return 1, "keep"
+
+
+class Runner:
+    """Runs the groups of one model call: slice counts come from ``decide``, events go to listeners."""
+
+    def __init__(self, decide: Decide = unsliced, listeners: Iterable[Callable[[GroupEvent], None]] = ()) -> None:
+        self.decide = decide
+        self.listeners = list(listeners)
+
+    def _emit(self, event: GroupEvent) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    def run(
+        self,
+        name: str,
+        axis: Axis,
+        length: int,
+        body: Callable[[int, int], torch.Tensor],
+        merge: "Merge",
+        passes: Sequence[Callable[[int, int, Mode], None]] = (),
+        modes: tuple[Mode, ...] = ("keep",),
+    ) -> torch.Tensor:
+        """Run ``body(start, stop)`` over the slices of ``axis`` and merge the results.
+
+        With more than one slice, each of ``passes`` first runs ``pass_(start, stop, mode)`` over
+        every slice, in order (full-extent norm statistics; with ``mode == "keep"`` a pass may
+        keep what it computed for ``body``). With one slice, ``body(0, length)`` runs the host's
+        modules whole and ``passes`` are skipped. ``modes`` lists the modes that differ for this
+        group (``("keep", "recompute")`` when a pass can keep an intermediate).
+        """
+        slices, mode = self.decide(name, axis, length)
+        slices = max(1, min(int(slices), length))
+        if mode not in modes:
+            mode = modes[0]
+        self._emit(GroupEvent("start", name, axis, length, slices, mode, modes))
+        bounds = slice_bounds(length, slices)
+        if slices > 1:
+            for pass_ in passes:
+                for start, stop in bounds:
+                    pass_(start, stop, mode)
+        if slices == 1:
+            out = merge.whole(body(0, length))
+        else:
+            out = None
+            for start, stop in bounds:
+                part = body(start, stop)
+                if out is None:
+                    out = merge.allocate(part)
+                merge.write(out, start, stop, part)
+                del part
+            out = merge.finish(out)
+        self._emit(GroupEvent("end", name, axis, length, slices, mode, modes))
+        return out
+
+
+class Merge:
+    """Where each slice's result goes in the group's output."""
+
+    def whole(self, part: torch.Tensor) -> torch.Tensor:
+        return part
+
+    def allocate(self, part: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class Rows(Merge):
+    """Slices along dim 0 (batch x frames): the output is the parts stacked along dim 0."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def allocate(self, part: torch.Tensor) -> torch.Tensor:
+        return part.new_empty((self.length, *part.shape[1:]))
+
+    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
+        out[start:stop].copy_(part)
+
+
+class Pixels(Merge):
+    """Slices along flattened pixels. Parts are (B, T, C, P); the output is (B*T, C, H, W)."""
+
+    def __init__(self, batch: int, frames: int, height: int, width: int) -> None:
+        self.batch, self.frames, self.height, self.width = batch, frames, height, width
+
+    def whole(self, part: torch.Tensor) -> torch.Tensor:
+        b, t, c, _ = part.shape
+        return part.reshape(b * t, c, self.height, self.width)
+
+    def allocate(self, part: torch.Tensor) -> torch.Tensor:
+        b, t, c, _ = part.shape
+        return part.new_empty((b * t, c, self.height, self.width))
+
+    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
+        b, t, c, _ = part.shape
+        out.view(b, t, c, self.height * self.width)[..., start:stop].copy_(part)
+
+
+class Tokens(Merge):
+    """Slices along the token axis of (B*T, HW, D) hidden states. Parts are (B*T, P, D)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def allocate(self, part: torch.Tensor) -> torch.Tensor:
+        return part.new_empty((part.shape[0], self.tokens, part.shape[2]))
+
+    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
+        out[:, start:stop].copy_(part)
+
+
+def pixel_view(x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """(B*T, C, H, W) as (B, T, C, H*W), a view."""
+    n, c, h, w = x.shape
+    return x.view(batch, frames, c, h * w)
+
+
+def to_video(xs: torch.Tensor) -> torch.Tensor:
+    """A (B, T, C, P) pixel slice as the (B, C, T, P, 1) video a temporal Conv3d/GroupNorm expects."""
+    return xs.permute(0, 2, 1, 3).unsqueeze(-1)
+
+
+def from_video(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_video`: (B, C, T, P, 1) -> (B, T, C, P)."""
+    return v.squeeze(-1).permute(0, 2, 1, 3)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+__all__ = [
+    "AXES", "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
+    "ceil_div", "from_video", "group_norm", "norm_affine", "pixel_view", "slice_bounds", "to_video", "unsliced",
+]

@@ -34,23 +34,27 @@ class SkipTensor:
 
 @dataclass(frozen=True)
 class Adapter:
-    """How to read one U-Net family."""
+    """How to read one U-Net family, and (where the engine drives it) how to run it by groups."""
 
     name: str
     matches: Callable[[nn.Module], bool]
     skip_layout: Callable[[nn.Module, int, int], list[SkipTensor]]
     skip_sources: Callable[[nn.Module], list[tuple[nn.Module, Callable]]]
+    forward: Callable | None = None  # streamlined_forward(model, runner, **the host forward's arguments)
+    call_shape: Callable[[torch.Tensor], tuple[int, int, int, int]] | None = None  # sample -> (B, T, h, w)
+
+
+def _module_adapter(name: str, module) -> Adapter:
+    return Adapter(
+        name, module.matches, module.skip_layout, module.skip_sources,
+        getattr(module, "streamlined_forward", None), getattr(module, "call_shape", None),
+    )
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("diffusers-svd", diffusers_svd.matches, diffusers_svd.skip_layout, diffusers_svd.skip_sources),
-    Adapter(
-        "diffusers-animatediff",
-        diffusers_animatediff.matches,
-        diffusers_animatediff.skip_layout,
-        diffusers_animatediff.skip_sources,
-    ),
-    Adapter("comfyui-unet", comfy_unet.matches, comfy_unet.skip_layout, comfy_unet.skip_sources),
+    _module_adapter("diffusers-svd", diffusers_svd),
+    _module_adapter("diffusers-animatediff", diffusers_animatediff),
+    _module_adapter("comfyui-unet", comfy_unet),
 )
 
 

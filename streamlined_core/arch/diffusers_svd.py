@@ -27,6 +27,12 @@ skip_layout = common.skip_layout
 skip_sources = common.skip_sources
 
 
+def call_shape(sample: torch.Tensor) -> tuple[int, int, int, int]:
+    """(batch, frames, latent height, latent width) of a (B, T, C, h, w) sample."""
+    b, t, _, h, w = sample.shape
+    return b, t, h, w
+
+
 def temporal_resblock(
     runner: Runner, name: str, block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None,
     batch: int, frames: int, image_only_indicator: torch.Tensor,

@@ -1,0 +1,248 @@
+"""``streamline(...)``: patch a diffusers video U-Net (or the pipeline holding it) to run by groups.
+
+    from streamlined_core import streamline
+
+    handle = streamline(pipe)                  # slices chosen per call from the memory budget
+    frames = pipe(image, ...).frames
+    print(handle.last_plan.table())            # which group, which axis, how many slices, bytes
+    handle.remove()                            # the model is exactly as before
+
+Only the U-Net's ``forward`` is replaced (an instance attribute, or accelerate's ``_old_forward``
+under model CPU offload); no module, weight or hook of the model changes, so ``remove()`` restores
+it exactly and an exception in a run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from .arch import Adapter, adapter_for, skip_floor_bytes
+from .memory import GIB
+from .plan import TARGET_X_FLOOR, Plan, Planner, meta_replica, to_meta
+from .slicing import GroupEvent, Runner
+
+SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
+
+
+def _check_slices(slices: Any) -> int | Literal["auto"]:
+    if slices == "auto":
+        return "auto"
+    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+        raise ValueError(f'slices must be a positive integer or "auto", got {slices!r}')
+    return slices
+
+
+def _check_budget(budget_bytes: Any) -> int | None:
+    if budget_bytes is None:
+        return None
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not math.isfinite(budget_bytes):
+        raise TypeError(f"budget_bytes must be a number of bytes or None, got {budget_bytes!r}")
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be a positive number of bytes (device memory, weights included), got {budget_bytes!r}")
+    return int(budget_bytes)
+
+
+def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
+    unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(
+            f"target must be a diffusers video U-Net (UNetSpatioTemporalConditionModel, UNetMotionModel) or a "
+            f"pipeline holding one as .unet, got {type(target).__name__}"
+        )
+    try:
+        adapter = adapter_for(unet)
+    except TypeError:
+        raise TypeError(
+            f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts diffusers' "
+            f"UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff)"
+        ) from None
+    if adapter.forward is None:
+        raise TypeError(
+            f"target {type(unet).__name__} ({adapter.name}) is patched by the Streamline Model node inside ComfyUI, "
+            f"not by streamline()"
+        )
+    return unet, adapter
+
+
+def _check_hooks(unet: nn.Module, ours: "StreamlineHandle | None" = None) -> None:
+    for name, module in unet.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = [h for h in getattr(registry, "hooks", {}) if h not in SUPPORTED_HOOKS]
+        if hooks:
+            raise ValueError(
+                f"streamline() cannot run under diffusers hooks {hooks} (on {name or 'the U-Net'}): remove them first; "
+                f"layerwise casting and model CPU offload are supported"
+            )
+    foreign = "forward" in unet.__dict__ and (ours is None or unet.__dict__["forward"] != ours._forward)
+    if foreign and "_hf_hook" not in unet.__dict__:
+        raise ValueError(
+            f"{type(unet).__name__}.forward is already replaced on this instance by another library; "
+            f"streamline() would hide it. Remove that patch first"
+        )
+
+
+class StreamlineHandle:
+    """A streamlined U-Net: plans per call shape, runs by groups, and ``remove()`` undoes it all."""
+
+    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None):
+        self.unet, self.adapter = unet, adapter
+        self.slices, self.budget_bytes = slices, budget_bytes
+        self.listeners: list[Callable[[GroupEvent], None]] = []
+        self.last_plan: Plan | None = None
+        self._plans: dict[tuple, Plan] = {}
+        self._planners: dict[tuple, Planner] = {}
+        self._signature = inspect.signature(type(unet).forward)
+        self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else "forward"
+        self._previous = unet.__dict__.get(self._slot)
+        self._removed = False
+        setattr(unet, self._slot, self._forward)
+        unet._streamline_handle = self
+
+    # -- running ---------------------------------------------------------------------------
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = self._signature.bind(self.unet, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop(next(iter(self._signature.parameters)))
+        return arguments
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self._arguments(args, kwargs)
+        if self.slices != "auto" and self.budget_bytes is None:
+            k = self.slices
+            decide = lambda _name, _axis, length: (min(k, length), "keep")  # noqa: E731
+        else:
+            self.last_plan = self._plan(arguments)
+            decide = self.last_plan.decide
+        return self.adapter.forward(self.unet, Runner(decide, self.listeners), **arguments)
+
+    # -- planning --------------------------------------------------------------------------
+    def plan_for(self, *args: Any, **kwargs: Any) -> Plan:
+        """The plan a call with these arguments runs (computed on a meta replica, then cached)."""
+        return self._plan(self._arguments(args, kwargs))
+
+    def _plan(self, arguments: dict[str, Any]) -> Plan:
+        sample = arguments["sample"]
+        budget = self._activation_budget(sample.device)
+        key = (_shape_key(arguments), budget)
+        if key not in self._plans:
+            planner = self._planner(arguments)
+            max_slices = None if self.slices == "auto" else self.slices
+            if budget is None:
+                if self.slices == "auto":
+                    plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes))
+                else:
+                    plan = planner.plan(None, max_slices)
+            else:
+                plan = planner.plan(budget, max_slices)
+                if not plan.fits:
+                    least = planner.least_peak(max_slices) + planner.weights_bytes
+                    message = (
+                        f"budget_bytes={self._total_budget(budget)} is below the least reachable peak: {least} bytes "
+                        f"({least / GIB:.2f} GiB = weights {planner.weights_bytes / GIB:.2f} GiB + activations "
+                        f"{(least - planner.weights_bytes) / GIB:.2f} GiB at the most slicing)"
+                    )
+                    if self.budget_bytes is not None:
+                        raise ValueError(message)
+                    warnings.warn(f"free device memory is short for this call: {message}", stacklevel=3)
+            plan.budget_bytes = self._total_budget(budget)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _planner(self, arguments: dict[str, Any]) -> Planner:
+        key = _shape_key(arguments)
+        if key not in self._planners:
+            replica = meta_replica(self.unet)
+            meta_arguments = to_meta(arguments)
+            batch, frames, h, w = self.adapter.call_shape(arguments["sample"])
+            weights = _weights_bytes(self.unet)
+            floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments["sample"].dtype)
+            self._planners[key] = Planner(
+                lambda runner: self.adapter.forward(replica, runner, **meta_arguments), weights, floor
+            )
+        return self._planners[key]
+
+    def _activation_budget(self, device: torch.device) -> int | None:
+        weights = _weights_bytes(self.unet)
+        if self.budget_bytes is not None:
+            if self.budget_bytes <= weights:
+                raise ValueError(
+                    f"budget_bytes={self.budget_bytes} does not even hold the weights ({weights} bytes, "
+                    f"{weights / GIB:.2f} GiB): the budget is total device memory, weights included"
+                )
+            return self.budget_bytes - weights
+        if device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(device)
+            return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return None
+
+    def _total_budget(self, activation_budget: int | None) -> int | None:
+        if self.budget_bytes is not None:
+            return self.budget_bytes
+        return None if activation_budget is None else activation_budget + _weights_bytes(self.unet)
+
+    # -- undoing ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the U-Net exactly as it was; calling it again does nothing."""
+        if self._removed:
+            return
+        if self._previous is None:
+            self.unet.__dict__.pop(self._slot, None)
+        else:
+            setattr(self.unet, self._slot, self._previous)
+        if self.unet.__dict__.get("_streamline_handle") is self:
+            del self.unet._streamline_handle
+        self._removed = True
+
+    def __enter__(self) -> "StreamlineHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes: int | None = None) -> StreamlineHandle:
+    """Run ``target``'s U-Net by sliced layer groups, exactly; returns a handle with ``remove()``.
+
+    ``slices="auto"`` picks per group the least slicing whose predicted peak fits ``budget_bytes``
+    (total device memory, weights included; default on CUDA: free memory plus what the weights
+    occupy; on CPU and meta: the least slicing that reaches 1.5x the skip floor). An integer is an
+    upper bound, clamped per group to its axis. Applying again replaces the previous settings.
+    """
+    slices = _check_slices(slices)
+    budget_bytes = _check_budget(budget_bytes)
+    unet, adapter = _resolve(target)
+    weights = _weights_bytes(unet)
+    if budget_bytes is not None and budget_bytes <= weights:
+        raise ValueError(
+            f"budget_bytes={budget_bytes} does not even hold the weights ({weights} bytes, {weights / GIB:.2f} GiB): "
+            f"the budget is total device memory, weights included"
+        )
+    previous = unet.__dict__.get("_streamline_handle")
+    _check_hooks(unet, previous)
+    if previous is not None:
+        previous.remove()
+    return StreamlineHandle(unet, adapter, slices, budget_bytes)
+
+
+def _weights_bytes(model: nn.Module) -> int:
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def _shape_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.device)
+    if isinstance(value, dict):
+        return tuple((k, _shape_key(v)) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_key(v) for v in value)
+    return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__

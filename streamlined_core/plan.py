@@ -1,0 +1,236 @@
+"""Decide by budget: how many slices each group gets, from memory measured on a meta replica.
+
+The planner runs the streamlined forward on a weightless ``meta`` replica of the model with the
+call's shapes, under the tracker, a few times (every group whole; two slices; four slices; two
+slices recomputing instead of keeping), and records each group's peak. A group's peak with ``k``
+slices is the memory alive around it plus what one slice needs, linear in the slice's length:
+``base + per_item * ceil(length / k)``. Each group then gets the least slicing (keeping before
+recomputing) whose predicted peak fits the activation budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .memory import GIB, MemoryTracker
+from .slicing import Axis, GroupEvent, Mode, Runner, ceil_div
+
+# The default memory target where no device budget exists (CPU, meta): 1.5x the skip floor.
+TARGET_X_FLOOR = 1.5
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One group's decision: the axis it is sliced along, how many slices, and its predicted peak."""
+
+    name: str
+    axis: Axis
+    length: int
+    slices: int
+    mode: Mode
+    predicted_bytes: int
+
+
+@dataclass
+class Plan:
+    """Slice counts for one call shape, with the peak each group is predicted to reach."""
+
+    groups: list[GroupPlan]
+    predicted_peak_bytes: int
+    weights_bytes: int
+    skip_floor_bytes: int
+    activation_budget_bytes: int | None
+    budget_bytes: int | None = None
+    fits: bool = True
+    _by_name: dict[str, GroupPlan] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {g.name: g for g in self.groups}
+
+    def decide(self, name: str, axis: Axis, length: int) -> tuple[int, Mode]:
+        """The slice count and mode for group ``name`` (what the :class:`Runner` asks)."""
+        g = self._by_name.get(name)
+        if g is None or g.length != length:
+            return 1, "keep"
+        return g.slices, g.mode
+
+    @property
+    def predicted_total_bytes(self) -> int:
+        """Weights plus the predicted activation peak."""
+        return self.weights_bytes + self.predicted_peak_bytes
+
+    @property
+    def sliced_groups(self) -> list[GroupPlan]:
+        return [g for g in self.groups if g.slices > 1]
+
+    def describe(self) -> str:
+        """A short name for tables: ``auto (k<=28 frames, k<=64 pixels)``."""
+        parts = []
+        for axis in ("frames", "pixels"):
+            ks = [g.slices for g in self.groups if g.axis == axis and g.slices > 1]
+            if ks:
+                parts.append(f"k<={max(ks)} {axis}")
+        return ", ".join(parts) or "unsliced"
+
+    def table(self) -> str:
+        """Every group: axis, length, slices, mode, predicted bytes."""
+        width = max((len(g.name) for g in self.groups), default=5)
+        lines = [f"{'group':<{width}}  axis    length  slices  mode       predicted GiB"]
+        for g in self.groups:
+            lines.append(
+                f"{g.name:<{width}}  {g.axis:<6}  {g.length:>6}  {g.slices:>6}  {g.mode:<9}  {g.predicted_bytes / GIB:>13.3f}"
+            )
+        lines.append(
+            f"predicted activation peak {self.predicted_peak_bytes / GIB:.3f} GiB "
+            f"({self.predicted_peak_bytes / self.skip_floor_bytes:.2f}x the skip floor), "
+            f"weights {self.weights_bytes / GIB:.3f} GiB"
+        )
+        return "\n".join(lines)
+
+
+@dataclass
+class _Measured:
+    axis: Axis
+    length: int
+    modes: tuple[Mode, ...]
+    peaks: dict[tuple[int, Mode], int] = field(default_factory=dict)
+
+
+def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Measured], int, int]:
+    """Run ``run(runner)`` under the tracker: each group's peak, the peak outside groups, and the total."""
+    tracker = MemoryTracker()
+    measured: dict[str, _Measured] = {}
+    outside = 0
+    used: dict[str, tuple[int, Mode]] = {}
+
+    def listen(event: GroupEvent) -> None:
+        nonlocal outside
+        mark = tracker.mark(f"{event.name}:{event.kind}")
+        if event.kind == "start":
+            outside = max(outside, mark.peak_bytes)
+            return
+        m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes))
+        key = (event.slices, event.mode)
+        m.peaks[key] = max(m.peaks.get(key, 0), mark.peak_bytes)
+        used[event.name] = key
+
+    with tracker:
+        run(Runner(decide, [listen]))
+        outside = max(outside, tracker.mark("end").peak_bytes)
+    return measured, outside, tracker.peak_bytes
+
+
+class Planner:
+    """Plans one call shape from measurements of ``run(runner)`` on a meta replica."""
+
+    def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int) -> None:
+        self.weights_bytes = weights_bytes
+        self.skip_floor_bytes = skip_floor_bytes
+        self.groups: dict[str, _Measured] = {}
+        self.outside = 0
+        for k, mode in ((1, "keep"), (2, "keep"), (4, "keep"), (2, "recompute")):
+            measured, outside, _ = measure_groups(run, lambda _n, _a, _l, k=k, mode=mode: (k, mode))
+            self.outside = max(self.outside, outside)
+            for name, m in measured.items():
+                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes)).peaks.update(m.peaks)
+
+    def predict(self, name: str, slices: int, mode: Mode) -> int:
+        """Predicted peak of group ``name`` with ``slices`` slices in ``mode``."""
+        m = self.groups[name]
+        slices = max(1, min(slices, m.length))
+        mode = mode if mode in m.modes else m.modes[0]
+        if slices == 1:
+            return m.peaks[(1, m.modes[0])]
+        per_item, bases = self._fit(m)
+        return int(bases[mode] + per_item * ceil_div(m.length, slices))
+
+    @staticmethod
+    def _fit(m: _Measured) -> tuple[float, dict[Mode, float]]:
+        s2, s4 = ceil_div(m.length, min(2, m.length)), ceil_div(m.length, min(4, m.length))
+        p2, p4 = m.peaks[(min(2, m.length), "keep")], m.peaks[(min(4, m.length), "keep")]
+        per_item = max(0.0, (p2 - p4) / (s2 - s4)) if s2 != s4 else 0.0
+        bases = {mode: m.peaks[(min(2, m.length), mode)] - per_item * s2 for mode in m.modes}
+        return per_item, bases
+
+    def least_peak(self, max_slices: int | None = None) -> int:
+        """The least activation peak any plan reaches (every group at its most slicing)."""
+        peaks = [self.outside]
+        for name, m in self.groups.items():
+            k = m.length if max_slices is None else min(max_slices, m.length)
+            peaks.append(min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes))
+        return max(peaks)
+
+    def plan(self, activation_budget: int | None, max_slices: int | None = None) -> Plan:
+        """The least slicing per group whose predicted peak fits ``activation_budget``.
+
+        Without a budget every group runs ``max_slices`` slices (clamped to its axis). Groups that
+        cannot fit get their least-peak option; ``Plan.fits`` says whether all fit.
+        """
+        chosen, fits = [], True
+        for name, m in self.groups.items():
+            kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
+            if activation_budget is None:
+                options = [(kmax, m.modes[0])]
+            else:
+                options = list(self._options(name, m, activation_budget, kmax))
+            best = next(((k, mode) for k, mode in options if self.predict(name, k, mode) <= (activation_budget or math.inf)), None)
+            if best is None:
+                fits = False
+                best = min(((kk, mode) for kk in {1, kmax} for mode in m.modes), key=lambda o: (self.predict(name, *o), o[0]))
+            chosen.append(GroupPlan(name, m.axis, m.length, best[0], best[1], self.predict(name, *best)))
+        peak = max([self.outside] + [g.predicted_bytes for g in chosen])
+        if activation_budget is not None and self.outside > activation_budget:
+            fits = False
+        return Plan(chosen, peak, self.weights_bytes, self.skip_floor_bytes, activation_budget, fits=fits)
+
+    def _options(self, name: str, m: _Measured, budget: int, kmax: int) -> Iterable[tuple[int, Mode]]:
+        yield 1, m.modes[0]
+        if kmax < 2:
+            return
+        per_item, bases = self._fit(m)
+        for mode in m.modes:
+            room = budget - bases[mode]
+            if per_item <= 0:
+                yield 2, mode
+                continue
+            longest = math.floor(room / per_item)
+            if longest >= 1:
+                k = max(2, ceil_div(m.length, longest))
+                if k <= kmax:
+                    yield k, mode
+            yield kmax, mode
+
+
+def meta_replica(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on ``meta`` (no memory)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device.type == "meta" for t in tensors):
+        return model
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty
+    for name in ("_hf_hook", "_old_forward", "forward"):  # offload hooks hold other models
+        if name in model.__dict__:
+            memo[id(model.__dict__[name])] = None
+    replica = copy.deepcopy(model, memo)
+    for name in ("_hf_hook", "_old_forward", "forward"):
+        replica.__dict__.pop(name, None)
+    return replica
+
+
+def to_meta(value: Any) -> Any:
+    """Tensors (also inside tuples, lists, dicts) as empty ``meta`` tensors of the same shape."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_meta(v) for k, v in value.items()}
+    return value

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .arch import Adapter, adapter_for, skip_floor_bytes
-from .memory import GIB
+from .memory import GIB, suspend_tracking
 from .plan import TARGET_X_FLOOR, Plan, Planner, meta_replica, to_meta
 from .slicing import GroupEvent, Runner
 
@@ -131,28 +131,32 @@ class StreamlineHandle:
         budget = self._activation_budget(sample.device)
         key = (_shape_key(arguments), budget)
         if key not in self._plans:
-            planner = self._planner(arguments)
-            max_slices = None if self.slices == "auto" else self.slices
-            if budget is None:
-                if self.slices == "auto":
-                    plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes))
-                else:
-                    plan = planner.plan(None, max_slices)
-            else:
-                plan = planner.plan(budget, max_slices)
-                if not plan.fits:
-                    least = planner.least_peak(max_slices) + planner.weights_bytes
-                    message = (
-                        f"budget_bytes={self._total_budget(budget)} is below the least reachable peak: {least} bytes "
-                        f"({least / GIB:.2f} GiB = weights {planner.weights_bytes / GIB:.2f} GiB + activations "
-                        f"{(least - planner.weights_bytes) / GIB:.2f} GiB at the most slicing)"
-                    )
-                    if self.budget_bytes is not None:
-                        raise ValueError(message)
-                    warnings.warn(f"free device memory is short for this call: {message}", stacklevel=3)
-            plan.budget_bytes = self._total_budget(budget)
-            self._plans[key] = plan
+            with suspend_tracking():
+                self._plans[key] = self._new_plan(arguments, budget)
         return self._plans[key]
+
+    def _new_plan(self, arguments: dict[str, Any], budget: int | None) -> Plan:
+        planner = self._planner(arguments)
+        max_slices = None if self.slices == "auto" else self.slices
+        if budget is None:
+            if self.slices == "auto":
+                plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes))
+            else:
+                plan = planner.plan(None, max_slices)
+        else:
+            plan = planner.plan(budget, max_slices)
+            if not plan.fits:
+                least = planner.least_peak(max_slices) + planner.weights_bytes
+                message = (
+                    f"budget_bytes={self._total_budget(budget)} is below the least reachable peak: {least} bytes "
+                    f"({least / GIB:.2f} GiB = weights {planner.weights_bytes / GIB:.2f} GiB + activations "
+                    f"{(least - planner.weights_bytes) / GIB:.2f} GiB at the most slicing)"
+                )
+                if self.budget_bytes is not None:
+                    raise ValueError(message)
+                warnings.warn(f"free device memory is short for this call: {message}", stacklevel=3)
+        plan.budget_bytes = self._total_budget(budget)
+        return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:
         key = _shape_key(arguments)

@@ -30,6 +30,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return n
+
+
 def _choices(accepted: Sequence[str]):
     def parse(text: str) -> list[str]:
         names = [t.strip().lower() for t in text.split(",") if t.strip()]
@@ -72,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     out = sim.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
     out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+
+    bench = sub.add_parser(
+        "bench",
+        help="latency of the streamlined U-Net against the original (CPU, mid-size configuration)",
+        description="Time original and streamlined U-Net calls side by side (alternating, after warm-up; "
+        "medians) with the plan that meets the memory target, and print the ratio with both peaks.",
+    )
+    bench.add_argument("--latency", action="store_true", required=True, help="measure the latency ratio")
+    bench.add_argument("--config", choices=("mid", "tiny"), default="mid", help="mid (CONFIGS.md, default) or tiny (a quick check)")
+    bench.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls of each before timing (default: 2)")
+    bench.add_argument("--repeats", type=_positive, default=5, help="timed calls of each; the median is reported (default: 5)")
+    bench.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
+    bench.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
     return parser
 
 
@@ -95,6 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_markdown(rows), end="")
         else:
             print(format_text(rows), end="")
+    elif args.command == "bench":
+        from .bench import format_latency, latency
+
+        result = latency(
+            args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+        print(format_latency(result, markdown=args.markdown), end="")
     return 0
 
 

@@ -29,6 +29,8 @@ from torch.utils._pytree import tree_flatten
 
 GIB = 1024**3
 
+_ACTIVE: list["MemoryTracker"] = []  # trackers whose regions are open, outermost first
+
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
@@ -181,6 +183,7 @@ class MemoryTracker:
     # -- region ----------------------------------------------------------------------------
     def __enter__(self) -> "MemoryTracker":
         self._paused = False
+        _ACTIVE.append(self)
         self._no_grad = torch.no_grad()
         self._no_grad.__enter__()
         self._function_mode = _AttentionMode(self)
@@ -193,7 +196,21 @@ class MemoryTracker:
         self._dispatch_mode.__exit__(*exc)
         self._function_mode.__exit__(*exc)
         self._no_grad.__exit__(*exc)
+        _ACTIVE.remove(self)
         self._sweep()
+
+
+class suspend_tracking:
+    """Open trackers ignore what runs inside (the planner's own measurements, for one)."""
+
+    def __enter__(self) -> None:
+        self._paused = [(t, t._paused) for t in _ACTIVE]
+        for t, _ in self._paused:
+            t._paused = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for t, was in self._paused:
+            t._paused = was
 
 
 class _CountingMode(TorchDispatchMode):

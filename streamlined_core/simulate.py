@@ -74,6 +74,26 @@ class Variant:
     name: str
     apply: Callable[[nn.Module], nn.Module] | None = None
     revert: Callable[[nn.Module], None] | None = None  # None with an ``apply``: build a fresh model
+    label: Callable[[nn.Module], str] | None = None  # the row's name once it ran (e.g. naming the plan)
+
+
+def _streamline(model: nn.Module) -> nn.Module:
+    from .api import streamline
+
+    streamline(model)
+    return model
+
+
+def _unstreamline(model: nn.Module) -> None:
+    model._streamline_handle.remove()
+
+
+def _streamlined_label(model: nn.Module) -> str:
+    plan = model._streamline_handle.last_plan
+    return f"streamlined auto ({plan.describe()})"
+
+
+STREAMLINED = Variant("streamlined", _streamline, _unstreamline, _streamlined_label)
 
 
 @dataclass
@@ -123,7 +143,11 @@ def implementations(model: str) -> list[Implementation]:
                 "diffusers-svd",
                 configs.build_diffusers_svd,
                 configs.diffusers_svd_inputs,
-                [Variant("original"), Variant("diffusers forward chunking", _forward_chunking, _no_forward_chunking)],
+                [
+                    Variant("original"),
+                    Variant("diffusers forward chunking", _forward_chunking, _no_forward_chunking),
+                    STREAMLINED,
+                ],
             ),
             Implementation("comfyui", "comfyui-svd", configs.build_comfy_svd, configs.comfy_svd_inputs, [Variant("original")]),
         ]
@@ -138,6 +162,7 @@ def implementations(model: str) -> list[Implementation]:
                     Variant("original"),
                     Variant("diffusers FreeNoise split (default)", _free_noise_split(None)),
                     Variant("diffusers FreeNoise split temporal_split_size=1", _free_noise_split(1)),
+                    STREAMLINED,
                 ],
             )
         ]
@@ -188,7 +213,7 @@ def simulate(
                 comfy_ok = True
             except Exception as exc:  # a checkout whose requirements are not installed
                 say(f"skipping ComfyUI rows: importing ComfyUI from {path} failed: {exc}")
-    plan = [
+    work = [
         (m, impl, res, variant)
         for m in models
         for impl in implementations(m)
@@ -199,10 +224,10 @@ def simulate(
     cache: dict[str, nn.Module] = {}
     originals: dict[tuple, tuple[int, int | None]] = {}
     rows: list[Row] = []
-    for i, (m, impl, (h, w), variant) in enumerate(plan, 1):
+    for i, (m, impl, (h, w), variant) in enumerate(work, 1):
         label, default_frames = MODELS[m]
         t = frames or default_frames
-        say(f"[{i}/{len(plan)}] {label} ({impl.key}) {h}x{w} {t} frames: {variant.name}")
+        say(f"[{i}/{len(work)}] {label} ({impl.key}) {h}x{w} {t} frames: {variant.name}")
         start = time.perf_counter()
         if impl.arch not in cache:
             cache[impl.arch] = impl.build(device=device, dtype=dtype)
@@ -216,6 +241,7 @@ def simulate(
         try:
             args, kwargs = impl.inputs(model, batch, t, h, w)
             peak, traced = measure_call(model, args, kwargs, trace=variant.apply is None)
+            name = variant.label(model) if variant.label is not None else variant.name
         finally:
             if variant.apply is not None and variant.revert is not None:
                 variant.revert(base)
@@ -228,7 +254,7 @@ def simulate(
             Row(
                 model=m,
                 implementation=impl.key,
-                variant=variant.name,
+                variant=name,
                 height=h,
                 width=w,
                 frames=t,

@@ -33,25 +33,39 @@ def test_json_prints_one_object_per_row_with_the_documented_fields(capsys):
     assert main(SMALL + ["--json"]) == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
-    assert [r["variant"] for r in rows] == [
+    assert [r["variant"] for r in rows][:3] == [
         "original",
         "diffusers FreeNoise split (default)",
         "diffusers FreeNoise split temporal_split_size=1",
     ]
+    assert len(rows) == 4 and rows[3]["variant"].startswith("streamlined auto (")
     for r in rows:
         for key in ("model", "variant", "height", "width", "frames", "weights_bytes", "original_peak_bytes",
                     "peak_bytes", "skip_floor_bytes"):
             assert key in r
         assert (r["model"], r["height"], r["width"], r["frames"]) == ("animatediff", 64, 128, 3)
         assert r["peak_bytes"] <= r["original_peak_bytes"]
-    assert "[1/3]" in captured.err and "[3/3]" in captured.err  # progress goes to stderr
+    assert "[1/4]" in captured.err and "[4/4]" in captured.err  # progress goes to stderr
 
 
 def test_markdown_and_text_tables_label_the_paper_figures_as_not_comparable(capsys):
     assert main(SMALL + ["--markdown"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("| model | implementation | variant |") and md.count("\n| AnimateDiff |") == 3
+    assert md.startswith("| model | implementation | variant |") and md.count("\n| AnimateDiff |") == 4
     assert "not directly comparable" in md
     assert main(SMALL) == 0
     text = capsys.readouterr().out
     assert "AnimateDiff" in text and "not directly comparable" in text
+
+
+def test_bench_latency_prints_the_ratio_with_the_plan_and_peaks(capsys):
+    assert main(["bench", "--latency", "--config", "tiny", "--warmup", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio" in out and "SVD tiny" in out and "->" in out and "Not directly comparable" in out
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--latency", "--config", "huge"], ["bench", "--latency", "--repeats", "0"]])
+def test_bench_bad_input_exits_with_status_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2

@@ -110,3 +110,11 @@ def test_full_size_analytic_floor_is_checked_against_the_traced_run(full_size_ro
         assert r.traced_skip_floor_bytes == r.skip_floor_bytes
     for r in full_size_rows:
         assert r.original_peak_bytes >= r.peak_bytes > r.skip_floor_bytes
+
+
+def test_streamlined_rows_reach_the_target_of_1_5x_the_skip_floor(full_size_rows):
+    streamlined = [r for r in full_size_rows if r.variant.startswith("streamlined auto (")]
+    assert {(r.model, r.height) for r in streamlined} == {(m, h) for m in ("svd", "svd-xt", "animatediff") for h in (512, 576)}
+    for r in streamlined:
+        assert r.peak_bytes <= 1.5 * r.skip_floor_bytes, (r.model, r.height, r.x_floor)
+        assert r.peak_bytes < 0.35 * r.original_peak_bytes

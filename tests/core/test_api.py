@@ -1,0 +1,255 @@
+"""``streamline(...)``: the handle, the plan, budgets, hooks, and every bad input."""
+
+import pytest
+import torch
+
+from streamlined_core import MemoryTracker, configs, streamline
+from streamlined_core.plan import meta_replica, to_meta
+from streamlined_core.arch import diffusers_svd
+from streamlined_core.plan import measure_groups
+
+SHAPE = (2, 3, 64, 96)
+
+
+def seeded(model):
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+@pytest.fixture
+def svd():
+    return seeded(configs.build_tiny_diffusers_svd())
+
+
+@pytest.fixture
+def svd_call(svd):
+    torch.manual_seed(0)
+    args, kwargs = configs.diffusers_svd_inputs(svd, *SHAPE)
+    with torch.no_grad():
+        reference = svd(*args, **kwargs)[0]
+    return svd, args, kwargs, reference
+
+
+def close(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def untouched(model, params):
+    return (
+        "forward" not in model.__dict__
+        and "_streamline_handle" not in model.__dict__
+        and all(p is q for p, q in zip(model.parameters(), params))
+    )
+
+
+def test_streamline_auto_is_exact_and_remove_restores_the_model(svd_call):
+    model, args, kwargs, reference = svd_call
+    params, modules = list(model.parameters()), list(model.modules())
+    handle = streamline(model)
+    with torch.no_grad():
+        out = model(*args, **kwargs)[0]
+    assert close(out, reference)
+    assert handle.last_plan is not None and handle.last_plan.sliced_groups
+    handle.remove()
+    assert untouched(model, params) and list(model.modules()) == modules
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs)[0], reference)  # the stock forward, bit for bit
+    handle.remove()  # a second remove does nothing
+
+
+def test_keyword_and_positional_calls_and_return_dict(svd_call):
+    model, args, kwargs, reference = svd_call
+    with streamline(model, slices=3):
+        with torch.no_grad():
+            out = model(sample=args[0], timestep=args[1], encoder_hidden_states=args[2], added_time_ids=kwargs["added_time_ids"]).sample
+    assert close(out, reference) and "forward" not in model.__dict__
+
+
+def test_applying_again_replaces_the_previous_settings(svd_call):
+    model, args, kwargs, reference = svd_call
+    first = streamline(model, slices=2)
+    second = streamline(model, slices=5)
+    assert first._removed and model._streamline_handle is second
+    events = []
+    second.listeners.append(events.append)
+    with torch.no_grad():
+        assert close(model(*args, **kwargs)[0], reference)
+    assert max(e.slices for e in events) == 5
+    first.remove()  # the replaced handle no longer owns anything
+    assert model._streamline_handle is second
+    second.remove()
+    assert "forward" not in model.__dict__
+
+
+def test_integer_slices_are_clamped_to_each_groups_axis(svd_call):
+    model, args, kwargs, reference = svd_call
+    events = []
+    with streamline(model, slices=10_000) as handle:
+        handle.listeners.append(events.append)
+        with torch.no_grad():
+            assert close(model(*args, **kwargs)[0], reference)
+    assert all(e.slices == e.length for e in events)
+
+
+def test_plan_is_inspectable_and_its_prediction_is_what_the_run_measures(svd_call):
+    model, args, kwargs, _ = svd_call
+    handle = streamline(model)
+    plan = handle.plan_for(*args, **kwargs)
+    for g in plan.groups:
+        assert g.axis in ("frames", "pixels") and 1 <= g.slices <= g.length and g.predicted_bytes > 0
+    assert plan.predicted_peak_bytes == max(g.predicted_bytes for g in plan.groups) or plan.predicted_peak_bytes > 0
+    assert "predicted activation peak" in plan.table()
+    replica, margs, mkw = meta_replica(model), to_meta(args), to_meta(kwargs)
+    _, _, measured = measure_groups(lambda r: diffusers_svd.streamlined_forward(replica, r, *margs, **mkw), plan.decide)
+    assert measured == plan.predicted_peak_bytes
+    with MemoryTracker() as tracker:  # the real CPU run, planning excluded
+        model(*args, **kwargs)
+    assert tracker.peak_bytes == plan.predicted_peak_bytes
+    handle.remove()
+
+
+def test_planner_meets_budgets_and_slices_more_for_less(svd_call):
+    model, args, kwargs, reference = svd_call
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with streamline(model, slices=1) as handle:
+        unsliced = handle.plan_for(*args, **kwargs).predicted_peak_bytes
+    with streamline(model, slices=10_000) as handle:
+        least = handle.plan_for(*args, **kwargs).predicted_peak_bytes
+    assert least < unsliced
+    previous_slices = 0
+    for fraction in (1.2, 0.6, 0.3, 0.05):
+        budget = weights + least + int(fraction * (unsliced - least))
+        with streamline(model, budget_bytes=budget) as handle:
+            plan = handle.plan_for(*args, **kwargs)
+            with torch.no_grad():
+                assert close(model(*args, **kwargs)[0], reference)
+            with MemoryTracker() as tracker:
+                model(*args, **kwargs)
+        assert plan.fits and plan.predicted_total_bytes <= budget and tracker.peak_bytes + weights <= budget
+        total_slices = sum(g.slices for g in plan.groups)
+        assert total_slices >= previous_slices
+        if fraction > 1:
+            assert total_slices == len(plan.groups)  # a budget above the unsliced peak slices nothing
+        previous_slices = total_slices
+    assert previous_slices > len(plan.groups)
+
+
+def test_budget_below_the_least_reachable_peak_states_that_peak(svd_call):
+    model, args, kwargs, _ = svd_call
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    handle = streamline(model, budget_bytes=weights + 1000)
+    with pytest.raises(ValueError, match=r"below the least reachable peak: \d+ bytes"):
+        model(*args, **kwargs)
+    handle.remove()
+    assert "forward" not in model.__dict__
+
+
+def test_pipeline_targets_are_accepted():
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    unet = seeded(configs.build_tiny_diffusers_animatediff())
+    pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=None, scheduler=DDIMScheduler())
+    args, kwargs = configs.diffusers_animatediff_inputs(unet, 2, 3, 64, 64)
+    with torch.no_grad():
+        reference = unet(*args, **kwargs)[0]
+        with streamline(pipe, slices=4):
+            assert close(unet(*args, **kwargs)[0], reference)
+    assert "forward" not in unet.__dict__
+
+
+def test_works_under_model_cpu_offload_hooks(svd_call):
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate import cpu_offload_with_hook
+
+    model, args, kwargs, reference = svd_call
+    _, hook = cpu_offload_with_hook(model, execution_device="cpu")
+    old_forward = model._old_forward
+    with streamline(model, slices=3):
+        assert model._old_forward is not old_forward
+        with torch.no_grad():
+            assert close(model(*args, **kwargs)[0], reference)
+    assert model._old_forward is old_forward
+    remove_hook_from_module(model)
+    with torch.no_grad():
+        assert torch.equal(model(*args, **kwargs)[0], reference)
+
+
+def test_works_under_layerwise_casting():
+    model = seeded(configs.build_tiny_diffusers_animatediff())
+    args, kwargs = configs.diffusers_animatediff_inputs(model, *SHAPE)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)[0]
+        with streamline(model, slices=3):
+            assert close(model(*args, **kwargs)[0], reference)
+
+
+def test_refuses_other_diffusers_hooks_with_a_clear_message(svd):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    HookRegistry.check_if_exists_or_initialize(svd.down_blocks[0]).register_hook(ModelHook(), "some_cache")
+    with pytest.raises(ValueError, match=r"hooks \['some_cache'\].*down_blocks.0"):
+        streamline(svd)
+    assert "forward" not in svd.__dict__ and "_streamline_handle" not in svd.__dict__
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(slices=0), ValueError, 'slices must be a positive integer or "auto", got 0'),
+        (dict(slices=-2), ValueError, 'slices must be a positive integer or "auto", got -2'),
+        (dict(slices=2.5), ValueError, "got 2.5"),
+        (dict(slices="many"), ValueError, "got 'many'"),
+        (dict(slices=True), ValueError, "got True"),
+        (dict(budget_bytes=-1), ValueError, "budget_bytes must be a positive number of bytes"),
+        (dict(budget_bytes=0), ValueError, "budget_bytes must be a positive number of bytes"),
+        (dict(budget_bytes="8GB"), TypeError, "budget_bytes must be a number of bytes or None, got '8GB'"),
+        (dict(budget_bytes=1000), ValueError, "does not even hold the weights"),
+    ],
+)
+def test_bad_arguments_name_the_parameter_and_leave_nothing_patched(svd, kwargs, error, message):
+    params = list(svd.parameters())
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        streamline(svd, **kwargs)
+    assert untouched(svd, params)
+
+
+def test_bad_input_keeps_the_previous_streamlining_intact(svd_call):
+    model, args, kwargs, reference = svd_call
+    handle = streamline(model, slices=2)
+    with pytest.raises(ValueError):
+        streamline(model, slices=0)
+    assert model._streamline_handle is handle and not handle._removed
+    handle.remove()
+
+
+def test_unsupported_targets_name_what_is_accepted():
+    from diffusers import UNet2DConditionModel
+
+    image_unet = UNet2DConditionModel(**configs.TINY_SD_KWARGS)
+    for target in (image_unet, torch.nn.Linear(2, 2), object(), "unet"):
+        with pytest.raises(TypeError, match="UNetSpatioTemporalConditionModel"):
+            streamline(target)
+    assert "forward" not in image_unet.__dict__
+
+
+def test_unsupported_dit_is_refused():
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8, patch_size=2, norm_num_groups=4)
+    with pytest.raises(TypeError, match="not a supported U-Net"):
+        streamline(dit)
+
+
+def test_an_exception_inside_a_run_leaves_the_model_usable(svd_call):
+    model, args, kwargs, reference = svd_call
+    handle = streamline(model, slices=3)
+    with pytest.raises(RuntimeError):
+        model(args[0][:, :, :4], *args[1:], **kwargs)  # wrong channel count: the host's conv refuses
+    with torch.no_grad():
+        assert close(model(*args, **kwargs)[0], reference)
+    handle.remove()
+    assert "forward" not in model.__dict__

@@ -1,6 +1,7 @@
 """Regenerate the README's generated tables from the commands that print them.
 
-    .venv/bin/python scripts/readme_tables.py
+    .venv/bin/python scripts/readme_tables.py            # streamline simulate --markdown
+    .venv/bin/python scripts/readme_tables.py --bench    # also streamline bench --latency --markdown
 
 Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -11,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from streamlined_core.bench import format_latency, latency
 from streamlined_core.simulate import format_markdown, simulate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -25,8 +27,12 @@ def replace(text: str, name: str, body: str) -> str:
 
 
 def main() -> None:
-    rows = simulate(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    README.write_text(replace(README.read_text(), "simulate", format_markdown(rows)))
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    text = README.read_text()
+    if "--bench" in sys.argv[1:]:
+        text = replace(text, "bench", format_latency(latency(progress=say), markdown=True))
+    text = replace(text, "simulate", format_markdown(simulate(progress=say)))
+    README.write_text(text)
     print(f"updated {README}")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import Adapter, adapter_for, skip_floor_bytes
 from .memory import GIB, suspend_tracking
-from .plan import TARGET_X_FLOOR, Plan, Planner, meta_replica, to_meta
+from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
 from .slicing import GroupEvent, Runner
 
 SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
@@ -62,15 +62,16 @@ def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
             f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts diffusers' "
             f"UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff)"
         ) from None
-    if adapter.forward is None:
+    if adapter.forward is None or not adapter.supports(unet):
         raise TypeError(
-            f"target {type(unet).__name__} ({adapter.name}) is patched by the Streamline Model node inside ComfyUI, "
-            f"not by streamline()"
+            f"target {type(unet).__name__} ({adapter.name}) is a host version whose forward this engine does not "
+            f"reproduce; supported: diffusers' UNetSpatioTemporalConditionModel and UNetMotionModel, and ComfyUI's "
+            f"UNetModel of ComfyUI 0.3.52 and newer"
         )
     return unet, adapter
 
 
-def _check_hooks(unet: nn.Module, ours: "StreamlineHandle | None" = None) -> None:
+def _check_hooks(unet: nn.Module, slot: str, ours: "StreamlineHandle | None" = None) -> None:
     for name, module in unet.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
         hooks = [h for h in getattr(registry, "hooks", {}) if h not in SUPPORTED_HOOKS]
@@ -79,10 +80,10 @@ def _check_hooks(unet: nn.Module, ours: "StreamlineHandle | None" = None) -> Non
                 f"streamline() cannot run under diffusers hooks {hooks} (on {name or 'the U-Net'}): remove them first; "
                 f"layerwise casting and model CPU offload are supported"
             )
-    foreign = "forward" in unet.__dict__ and (ours is None or unet.__dict__["forward"] != ours._forward)
+    foreign = slot in unet.__dict__ and (ours is None or unet.__dict__[slot] != ours._forward)
     if foreign and "_hf_hook" not in unet.__dict__:
         raise ValueError(
-            f"{type(unet).__name__}.forward is already replaced on this instance by another library; "
+            f"{type(unet).__name__}.{slot} is already replaced on this instance by another library; "
             f"streamline() would hide it. Remove that patch first"
         )
 
@@ -97,8 +98,8 @@ class StreamlineHandle:
         self.last_plan: Plan | None = None
         self._plans: dict[tuple, Plan] = {}
         self._planners: dict[tuple, Planner] = {}
-        self._signature = inspect.signature(type(unet).forward)
-        self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else "forward"
+        self._signature = inspect.signature(getattr(type(unet), adapter.slot))
+        self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
         self._previous = unet.__dict__.get(self._slot)
         self._removed = False
         setattr(unet, self._slot, self._forward)
@@ -109,6 +110,9 @@ class StreamlineHandle:
         bound = self._signature.bind(self.unet, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop(next(iter(self._signature.parameters)))
+        for name, parameter in self._signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in arguments:
+                arguments.update(arguments.pop(name))
         return arguments
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -127,7 +131,7 @@ class StreamlineHandle:
         return self._plan(self._arguments(args, kwargs))
 
     def _plan(self, arguments: dict[str, Any]) -> Plan:
-        sample = arguments["sample"]
+        sample = arguments[self.adapter.sample]
         budget = self._activation_budget(sample.device)
         key = (_shape_key(arguments), budget)
         if key not in self._plans:
@@ -162,12 +166,12 @@ class StreamlineHandle:
         key = _shape_key(arguments)
         if key not in self._planners:
             replica = meta_replica(self.unet)
-            meta_arguments = to_meta(arguments)
-            batch, frames, h, w = self.adapter.call_shape(arguments["sample"])
+            meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count
+            batch, frames, h, w = self.adapter.call_shape(arguments)
             weights = _weights_bytes(self.unet)
-            floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments["sample"].dtype)
+            floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
             self._planners[key] = Planner(
-                lambda runner: self.adapter.forward(replica, runner, **meta_arguments), weights, floor
+                lambda runner: self.adapter.forward(replica, runner, **fresh_containers(meta_arguments)), weights, floor
             )
         return self._planners[key]
 
@@ -228,7 +232,7 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
             f"the budget is total device memory, weights included"
         )
     previous = unet.__dict__.get("_streamline_handle")
-    _check_hooks(unet, previous)
+    _check_hooks(unet, adapter.slot, previous)
     if previous is not None:
         previous.remove()
     return StreamlineHandle(unet, adapter, slices, budget_bytes)

@@ -234,3 +234,14 @@ def to_meta(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: to_meta(v) for k, v in value.items()}
     return value
+
+
+def fresh_containers(value: Any) -> Any:
+    """New dicts and lists around the same tensors: a host's forward may mutate its options."""
+    if isinstance(value, dict):
+        return {k: fresh_containers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fresh_containers(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(fresh_containers(v) for v in value)
+    return value

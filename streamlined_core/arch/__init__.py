@@ -41,13 +41,18 @@ class Adapter:
     skip_layout: Callable[[nn.Module, int, int], list[SkipTensor]]
     skip_sources: Callable[[nn.Module], list[tuple[nn.Module, Callable]]]
     forward: Callable | None = None  # streamlined_forward(model, runner, **the host forward's arguments)
-    call_shape: Callable[[torch.Tensor], tuple[int, int, int, int]] | None = None  # sample -> (B, T, h, w)
+    call_shape: Callable[[dict], tuple[int, int, int, int]] | None = None  # arguments -> (B, T, h, w)
+    slot: str = "forward"  # the method the engine replaces
+    sample: str = "sample"  # the argument holding the latents
+    supports: Callable[[nn.Module], bool] = lambda model: True  # whether the engine can drive this model
 
 
 def _module_adapter(name: str, module) -> Adapter:
     return Adapter(
         name, module.matches, module.skip_layout, module.skip_sources,
         getattr(module, "streamlined_forward", None), getattr(module, "call_shape", None),
+        getattr(module, "SLOT", "forward"), getattr(module, "SAMPLE", "sample"),
+        getattr(module, "recognises", lambda model: True),
     )
 
 

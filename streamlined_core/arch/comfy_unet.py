@@ -36,3 +36,360 @@ def skip_layout(model: nn.Module, height: int, width: int):
 def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     """The last layer of each input block: ``forward_timestep_embed`` calls layers, not the block."""
     return [(block[-1], lambda out: [out]) for block in model.input_blocks]
+
+
+# -- running by groups -------------------------------------------------------------------------
+#
+# The loop below is ``UNetModel._forward`` of the ComfyUI versions in KNOWN_FORWARDS, with every
+# hook it calls (emb_patch, input/middle/output block patches, apply_control,
+# transformer_options["block"], ["transformer_index"], forward_timestep_embed_patch), the layers
+# of each block run as groups, and each output block's upsampler fused into the next block's
+# first group together with the skip concatenation.
+
+import hashlib
+import inspect
+import sys
+from dataclasses import dataclass as _dataclass
+from typing import Any
+
+import torch
+
+from .. import slicing
+from ..slicing import Pixels, Rows, Runner, Tokens, from_video, pixel_view, to_video
+
+# sha256 of ``inspect.getsource(UNetModel._forward)`` for the host versions this loop reproduces.
+KNOWN_FORWARDS = {
+    "79c1456902b447e897844f1c98b55ed0d8bde75af876d7c20db2c7a09b1fed9b": "ComfyUI 0.3.52 - 0.3.64",
+}
+
+
+def forward_fingerprint(model: nn.Module) -> str:
+    """sha256 of the source of the host's ``UNetModel._forward``."""
+    source = inspect.getsource(type(model)._forward)
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def recognises(model: nn.Module) -> bool:
+    """True when this loop reproduces the host version's ``_forward`` (else: module-level patching)."""
+    return forward_fingerprint(model) in KNOWN_FORWARDS
+
+
+def _host(model: nn.Module):
+    return sys.modules[type(model).__module__]
+
+
+def norm_affine(norm: nn.Module, like: torch.Tensor):
+    """A ComfyUI norm's affine parameters the way its own forward gets them (cast, LoRA-patched)."""
+    ops = sys.modules.get("comfy.ops")
+    cast = getattr(ops, "cast_bias_weight", None)
+    patched = getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None)
+    if cast is not None and patched:
+        out = cast(norm, like)
+        return out[0], out[1]
+    return slicing.norm_affine(norm, like.dtype)
+
+
+@_dataclass
+class _Call:
+    emb: torch.Tensor
+    context: Any
+    transformer_options: dict
+    time_context: Any
+    frames: int
+    batch: int
+    image_only_indicator: Any
+
+
+def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=()) -> torch.Tensor:
+    n = x.shape[0]
+
+    def rows(t, a, b):
+        return t[a:b] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
+
+    return runner.run(name, "frames", n, lambda a, b: call(x[a:b], *[rows(t, a, b) for t in per_item]), Rows(n))
+
+
+def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
+    ts = layer.time_stack
+    n, ch, height, width = x.shape
+    pixels = height * width
+    xv = pixel_view(x, c.batch, c.frames)
+    emb_bt = c.emb.reshape(c.batch, c.frames, *c.emb.shape[1:])
+    stats1 = slicing.GroupNormStats(ts.in_layers[0].num_groups)
+    stats2 = slicing.GroupNormStats(ts.out_layers[0].num_groups)
+    kept: dict[str, torch.Tensor] = {}
+    cache: dict[str, Any] = {}
+
+    def emb_out(h: torch.Tensor) -> torch.Tensor | None:
+        if ts.skip_t_emb:
+            return None
+        if "emb" not in cache:
+            e = ts.emb_layers(emb_bt).type(h.dtype)
+            while e.dim() < h.dim():
+                e = e[..., None]
+            cache["emb"] = e.movedim(1, 2) if ts.exchange_temb_dims else e
+        return cache["emb"]
+
+    def first_conv(v: torch.Tensor) -> torch.Tensor:
+        norm = ts.in_layers[0]
+        h = slicing.group_norm(v, stats1, norm.eps, norm_affine(norm, v))
+        h = ts.in_layers[2](ts.in_layers[1](h))
+        e = emb_out(h)
+        return h + e if e is not None else h
+
+    def norm1_stats(a, b, mode):
+        stats1.add(to_video(xv[..., a:b]))
+
+    def norm2_stats(a, b, mode):
+        h = first_conv(to_video(xv[..., a:b]))
+        stats2.add(h)
+        if mode == "keep":
+            if "h" not in kept:
+                kept["h"] = h.new_empty((c.batch, h.shape[1], c.frames, pixels))
+            kept["h"][..., a:b].copy_(h.squeeze(-1))
+
+    def body(a, b):
+        v = to_video(xv[..., a:b])
+        if b - a == pixels:
+            out = ts(v, emb_bt)
+        else:
+            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first_conv(v)
+            norm = ts.out_layers[0]
+            h = slicing.group_norm(h, stats2, norm.eps, norm_affine(norm, h))
+            h = ts.out_layers[1:](h)
+            out = ts.skip_connection(v) + h
+        mixed = layer.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=c.image_only_indicator)
+        return from_video(mixed)
+
+    return runner.run(
+        name, "pixels", pixels, body, Pixels(c.batch, c.frames, height, width),
+        passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
+    )
+
+
+def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
+    from einops import rearrange, repeat
+
+    n, ch, height, width = x.shape
+    pixels = height * width
+    opts = c.transformer_options
+    opts["activations_shape"] = list(x.shape)
+    spatial_context = c.context
+    time_context = c.time_context
+    if tr.use_spatial_context:
+        if time_context is None:
+            time_context = c.context
+        first = time_context[:: c.frames]
+    elif time_context is not None:
+        first = time_context
+    else:
+        first = None
+    host = sys.modules[type(tr).__module__]
+    positions = repeat(torch.arange(c.frames, device=x.device), "t -> b t", b=n // c.frames)
+    t_emb = host.timestep_embedding(rearrange(positions, "b t -> (b t)"), tr.in_channels, repeat_only=False,
+                                    max_period=tr.max_time_embed_period)
+    emb = None
+    layers = list(zip(tr.transformer_blocks, tr.time_stack))
+    h = x
+    for i, (block, mix_block) in enumerate(layers):
+        last = i == len(layers) - 1
+        if i == 0:
+            def spatial(xs, ctx, block=block, i=i):
+                hs = tr.norm(xs)
+                if not tr.use_linear:
+                    hs = tr.proj_in(hs)
+                hs = rearrange(hs, "b c h w -> b (h w) c")
+                if tr.use_linear:
+                    hs = tr.proj_in(hs)
+                opts["block_index"] = i
+                return block(hs, context=ctx, transformer_options=opts)
+        else:
+            def spatial(hs, ctx, block=block, i=i):
+                opts["block_index"] = i
+                return block(hs, context=ctx, transformer_options=opts)
+
+        h = _frames(runner, f"{name}.spatial{'' if i == 0 else f'.{i}'}", spatial, h, [spatial_context])
+        if emb is None:
+            emb = tr.time_pos_embed(t_emb.to(h.dtype))[:, None, :]
+        dim = h.shape[-1]
+        hv = h.view(c.batch, c.frames, pixels, dim)
+
+        def temporal(a, b, mix_block=mix_block, last=last, hv=hv, i=i):
+            p = b - a
+            hs = hv[:, :, a:b].reshape(n, p, dim)
+            mix = rearrange(hs + emb, "(b t) s c -> (b s) t c", t=c.frames)
+            tc = None
+            if first is not None:
+                tc = repeat(first, "b ... -> b n ...", n=p).flatten(0, 1)
+                if tc.dim() == 2:
+                    tc = tc[:, None]
+            opts["block_index"] = i
+            mix = mix_block(mix, context=tc, transformer_options=opts)
+            mix = rearrange(mix, "(b s) t c -> (b t) s c", s=p, t=c.frames)
+            hs = tr.time_mixer(x_spatial=hs, x_temporal=mix, image_only_indicator=c.image_only_indicator)
+            if not last:
+                return hs
+            if tr.use_linear:
+                hs = tr.proj_out(hs)
+            out = hs.view(c.batch, c.frames, p, -1).permute(0, 1, 3, 2)
+            if not tr.use_linear:
+                out = tr.proj_out(out.reshape(n, -1, p, 1)).view(c.batch, c.frames, -1, p)
+            return out + pixel_view(x, c.batch, c.frames)[..., a:b]
+
+        merge = Pixels(c.batch, c.frames, height, width) if last else Tokens(pixels)
+        h = runner.run(f"{name}.temporal{'' if i == 0 else f'.{i}'}", "pixels", pixels, temporal, merge)
+        del hv
+    return h
+
+
+def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Call, output_shape=None) -> torch.Tensor:
+    """One layer of a ``TimestepEmbedSequential``, as ``forward_timestep_embed`` dispatches it."""
+    host = _host_module(layer)
+    opts = c.transformer_options
+    if isinstance(layer, host.VideoResBlock):
+        h = _frames(runner, f"{name}.spatial", lambda xs, es: host.ResBlock.forward(layer, xs, es), h, [c.emb])
+        return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
+    if isinstance(layer, host.TimestepBlock):
+        return _frames(runner, name, lambda xs, es: layer(xs, es), h, [c.emb])
+    if isinstance(layer, host.SpatialVideoTransformer):
+        h = _video_transformer(runner, name, layer, h, c)
+        if "transformer_index" in opts:
+            opts["transformer_index"] += 1
+        return h
+    if isinstance(layer, host.SpatialTransformer):
+        opts["activations_shape"] = list(h.shape)
+        out = _frames(runner, name, lambda xs, ctx: _plain_transformer(layer, xs, ctx, opts), h, [c.context])
+        if "transformer_index" in opts:
+            opts["transformer_index"] += 1
+        return out
+    if isinstance(layer, host.Upsample):
+        return _frames(runner, name, lambda xs: layer(xs, output_shape=output_shape), h)
+    if isinstance(layer, host.Downsample):
+        return _frames(runner, name, layer, h)
+    for class_type, handler in opts.get("patches", {}).get("forward_timestep_embed_patch", []):
+        if isinstance(layer, class_type):
+            return handler(layer, h, c.emb, c.context, opts, output_shape, c.time_context, c.frames, c.image_only_indicator)
+    return layer(h)
+
+
+def _plain_transformer(layer, xs, ctx, opts):
+    shape = opts.get("activations_shape")
+    out = layer(xs, ctx, opts)
+    opts["activations_shape"] = shape  # the host sets the full shape once per call
+    return out
+
+
+def _host_module(layer: nn.Module):
+    """The ``openaimodel`` module of the host (where its block classes live)."""
+    module = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
+    if module is None:
+        raise RuntimeError("ComfyUI's openaimodel is not loaded")
+    return module
+
+
+def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
+                        transformer_options={}, **kwargs):
+    """``UNetModel._forward`` of a recognised ComfyUI version, every block run by ``runner``."""
+    host = _host_module(model)
+    transformer_options["original_shape"] = list(x.shape)
+    transformer_options["transformer_index"] = 0
+    patches = transformer_options.get("patches", {})
+    frames = kwargs.get("num_video_frames", model.default_num_video_frames) or 1
+    c = _Call(None, context, transformer_options, kwargs.get("time_context", None), frames, x.shape[0] // frames,
+              kwargs.get("image_only_indicator", None))
+    assert (y is not None) == (model.num_classes is not None), "must specify y if and only if the model is class-conditional"
+
+    t_emb = host.timestep_embedding(timesteps, model.model_channels, repeat_only=False).to(x.dtype)
+    emb = model.time_embed(t_emb)
+    for p in patches.get("emb_patch", []):
+        emb = p(emb, model.model_channels, transformer_options)
+    if model.num_classes is not None:
+        assert y.shape[0] == x.shape[0]
+        emb = emb + model.label_emb(y)
+    c.emb = emb
+
+    hs = []
+    h = x
+    for i, module in enumerate(model.input_blocks):
+        transformer_options["block"] = ("input", i)
+        for j, layer in enumerate(module):
+            h = _layer(runner, f"input_blocks.{i}.{j}", layer, h, c)
+        h = host.apply_control(h, control, "input")
+        for p in patches.get("input_block_patch", []):
+            h = p(h, transformer_options)
+        hs.append(h)
+        for p in patches.get("input_block_patch_after_skip", []):
+            h = p(h, transformer_options)
+
+    transformer_options["block"] = ("middle", 0)
+    if model.middle_block is not None:
+        for j, layer in enumerate(model.middle_block):
+            h = _layer(runner, f"middle_block.{j}", layer, h, c)
+    h = host.apply_control(h, control, "middle")
+
+    pending = None  # the previous output block's upsampler, with the shape it was to produce
+    for i, module in enumerate(model.output_blocks):
+        transformer_options["block"] = ("output", i)
+        hsp = hs.pop()
+        hsp = host.apply_control(hsp, control, "output")
+        if "output_block_patch" in patches:
+            if pending is not None:  # patches see the upsampled tensor, as in the host's loop
+                h = _frames(runner, f"output_blocks.{i - 1}.upsample", lambda xs: pending[0](xs, output_shape=pending[1]), h)
+                pending = None
+            for p in patches["output_block_patch"]:
+                h, hsp = p(h, hsp, transformer_options)
+        output_shape = hs[-1].shape if hs else None
+        layers = list(module)
+        upsampler = layers.pop() if layers and isinstance(layers[-1], host.Upsample) and hs else None
+        h = _fused_first(runner, f"output_blocks.{i}.0", layers[0], h, hsp, pending, c, host)
+        del hsp
+        pending = None
+        for j, layer in enumerate(layers[1:], 1):
+            h = _layer(runner, f"output_blocks.{i}.{j}", layer, h, c, output_shape)
+        if upsampler is not None:
+            pending = (upsampler, output_shape)
+    if pending is not None:
+        h = _frames(runner, "upsample", lambda xs: pending[0](xs, output_shape=pending[1]), h)
+    h = h.type(x.dtype)
+    if model.predict_codebook_ids:
+        return model.id_predictor(h)
+    return _frames(runner, "out", model.out, h)
+
+
+def _fused_first(runner, name, layer, h, skip, pending, c, host):
+    """The first layer of an output block with the pending upsampler and the concatenation fused in."""
+
+    def cat(hs, rs):
+        if pending is not None:
+            hs = pending[0](hs, output_shape=pending[1])
+        return torch.cat([hs, rs], dim=1)
+
+    if isinstance(layer, host.VideoResBlock):
+        spatial = lambda hs, rs, es: host.ResBlock.forward(layer, cat(hs, rs), es)  # noqa: E731
+        h = _frames2(runner, f"{name}.spatial", spatial, h, skip, [c.emb])
+        return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
+    if isinstance(layer, host.TimestepBlock):
+        return _frames2(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), h, skip, [c.emb])
+    # an unknown first layer: materialise the concatenation and dispatch as the host does
+    h = _frames2(runner, f"{name}.concat", lambda hs, rs: cat(hs, rs), h, skip, [])
+    return _layer(runner, name, layer, h, c)
+
+
+def _frames2(runner, name, call, h, skip, per_item):
+    n = h.shape[0]
+
+    def rows(t, a, b):
+        return t[a:b] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
+
+    return runner.run(name, "frames", n, lambda a, b: call(h[a:b], skip[a:b], *[rows(t, a, b) for t in per_item]), Rows(n))
+
+
+SLOT = "_forward"  # the host's forward still runs every DIFFUSION_MODEL wrapper, then this
+SAMPLE = "x"
+
+
+def call_shape(arguments: dict) -> tuple[int, int, int, int]:
+    """(batch, frames, latent height, latent width) of ComfyUI's (B*T, C, h, w) input."""
+    x = arguments["x"]
+    frames = arguments.get("num_video_frames") or 1
+    return x.shape[0] // frames, frames, x.shape[2], x.shape[3]

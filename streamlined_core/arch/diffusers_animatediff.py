@@ -28,9 +28,9 @@ skip_layout = common.skip_layout
 skip_sources = common.skip_sources
 
 
-def call_shape(sample: torch.Tensor) -> tuple[int, int, int, int]:
+def call_shape(arguments: dict) -> tuple[int, int, int, int]:
     """(batch, frames, latent height, latent width) of a (B, C, T, h, w) sample."""
-    b, _, t, h, w = sample.shape
+    b, _, t, h, w = arguments["sample"].shape
     return b, t, h, w
 
 

@@ -27,9 +27,9 @@ skip_layout = common.skip_layout
 skip_sources = common.skip_sources
 
 
-def call_shape(sample: torch.Tensor) -> tuple[int, int, int, int]:
+def call_shape(arguments: dict) -> tuple[int, int, int, int]:
     """(batch, frames, latent height, latent width) of a (B, T, C, h, w) sample."""
-    b, t, _, h, w = sample.shape
+    b, t, _, h, w = arguments["sample"].shape
     return b, t, h, w
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .arch import Adapter, adapter_for, skip_floor_bytes
-from .memory import GIB, suspend_tracking
+from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
 from .slicing import GroupEvent, Runner
 
@@ -168,7 +168,7 @@ class StreamlineHandle:
             replica = meta_replica(self.unet)
             meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count
             batch, frames, h, w = self.adapter.call_shape(arguments)
-            weights = _weights_bytes(self.unet)
+            weights = weights_bytes(self.unet)
             floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
             self._planners[key] = Planner(
                 lambda runner: self.adapter.forward(replica, runner, **fresh_containers(meta_arguments)), weights, floor
@@ -176,7 +176,7 @@ class StreamlineHandle:
         return self._planners[key]
 
     def _activation_budget(self, device: torch.device) -> int | None:
-        weights = _weights_bytes(self.unet)
+        weights = weights_bytes(self.unet)
         if self.budget_bytes is not None:
             if self.budget_bytes <= weights:
                 raise ValueError(
@@ -192,7 +192,7 @@ class StreamlineHandle:
     def _total_budget(self, activation_budget: int | None) -> int | None:
         if self.budget_bytes is not None:
             return self.budget_bytes
-        return None if activation_budget is None else activation_budget + _weights_bytes(self.unet)
+        return None if activation_budget is None else activation_budget + weights_bytes(self.unet)
 
     # -- undoing ---------------------------------------------------------------------------
     def remove(self) -> None:
@@ -225,7 +225,7 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     slices = _check_slices(slices)
     budget_bytes = _check_budget(budget_bytes)
     unet, adapter = _resolve(target)
-    weights = _weights_bytes(unet)
+    weights = weights_bytes(unet)
     if budget_bytes is not None and budget_bytes <= weights:
         raise ValueError(
             f"budget_bytes={budget_bytes} does not even hold the weights ({weights} bytes, {weights / GIB:.2f} GiB): "
@@ -236,14 +236,6 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     if previous is not None:
         previous.remove()
     return StreamlineHandle(unet, adapter, slices, budget_bytes)
-
-
-def _weights_bytes(model: nn.Module) -> int:
-    seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
-    return sum(seen.values())
 
 
 def _shape_key(value: Any) -> Any:

@@ -62,6 +62,20 @@ def _tensors(tree: Any) -> Iterable[torch.Tensor]:
     return (x for x in leaves if isinstance(x, torch.Tensor))
 
 
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared weights count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s._cdata] = s.nbytes()
+    return sum(seen.values())
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers."""
+    return storage_bytes(list(model.parameters()) + list(model.buffers()))
+
+
 def attention_lse_bytes(query: torch.Tensor) -> int:
     """Bytes of the fp32 log-sum-exp an efficient attention kernel keeps: one per query row."""
     return math.prod(query.shape[:-1]) * 4

@@ -18,7 +18,7 @@ from torch import nn
 from . import configs
 from .arch import skip_floor_bytes, traced_skips
 from .comfy_host import find_comfyui, import_comfy
-from .memory import GIB, MemoryTracker
+from .memory import GIB, MemoryTracker, weights_bytes
 
 MODELS = {"svd": ("SVD", 14), "svd-xt": ("SVD-XT", 25), "animatediff": ("AnimateDiff", 16)}
 IMPLEMENTATIONS = ("diffusers", "comfyui")
@@ -149,7 +149,10 @@ def implementations(model: str) -> list[Implementation]:
                     STREAMLINED,
                 ],
             ),
-            Implementation("comfyui", "comfyui-svd", configs.build_comfy_svd, configs.comfy_svd_inputs, [Variant("original")]),
+            Implementation(
+                "comfyui", "comfyui-svd", configs.build_comfy_svd, configs.comfy_svd_inputs,
+                [Variant("original"), STREAMLINED],
+            ),
         ]
     if model == "animatediff":
         return [
@@ -167,15 +170,6 @@ def implementations(model: str) -> list[Implementation]:
             )
         ]
     raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-
-
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (distinct storages)."""
-    seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
-    return sum(seen.values())
 
 
 def measure_call(model: nn.Module, args: tuple, kwargs: dict, trace: bool = False) -> tuple[int, int | None]:

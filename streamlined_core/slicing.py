@@ -242,6 +242,31 @@ class Tokens(Merge):
         out[:, start:stop].copy_(part)
 
 
+def rows_of(value, start: int, stop: int, length: int):
+    """``value[start:stop]`` when it holds one row per batch-x-frame item (also inside tuples, lists)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(rows_of(v, start, stop, length) for v in value)
+    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != length:
+        return value  # shared by every item (or absent): not sliced
+    return value[start:stop]
+
+
+def frames_group(
+    runner: Runner,
+    name: str,
+    call: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    per_item: Sequence = (),
+) -> torch.Tensor:
+    """A spatial group: ``call(*input_slices, *per_item_slices)`` over batch-x-frame slices."""
+    n = inputs[0].shape[0]
+
+    def body(a: int, b: int) -> torch.Tensor:
+        return call(*[x[a:b] for x in inputs], *[rows_of(t, a, b, n) for t in per_item])
+
+    return runner.run(name, "frames", n, body, Rows(n))
+
+
 def pixel_view(x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
     """(B*T, C, H, W) as (B, T, C, H*W), a view."""
     n, c, h, w = x.shape
@@ -264,5 +289,6 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "AXES", "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
-    "ceil_div", "from_video", "group_norm", "norm_affine", "pixel_view", "slice_bounds", "to_video", "unsliced",
+    "ceil_div", "frames_group", "from_video", "group_norm", "norm_affine", "pixel_view", "rows_of", "slice_bounds",
+    "to_video", "unsliced",
 ]

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ..slicing import Rows, Runner
+from .. import slicing
+from ..slicing import Runner
 
 
 def skip_layout(model: nn.Module, height: int, width: int):
@@ -37,28 +38,9 @@ def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     return sources
 
 
-def frames_group(
-    runner: Runner,
-    name: str,
-    call: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    per_item: Sequence[torch.Tensor | None] = (),
-) -> torch.Tensor:
+def frames_group(runner: Runner, name: str, call: Callable[..., torch.Tensor], x: torch.Tensor, per_item=()) -> torch.Tensor:
     """Run ``call(x_slice, *per_item_slices)`` over batch-x-frame slices of ``x``."""
-    n = x.shape[0]
-
-    def body(a: int, b: int) -> torch.Tensor:
-        return call(x[a:b], *[_rows(t, a, b, n) for t in per_item])
-
-    return runner.run(name, "frames", n, body, Rows(n))
-
-
-def _rows(t, a: int, b: int, n: int):
-    if isinstance(t, (tuple, list)):
-        return type(t)(_rows(v, a, b, n) for v in t)
-    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n:
-        return t  # shared by every item (or absent): not sliced
-    return t[a:b]
+    return slicing.frames_group(runner, name, call, [x], per_item)
 
 
 def up_group(
@@ -67,7 +49,7 @@ def up_group(
     call: Callable[..., torch.Tensor],
     h: torch.Tensor,
     skip: torch.Tensor,
-    upsampler: nn.Module | None,
+    upsampler: Callable | None,
     upsample_size: Sequence[int] | None,
     per_item: Sequence[torch.Tensor | None] = (),
     freeu: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -76,20 +58,15 @@ def up_group(
 
     Per slice only, so neither the upsampled tensor nor the concatenation ever exists whole.
     """
-    n = h.shape[0]
 
-    def body(a: int, b: int) -> torch.Tensor:
-        hs = h[a:b]
+    def fused(hs: torch.Tensor, rs: torch.Tensor, *rest) -> torch.Tensor:
         if upsampler is not None:
             hs = upsampler(hs, upsample_size)  # a module or a callable taking (x, output size)
-        rs = skip[a:b]
         if freeu is not None:
             hs, rs = freeu(hs if upsampler is not None else hs.clone(), rs)
-        x = torch.cat([hs, rs], dim=1)
-        del hs, rs
-        return call(x, *[_rows(t, a, b, n) for t in per_item])
+        return call(torch.cat([hs, rs], dim=1), *rest)
 
-    return runner.run(name, "frames", n, body, Rows(n))
+    return slicing.frames_group(runner, name, fused, [h, skip], per_item)
 
 
 def output_head(runner: Runner, model: nn.Module, h: torch.Tensor) -> torch.Tensor:

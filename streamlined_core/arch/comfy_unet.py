@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from .. import slicing
-from ..slicing import Pixels, Rows, Runner, Tokens, from_video, pixel_view, to_video
+from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
 
 # sha256 of ``inspect.getsource(UNetModel._forward)`` for the host versions this loop reproduces.
 KNOWN_FORWARDS = {
@@ -101,12 +101,7 @@ class _Call:
 
 
 def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=()) -> torch.Tensor:
-    n = x.shape[0]
-
-    def rows(t, a, b):
-        return t[a:b] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
-
-    return runner.run(name, "frames", n, lambda a, b: call(x[a:b], *[rows(t, a, b) for t in per_item]), Rows(n))
+    return slicing.frames_group(runner, name, call, [x], per_item)
 
 
 def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
@@ -366,22 +361,13 @@ def _fused_first(runner, name, layer, h, skip, pending, c, host):
 
     if isinstance(layer, host.VideoResBlock):
         spatial = lambda hs, rs, es: host.ResBlock.forward(layer, cat(hs, rs), es)  # noqa: E731
-        h = _frames2(runner, f"{name}.spatial", spatial, h, skip, [c.emb])
+        h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
         return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
     if isinstance(layer, host.TimestepBlock):
-        return _frames2(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), h, skip, [c.emb])
+        return slicing.frames_group(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb])
     # an unknown first layer: materialise the concatenation and dispatch as the host does
-    h = _frames2(runner, f"{name}.concat", lambda hs, rs: cat(hs, rs), h, skip, [])
+    h = slicing.frames_group(runner, f"{name}.concat", cat, [h, skip])
     return _layer(runner, name, layer, h, c)
-
-
-def _frames2(runner, name, call, h, skip, per_item):
-    n = h.shape[0]
-
-    def rows(t, a, b):
-        return t[a:b] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t
-
-    return runner.run(name, "frames", n, lambda a, b: call(h[a:b], skip[a:b], *[rows(t, a, b) for t in per_item]), Rows(n))
 
 
 SLOT = "_forward"  # the host's forward still runs every DIFFUSION_MODEL wrapper, then this

@@ -113,7 +113,7 @@ def per_slice_group_norm(x, stats, eps, affine):
 def test_per_slice_norm_statistics_fail_the_same_comparison(models, name, monkeypatch):
     monkeypatch.setattr(slicing, "group_norm", per_slice_group_norm)
     out, reference = run(models[name], name, (2, 3, 64, 64), 4)
-    assert relative_error(out, reference) > 100 * TOL
+    assert relative_error(out, reference) > 10 * TOL  # the equivalence tests above would fail
 
 
 def test_group_norm_statistics_merge_stably_across_uneven_slices():

@@ -60,8 +60,15 @@ def test_comfyui_svd_agrees_with_the_reference_table_within_5_percent(all_rows):
     assert svd.skip_floor_bytes / GIB == pytest.approx(0.78, rel=0.05)
     assert svd.weights_bytes / GIB == pytest.approx(2.84, rel=0.05)
     for r in all_rows:
-        if r.implementation == "comfyui":
+        if r.implementation == "comfyui" and r.variant == "original":
             assert r.traced_skip_floor_bytes == r.skip_floor_bytes
+
+
+def test_comfyui_svd_streamlined_with_the_owned_loop_reaches_1_5x_the_skip_floor(all_rows):
+    rows = [r for r in all_rows if r.implementation == "comfyui" and r.variant.startswith("streamlined auto (")]
+    assert {(r.model, r.height) for r in rows} == {(m, h) for m in ("svd", "svd-xt") for h in (512, 576)}
+    for r in rows:
+        assert r.peak_bytes <= 1.5 * r.skip_floor_bytes, (r.model, r.height, r.x_floor)
 
 
 def test_readme_table_is_the_one_the_command_prints(all_rows):

@@ -15,7 +15,9 @@ it exactly and an exception in a run leaves nothing behind.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
+import time
 import warnings
 from typing import Any, Callable, Literal
 
@@ -28,6 +30,7 @@ from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica,
 from .slicing import GroupEvent, Runner
 
 SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
+log = logging.getLogger(__name__)
 
 
 def _check_slices(slices: Any) -> int | Literal["auto"]:
@@ -135,8 +138,13 @@ class StreamlineHandle:
         budget = self._activation_budget(sample.device)
         key = (_shape_key(arguments), budget)
         if key not in self._plans:
+            start = time.perf_counter()
+            log.info("streamline: planning %s for input %s on a meta replica", type(self.unet).__name__,
+                     tuple(sample.shape))
             with suspend_tracking():
-                self._plans[key] = self._new_plan(arguments, budget)
+                plan = self._plans[key] = self._new_plan(arguments, budget)
+            log.info("streamline: planned in %.1f s: %s, predicted activation peak %.2f GiB",
+                     time.perf_counter() - start, plan.describe(), plan.predicted_peak_bytes / GIB)
         return self._plans[key]
 
     def _new_plan(self, arguments: dict[str, Any], budget: int | None) -> Plan:

@@ -1,13 +1,30 @@
-"""ComfyUI's ``openaimodel.UNetModel`` (SVD's video blocks, and SD1.5 under AnimateDiff-Evolved).
+"""ComfyUI's ``openaimodel.UNetModel`` (SVD's video blocks; SD1.5 is the base AnimateDiff-Evolved uses).
 
-Nothing here imports ComfyUI: the model is recognised by its structure and class names.
+Nothing here imports ComfyUI: the model is recognised by its structure and class names, and the
+host's block classes and helpers are taken from the modules the running host has loaded.
+
+Groups: a ``VideoResBlock`` is a spatial group (its 2-D ResBlock, frame-sliced) and a temporal group
+(its ``time_stack`` 3-D ResBlock, pixel-sliced, both video-wide GroupNorms on full-extent statistics,
+then its mixer); a ``SpatialVideoTransformer`` is a spatial group per layer (norm, ``proj_in``,
+spatial block) and a temporal group per layer (temporal block over its per-pixel time context,
+mixer, and for the last layer ``proj_out`` and the residual); ResBlocks, ``SpatialTransformer``,
+downsamplers and the output head are spatial groups. Layers of other types run as the host runs
+them, through ``forward_timestep_embed_patch`` handlers when one matches.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
 from torch import nn
+
+from .. import slicing
+from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
 
 
 def matches(model: nn.Module) -> bool:
@@ -46,17 +63,6 @@ def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
 # of each block run as groups, and each output block's upsampler fused into the next block's
 # first group together with the skip concatenation.
 
-import hashlib
-import inspect
-import sys
-from dataclasses import dataclass as _dataclass
-from typing import Any
-
-import torch
-
-from .. import slicing
-from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
-
 # sha256 of ``inspect.getsource(UNetModel._forward)`` for the host versions this loop reproduces.
 KNOWN_FORWARDS = {
     "79c1456902b447e897844f1c98b55ed0d8bde75af876d7c20db2c7a09b1fed9b": "ComfyUI 0.3.52 - 0.3.64",
@@ -74,10 +80,6 @@ def recognises(model: nn.Module) -> bool:
     return forward_fingerprint(model) in KNOWN_FORWARDS
 
 
-def _host(model: nn.Module):
-    return sys.modules[type(model).__module__]
-
-
 def norm_affine(norm: nn.Module, like: torch.Tensor):
     """A ComfyUI norm's affine parameters the way its own forward gets them (cast, LoRA-patched)."""
     ops = sys.modules.get("comfy.ops")
@@ -89,7 +91,7 @@ def norm_affine(norm: nn.Module, like: torch.Tensor):
     return slicing.norm_affine(norm, like.dtype)
 
 
-@_dataclass
+@dataclass
 class _Call:
     emb: torch.Tensor
     context: Any
@@ -285,6 +287,13 @@ def _host_module(layer: nn.Module):
 def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
                         transformer_options={}, **kwargs):
     """``UNetModel._forward`` of a recognised ComfyUI version, every block run by ``runner``."""
+    if getattr(torch.nn.GroupNorm.forward, "__module__", "").split(".")[0] != "torch":
+        # AnimateDiff-Evolved's cross-frame mode makes every GroupNorm span the whole video while it
+        # samples; frame slices would then see wrong statistics.
+        raise NotImplementedError(
+            "a patched torch.nn.GroupNorm.forward is active (AnimateDiff-Evolved's cross-frame GroupNorm mode): "
+            "streamlined ComfyUI models do not support it yet"
+        )
     host = _host_module(model)
     transformer_options["original_shape"] = list(x.shape)
     transformer_options["transformer_index"] = 0

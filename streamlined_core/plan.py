@@ -107,7 +107,6 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
     tracker = MemoryTracker()
     measured: dict[str, _Measured] = {}
     outside = 0
-    used: dict[str, tuple[int, Mode]] = {}
 
     def listen(event: GroupEvent) -> None:
         nonlocal outside
@@ -118,7 +117,6 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
         m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes))
         key = (event.slices, event.mode)
         m.peaks[key] = max(m.peaks.get(key, 0), mark.peak_bytes)
-        used[event.name] = key
 
     with tracker:
         run(Runner(decide, [listen]))

@@ -1,6 +1,5 @@
 """The engine on ComfyUI's own SVD UNetModel: the owned loop equals the host's, sliced or not."""
 
-from collections import defaultdict
 
 import pytest
 import torch

@@ -283,12 +283,79 @@ def from_video(v: torch.Tensor) -> torch.Tensor:
     return v.squeeze(-1).permute(0, 2, 1, 3)
 
 
+@dataclass(frozen=True)
+class TemporalResBlock:
+    """A 3-D ResBlock over (B, C, T, H, W) whose two GroupNorms span the whole video, in parts.
+
+    ``norm1 -> first -> norm2 -> second``, plus ``shortcut``; ``whole(v)`` is the host's own module
+    on an unsliced video; ``affine(norm, like)`` gives a norm's weight and bias as the host uses them.
+    """
+
+    norm1: nn.GroupNorm
+    first: Callable[[torch.Tensor], torch.Tensor]  # activation, conv, + time embedding
+    norm2: nn.GroupNorm
+    second: Callable[[torch.Tensor], torch.Tensor]  # activation, dropout, conv
+    shortcut: Callable[[torch.Tensor], torch.Tensor]
+    whole: Callable[[torch.Tensor], torch.Tensor]
+    affine: Callable[[nn.Module, torch.Tensor], tuple]
+
+
+def temporal_resblock(
+    runner: Runner,
+    name: str,
+    block: TemporalResBlock,
+    x: torch.Tensor,
+    batch: int,
+    frames: int,
+    mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """A temporal ResBlock and its mixer ``mix(spatial, temporal)`` over pixel slices of ``x``.
+
+    Two statistics passes: the first norm's over the input; the second norm's over the
+    intermediate, which ``mode == "keep"`` stores for the body and ``"recompute"`` computes again.
+    """
+    n, c, height, width = x.shape
+    pixels = height * width
+    xv = pixel_view(x, batch, frames)
+    stats1, stats2 = GroupNormStats(block.norm1.num_groups), GroupNormStats(block.norm2.num_groups)
+    kept: dict[str, torch.Tensor] = {}
+
+    def first(v: torch.Tensor) -> torch.Tensor:
+        return block.first(group_norm(v, stats1, block.norm1.eps, block.affine(block.norm1, v)))
+
+    def norm1_stats(a: int, b: int, mode: Mode) -> None:
+        stats1.add(to_video(xv[..., a:b]))
+
+    def norm2_stats(a: int, b: int, mode: Mode) -> None:
+        h = first(to_video(xv[..., a:b]))
+        stats2.add(h)
+        if mode == "keep":
+            if "h" not in kept:
+                kept["h"] = h.new_empty((batch, h.shape[1], frames, pixels))
+            kept["h"][..., a:b].copy_(h.squeeze(-1))
+
+    def body(a: int, b: int) -> torch.Tensor:
+        v = to_video(xv[..., a:b])
+        if b - a == pixels:
+            out = block.whole(v)  # one slice: the host's module, whole
+        else:
+            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first(v)
+            h = block.second(group_norm(h, stats2, block.norm2.eps, block.affine(block.norm2, h)))
+            out = block.shortcut(v) + h
+        return from_video(mix(v, out))
+
+    return runner.run(
+        name, "pixels", pixels, body, Pixels(batch, frames, height, width),
+        passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
+    )
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
 __all__ = [
     "AXES", "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
-    "ceil_div", "frames_group", "from_video", "group_norm", "norm_affine", "pixel_view", "rows_of", "slice_bounds",
+    "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "norm_affine", "pixel_view", "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import slicing
-from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
+from ..slicing import Pixels, Runner, Tokens, pixel_view
 
 
 def matches(model: nn.Module) -> bool:
@@ -108,60 +108,31 @@ def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=()) -> to
 
 def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
     ts = layer.time_stack
-    n, ch, height, width = x.shape
-    pixels = height * width
-    xv = pixel_view(x, c.batch, c.frames)
     emb_bt = c.emb.reshape(c.batch, c.frames, *c.emb.shape[1:])
-    stats1 = slicing.GroupNormStats(ts.in_layers[0].num_groups)
-    stats2 = slicing.GroupNormStats(ts.out_layers[0].num_groups)
-    kept: dict[str, torch.Tensor] = {}
     cache: dict[str, Any] = {}
 
-    def emb_out(h: torch.Tensor) -> torch.Tensor | None:
+    def first(h: torch.Tensor) -> torch.Tensor:
+        h = ts.in_layers[2](ts.in_layers[1](h))
         if ts.skip_t_emb:
-            return None
-        if "emb" not in cache:
+            return h
+        if "emb" not in cache:  # ResBlock._forward's time embedding, once per group
             e = ts.emb_layers(emb_bt).type(h.dtype)
             while e.dim() < h.dim():
                 e = e[..., None]
             cache["emb"] = e.movedim(1, 2) if ts.exchange_temb_dims else e
-        return cache["emb"]
+        return h + cache["emb"]
 
-    def first_conv(v: torch.Tensor) -> torch.Tensor:
-        norm = ts.in_layers[0]
-        h = slicing.group_norm(v, stats1, norm.eps, norm_affine(norm, v))
-        h = ts.in_layers[2](ts.in_layers[1](h))
-        e = emb_out(h)
-        return h + e if e is not None else h
-
-    def norm1_stats(a, b, mode):
-        stats1.add(to_video(xv[..., a:b]))
-
-    def norm2_stats(a, b, mode):
-        h = first_conv(to_video(xv[..., a:b]))
-        stats2.add(h)
-        if mode == "keep":
-            if "h" not in kept:
-                kept["h"] = h.new_empty((c.batch, h.shape[1], c.frames, pixels))
-            kept["h"][..., a:b].copy_(h.squeeze(-1))
-
-    def body(a, b):
-        v = to_video(xv[..., a:b])
-        if b - a == pixels:
-            out = ts(v, emb_bt)
-        else:
-            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first_conv(v)
-            norm = ts.out_layers[0]
-            h = slicing.group_norm(h, stats2, norm.eps, norm_affine(norm, h))
-            h = ts.out_layers[1:](h)
-            out = ts.skip_connection(v) + h
-        mixed = layer.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=c.image_only_indicator)
-        return from_video(mixed)
-
-    return runner.run(
-        name, "pixels", pixels, body, Pixels(c.batch, c.frames, height, width),
-        passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
+    parts = slicing.TemporalResBlock(
+        norm1=ts.in_layers[0],
+        first=first,
+        norm2=ts.out_layers[0],
+        second=lambda h: ts.out_layers[1:](h),
+        shortcut=ts.skip_connection,
+        whole=lambda v: ts(v, emb_bt),
+        affine=norm_affine,
     )
+    mix = lambda v, out: layer.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=c.image_only_indicator)  # noqa: E731
+    return slicing.temporal_resblock(runner, name, parts, x, c.batch, c.frames, mix)
 
 
 def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import slicing
-from ..slicing import Pixels, Runner, Tokens, from_video, pixel_view, to_video
+from ..slicing import Pixels, Runner, Tokens, pixel_view
 from . import _diffusers_unet as common
 
 
@@ -39,51 +39,26 @@ def temporal_resblock(
 ) -> torch.Tensor:
     """``SpatioTemporalResBlock``'s temporal half on pixel slices: 3-D ResBlock, then the mixer."""
     trb = block.temporal_res_block
-    n, c, height, width = x.shape
-    pixels = height * width
-    xv = pixel_view(x, batch, frames)
     temb3 = temb.reshape(batch, frames, -1) if temb is not None else None
     temb_term = None
     if trb.time_emb_proj is not None and temb3 is not None:
         temb_term = trb.time_emb_proj(trb.nonlinearity(temb3))[:, :, :, None, None].permute(0, 2, 1, 3, 4)
-    stats1 = slicing.GroupNormStats(trb.norm1.num_groups)
-    stats2 = slicing.GroupNormStats(trb.norm2.num_groups)
-    affine1 = slicing.norm_affine(trb.norm1, x.dtype)
-    affine2 = slicing.norm_affine(trb.norm2, x.dtype)
-    kept: dict[str, torch.Tensor] = {}
 
-    def first_conv(v: torch.Tensor) -> torch.Tensor:
-        h = slicing.group_norm(v, stats1, trb.norm1.eps, affine1)
+    def first(h: torch.Tensor) -> torch.Tensor:
         h = trb.conv1(trb.nonlinearity(h))
         return h + temb_term if temb_term is not None else h
 
-    def norm1_stats(a: int, b: int, mode) -> None:
-        stats1.add(to_video(xv[..., a:b]))
-
-    def norm2_stats(a: int, b: int, mode) -> None:
-        h = first_conv(to_video(xv[..., a:b]))
-        stats2.add(h)
-        if mode == "keep":
-            if "h" not in kept:
-                kept["h"] = h.new_empty((batch, h.shape[1], frames, pixels))
-            kept["h"][..., a:b].copy_(h.squeeze(-1))
-
-    def body(a: int, b: int) -> torch.Tensor:
-        v = to_video(xv[..., a:b])
-        if b - a == pixels:
-            out = trb(v, temb3)  # one slice: the host's module, whole
-        else:
-            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first_conv(v)
-            h = slicing.group_norm(h, stats2, trb.norm2.eps, affine2)
-            h = trb.conv2(trb.dropout(trb.nonlinearity(h)))
-            out = (trb.conv_shortcut(v) if trb.conv_shortcut is not None else v) + h
-        mixed = block.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=image_only_indicator)
-        return from_video(mixed)
-
-    return runner.run(
-        name, "pixels", pixels, body, Pixels(batch, frames, height, width),
-        passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
+    parts = slicing.TemporalResBlock(
+        norm1=trb.norm1,
+        first=first,
+        norm2=trb.norm2,
+        second=lambda h: trb.conv2(trb.dropout(trb.nonlinearity(h))),
+        shortcut=lambda v: trb.conv_shortcut(v) if trb.conv_shortcut is not None else v,
+        whole=lambda v: trb(v, temb3),
+        affine=lambda norm, like: slicing.norm_affine(norm, like.dtype),
     )
+    mix = lambda v, out: block.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=image_only_indicator)  # noqa: E731
+    return slicing.temporal_resblock(runner, name, parts, x, batch, frames, mix)
 
 
 def resblock(runner, name, block, x, temb, batch, frames, ioi) -> torch.Tensor:

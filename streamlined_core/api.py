@@ -91,22 +91,27 @@ def _check_hooks(unet: nn.Module, slot: str, ours: "StreamlineHandle | None" = N
         )
 
 
-class StreamlineHandle:
-    """A streamlined U-Net: plans per call shape, runs by groups, and ``remove()`` undoes it all."""
+class Streamliner:
+    """The forward the engine substitutes: plans per call shape and runs the model by groups.
 
-    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None):
+    Calling it takes the arguments of the model's own ``adapter.slot`` method (``forward`` for
+    diffusers, ``_forward`` for ComfyUI). It changes nothing on the model; :class:`StreamlineHandle`
+    installs it on an instance, the ComfyUI node as an object patch on a clone.
+    ``axes`` limits which groups may be sliced (``{"frames"}``: spatial only; ``{"pixels"}``: temporal).
+    """
+
+    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
+                 axes: frozenset[str] = frozenset({"frames", "pixels"})):
         self.unet, self.adapter = unet, adapter
-        self.slices, self.budget_bytes = slices, budget_bytes
+        self.slices, self.budget_bytes, self.axes = slices, budget_bytes, axes
         self.listeners: list[Callable[[GroupEvent], None]] = []
         self.last_plan: Plan | None = None
         self._plans: dict[tuple, Plan] = {}
         self._planners: dict[tuple, Planner] = {}
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
-        self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
-        self._previous = unet.__dict__.get(self._slot)
-        self._removed = False
-        setattr(unet, self._slot, self._forward)
-        unet._streamline_handle = self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
 
     # -- running ---------------------------------------------------------------------------
     def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -121,14 +126,19 @@ class StreamlineHandle:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
         if self.slices != "auto" and self.budget_bytes is None:
-            k = self.slices
-            decide = lambda _name, _axis, length: (min(k, length), "keep")  # noqa: E731
+            k, axes = self.slices, self.axes
+            decide = lambda _name, axis, length: (min(k, length) if axis in axes else 1, "keep")  # noqa: E731
         else:
             self.last_plan = self._plan(arguments)
             decide = self.last_plan.decide
         return self.adapter.forward(self.unet, Runner(decide, self.listeners), **arguments)
 
     # -- planning --------------------------------------------------------------------------
+    def memory_ratio(self, arguments: dict[str, Any]) -> float:
+        """Predicted activation peak of a call with these arguments over the unstreamlined peak."""
+        plan = self._plan(arguments)
+        return plan.predicted_peak_bytes / self._planner(arguments).unsliced_peak()
+
     def plan_for(self, *args: Any, **kwargs: Any) -> Plan:
         """The plan a call with these arguments runs (computed on a meta replica, then cached)."""
         return self._plan(self._arguments(args, kwargs))
@@ -152,13 +162,13 @@ class StreamlineHandle:
         max_slices = None if self.slices == "auto" else self.slices
         if budget is None:
             if self.slices == "auto":
-                plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes))
+                plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes), axes=self.axes)
             else:
-                plan = planner.plan(None, max_slices)
+                plan = planner.plan(None, max_slices, axes=self.axes)
         else:
-            plan = planner.plan(budget, max_slices)
+            plan = planner.plan(budget, max_slices, axes=self.axes)
             if not plan.fits:
-                least = planner.least_peak(max_slices) + planner.weights_bytes
+                least = planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
                 message = (
                     f"budget_bytes={self._total_budget(budget)} is below the least reachable peak: {least} bytes "
                     f"({least / GIB:.2f} GiB = weights {planner.weights_bytes / GIB:.2f} GiB + activations "
@@ -202,7 +212,19 @@ class StreamlineHandle:
             return self.budget_bytes
         return None if activation_budget is None else activation_budget + weights_bytes(self.unet)
 
-    # -- undoing ---------------------------------------------------------------------------
+
+
+class StreamlineHandle(Streamliner):
+    """A streamlined U-Net: plans per call shape, runs by groups, and ``remove()`` undoes it all."""
+
+    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None):
+        super().__init__(unet, adapter, slices, budget_bytes)
+        self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
+        self._previous = unet.__dict__.get(self._slot)
+        self._removed = False
+        setattr(unet, self._slot, self._forward)
+        unet._streamline_handle = self
+
     def remove(self) -> None:
         """Restore the U-Net exactly as it was; calling it again does nothing."""
         if self._removed:

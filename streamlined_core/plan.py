@@ -156,15 +156,21 @@ class Planner:
         bases = {mode: m.peaks[(min(2, m.length), mode)] - per_item * s2 for mode in m.modes}
         return per_item, bases
 
-    def least_peak(self, max_slices: int | None = None) -> int:
+    def unsliced_peak(self) -> int:
+        """The activation peak with every group whole."""
+        return max([self.outside] + [self.predict(name, 1, "keep") for name in self.groups])
+
+    def least_peak(self, max_slices: int | None = None, axes: Iterable[str] = ("frames", "pixels")) -> int:
         """The least activation peak any plan reaches (every group at its most slicing)."""
         peaks = [self.outside]
         for name, m in self.groups.items():
             k = m.length if max_slices is None else min(max_slices, m.length)
+            k = k if m.axis in axes else 1
             peaks.append(min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes))
         return max(peaks)
 
-    def plan(self, activation_budget: int | None, max_slices: int | None = None) -> Plan:
+    def plan(self, activation_budget: int | None, max_slices: int | None = None,
+             axes: Iterable[str] = ("frames", "pixels")) -> Plan:
         """The least slicing per group whose predicted peak fits ``activation_budget``.
 
         Without a budget every group runs ``max_slices`` slices (clamped to its axis). Groups that
@@ -173,6 +179,7 @@ class Planner:
         chosen, fits = [], True
         for name, m in self.groups.items():
             kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
+            kmax = kmax if m.axis in axes else 1
             if activation_budget is None:
                 options = [(kmax, m.modes[0])]
             else:

@@ -16,5 +16,22 @@ def comfyui():
     return COMFYUI
 
 
+@pytest.fixture(scope="session")
+def pack(comfyui):
+    """This pack, loaded by ComfyUI's own loader as ComfyUI loads it from custom_nodes."""
+    import asyncio
+    import inspect
+    import sys
+    from pathlib import Path
+
+    import nodes
+
+    root = str(Path(__file__).resolve().parents[2])
+    loaded = nodes.load_custom_node(root)
+    loaded = asyncio.run(loaded) if inspect.iscoroutine(loaded) else loaded
+    assert loaded, "ComfyUI could not load the pack"
+    return sys.modules[root.replace(".", "_x_")]
+
+
 def pytest_report_header(config):
     return f"host: {WHY}" if COMFYUI is not None else f"host: skipping: {WHY}"

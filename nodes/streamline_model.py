@@ -1,0 +1,139 @@
+"""The "Streamline Model" node: run ComfyUI's video U-Net by sliced layer groups, exactly.
+
+MODEL in, MODEL out: a clone whose ``diffusion_model._forward`` is the engine's (an object patch,
+applied only while that clone is loaded), plus an OUTER_SAMPLE wrapper that lowers ComfyUI's
+memory estimate to what the plan predicts for the run and restores it afterwards, so ComfyUI keeps
+more weights on the GPU. The MODEL that came in is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..streamlined_core.api import Streamliner
+from ..streamlined_core.arch import adapter_for, comfy_unet
+
+KEY = "streamline"
+log = logging.getLogger(__name__)
+GIB = 1024**3
+AXES = {"all": frozenset({"frames", "pixels"}), "spatial": frozenset({"frames"}), "temporal": frozenset({"pixels"})}
+
+
+class MemoryEstimate:
+    """OUTER_SAMPLE wrapper: scale the model's ``memory_required`` for this run, then restore it exactly."""
+
+    def __init__(self, engine: Streamliner) -> None:
+        self.engine = engine
+
+    def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
+        base_model = executor.class_obj.model_patcher.model
+        had_own = "memory_required" in base_model.__dict__
+        previous = base_model.__dict__.get("memory_required")
+        host_estimate = base_model.memory_required  # ours wraps whatever is there (another pack's too)
+        engine = self.engine
+
+        def memory_required(input_shape, cond_shapes={}):
+            estimate = host_estimate(input_shape, cond_shapes=cond_shapes)
+            try:
+                ratio = engine.memory_ratio(comfy_unet.example_arguments(engine.unet, input_shape))
+            except Exception as exc:  # an estimate must never stop a run: keep the host's
+                log.warning("Streamline: keeping ComfyUI's memory estimate (%s: %s)", type(exc).__name__, exc)
+                return estimate
+            return estimate * ratio
+
+        base_model.memory_required = memory_required
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if had_own:
+                base_model.memory_required = previous
+            else:
+                base_model.__dict__.pop("memory_required", None)
+
+
+class StreamlineModel:
+    """Patch a MODEL so each layer group runs on slices of its input, with unchanged output."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model (ComfyUI's video UNetModel)."}),
+                "slicing": (["auto", "upper bound"], {
+                    "default": "auto",
+                    "tooltip": "auto: per group, the least slicing whose predicted peak fits the VRAM budget "
+                               "(every extra slice costs a little speed). upper bound: every group runs "
+                               "max_slices slices, fewer where its axis is shorter.",
+                }),
+                "max_slices": ("INT", {
+                    "default": 8, "min": 1, "max": 4096,
+                    "tooltip": "With 'upper bound': the most slices any group runs (ignored by 'auto').",
+                }),
+                "vram_budget_gb": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
+                    "tooltip": "Total device memory the U-Net may use, weights included, in GiB. "
+                               "0: the device's memory (on the CPU: 1.5x the skip floor).",
+                }),
+                "groups": (list(AXES), {
+                    "default": "all",
+                    "tooltip": "Which layer groups may be sliced: spatial ones along frames, temporal ones "
+                               "along pixels, or all.",
+                }),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The same model run by sliced layer groups: less memory, the same output.",)
+    FUNCTION = "patch"
+    CATEGORY = "Streamline"
+    DESCRIPTION = (
+        "Runs every layer group of the video U-Net on slices of its input (spatial groups along frames, "
+        "temporal groups along pixels, norms on full-video statistics), so the activation peak drops to "
+        "about 1.5x the skip tensors while the output stays the same."
+    )
+
+    def patch(self, model, slicing: str, max_slices: int, vram_budget_gb: float, groups: str):
+        import comfy.patcher_extension as pe
+
+        unet = model.get_model_object("diffusion_model")
+        if not comfy_unet.matches(unet) or not comfy_unet.recognises(unet):
+            raise ValueError(
+                f"Streamline Model supports ComfyUI's UNetModel video models (SVD, SVD-XT) on ComfyUI 0.3.52 and "
+                f"newer; this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}"
+            )
+        if not _is_video(unet):
+            raise ValueError(
+                "Streamline Model supports SVD / SVD-XT (ComfyUI's video UNetModel); this UNetModel has no video "
+                "blocks (AnimateDiff-Evolved models are not supported yet)"
+            )
+        if slicing not in ("auto", "upper bound"):
+            raise ValueError(f'slicing must be "auto" or "upper bound", got {slicing!r}')
+        if groups not in AXES:
+            raise ValueError(f"groups must be one of {', '.join(AXES)}, got {groups!r}")
+        if max_slices < 1:
+            raise ValueError(f"max_slices must be a positive integer, got {max_slices}")
+        if vram_budget_gb < 0:
+            raise ValueError(f"vram_budget_gb must be 0 (the device's memory) or a positive number, got {vram_budget_gb}")
+        budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else _device_memory()
+        slices = max_slices if slicing == "upper bound" else "auto"
+        engine = Streamliner(unet, adapter_for(unet), slices, budget, AXES[groups])
+        patched = model.clone()
+        patched.add_object_patch("diffusion_model._forward", engine)
+        patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, MemoryEstimate(engine))
+        return (patched,)
+
+
+def _is_video(unet) -> bool:
+    return any(type(m).__name__ in ("VideoResBlock", "SpatialVideoTransformer") for m in unet.modules())
+
+
+def _device_memory() -> int | None:
+    """Total memory of ComfyUI's torch device; None on the CPU (the engine's default target then)."""
+    import comfy.model_management as mm
+
+    device = mm.get_torch_device()
+    if getattr(device, "type", "cpu") == "cpu":
+        return None
+    return int(mm.get_total_memory(device))

@@ -49,21 +49,13 @@ class LatencyResult:
         return self.streamlined_s / self.original_s
 
 
-def _seeded(model: torch.nn.Module) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
-
-
 def latency(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2,
             progress: Callable[[str], None] | None = None) -> LatencyResult:
     """Time original and streamlined calls of ``config``, alternating, and measure both peaks."""
     say = progress or (lambda _m: None)
     build, (batch, frames, height, width) = BENCH_CONFIGS[config]
     torch.set_num_threads(threads)
-    model = _seeded(build())
+    model = configs.seed_weights(build(), std=0.02)
     args, kwargs = configs.diffusers_svd_inputs(model, batch, frames, height, width)
     handle = streamline(model)
     original = lambda: type(model).forward(model, *args, **kwargs)  # noqa: E731 - the unpatched forward

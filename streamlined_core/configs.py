@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .arch import comfy_unet
+
 SVD_KWARGS: dict[str, Any] = {}  # diffusers' defaults are SVD's
 SVD_MID_KWARGS = dict(block_out_channels=(64, 128, 256, 256), num_attention_heads=(2, 4, 8, 8), cross_attention_dim=1024)
 SD15_KWARGS = dict(
@@ -125,16 +127,19 @@ def comfy_svd_inputs(model, batch: int, frames: int, height: int, width: int) ->
     n = batch * frames
     x = torch.randn(n, model.in_channels, height // 8, width // 8, device=p.device, dtype=p.dtype)
     timesteps = torch.full((n,), 0.5, device=p.device, dtype=p.dtype)
-    context = torch.randn(n, 1, _context_dim(model), device=p.device, dtype=p.dtype)
-    y = torch.randn(n, model.label_emb[0][0].in_features, device=p.device, dtype=p.dtype)
+    context = torch.randn(n, 1, comfy_unet.context_dim(model), device=p.device, dtype=p.dtype)
+    y = torch.randn(n, comfy_unet.adm_dim(model), device=p.device, dtype=p.dtype)
     return (x, timesteps, context, y), dict(num_video_frames=frames)
 
 
-def _context_dim(model) -> int:
-    for name, m in model.named_modules():
-        if name.endswith("attn2") and getattr(m, "to_k", None) is not None:
-            return m.to_k.in_features
-    raise ValueError("cannot find the cross-attention width of this UNetModel")
+def seed_weights(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Re-initialise every parameter from a seeded normal: ComfyUI leaves tiny models uninitialised
+    (its output conv zeroed), and comparisons of outputs need weights that make them differ."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
 
 
 

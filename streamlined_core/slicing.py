@@ -21,7 +21,6 @@ from torch import nn
 
 Axis = Literal["frames", "pixels"]
 Mode = Literal["keep", "recompute"]
-AXES: tuple[Axis, ...] = ("frames", "pixels")
 
 
 def slice_bounds(length: int, slices: int) -> list[tuple[int, int]]:
@@ -319,9 +318,15 @@ def temporal_resblock(
     xv = pixel_view(x, batch, frames)
     stats1, stats2 = GroupNormStats(block.norm1.num_groups), GroupNormStats(block.norm2.num_groups)
     kept: dict[str, torch.Tensor] = {}
+    affines: dict[int, tuple] = {}
+
+    def affine(norm: nn.Module, like: torch.Tensor) -> tuple:
+        if id(norm) not in affines:  # cast (and LoRA-patched) once per group, not once per slice
+            affines[id(norm)] = block.affine(norm, like)
+        return affines[id(norm)]
 
     def first(v: torch.Tensor) -> torch.Tensor:
-        return block.first(group_norm(v, stats1, block.norm1.eps, block.affine(block.norm1, v)))
+        return block.first(group_norm(v, stats1, block.norm1.eps, affine(block.norm1, v)))
 
     def norm1_stats(a: int, b: int, mode: Mode) -> None:
         stats1.add(to_video(xv[..., a:b]))
@@ -340,7 +345,7 @@ def temporal_resblock(
             out = block.whole(v)  # one slice: the host's module, whole
         else:
             h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first(v)
-            h = block.second(group_norm(h, stats2, block.norm2.eps, block.affine(block.norm2, h)))
+            h = block.second(group_norm(h, stats2, block.norm2.eps, affine(block.norm2, h)))
             out = block.shortcut(v) + h
         return from_video(mix(v, out))
 
@@ -355,7 +360,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "AXES", "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
+    "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
     "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "norm_affine", "pixel_view", "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

@@ -350,6 +350,19 @@ def _fused_first(runner, name, layer, h, skip, pending, c, host):
     return _layer(runner, name, layer, h, c)
 
 
+def context_dim(model: nn.Module) -> int:
+    """Width of the cross-attention context (the first ``attn2``'s key projection input)."""
+    for name, m in model.named_modules():
+        if name.endswith("attn2") and getattr(m, "to_k", None) is not None:
+            return m.to_k.in_features
+    raise ValueError("cannot find the cross-attention width of this UNetModel")
+
+
+def adm_dim(model: nn.Module) -> int:
+    """Width of the class / ADM embedding input (``y``)."""
+    return model.label_emb[0][0].in_features
+
+
 def example_arguments(model: nn.Module, input_shape, device="meta") -> dict[str, Any]:
     """``_forward`` arguments for a latent batch of ``input_shape`` (one video of all items), for planning."""
     n = input_shape[0]
@@ -357,16 +370,12 @@ def example_arguments(model: nn.Module, input_shape, device="meta") -> dict[str,
     arguments: dict[str, Any] = {
         "x": torch.empty((n, model.in_channels, *input_shape[2:]), device=device, dtype=dtype),
         "timesteps": torch.empty(n, device=device, dtype=dtype),
-        "context": None,
+        "context": torch.empty(n, 1, context_dim(model), device=device, dtype=dtype),
         "transformer_options": {},
         "num_video_frames": n,
     }
-    for name, m in model.named_modules():
-        if name.endswith("attn2") and getattr(m, "to_k", None) is not None:
-            arguments["context"] = torch.empty(n, 1, m.to_k.in_features, device=device, dtype=dtype)
-            break
     if model.num_classes is not None:
-        arguments["y"] = torch.empty(n, model.label_emb[0][0].in_features, device=device, dtype=dtype)
+        arguments["y"] = torch.empty(n, adm_dim(model), device=device, dtype=dtype)
     return arguments
 
 

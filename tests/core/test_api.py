@@ -12,11 +12,7 @@ SHAPE = (2, 3, 64, 96)
 
 
 def seeded(model):
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+    return configs.seed_weights(model, std=0.1)
 
 
 @pytest.fixture
@@ -100,7 +96,7 @@ def test_plan_is_inspectable_and_its_prediction_is_what_the_run_measures(svd_cal
     plan = handle.plan_for(*args, **kwargs)
     for g in plan.groups:
         assert g.axis in ("frames", "pixels") and 1 <= g.slices <= g.length and g.predicted_bytes > 0
-    assert plan.predicted_peak_bytes == max(g.predicted_bytes for g in plan.groups) or plan.predicted_peak_bytes > 0
+    assert plan.predicted_peak_bytes >= max(g.predicted_bytes for g in plan.groups) > 0
     assert "predicted activation peak" in plan.table()
     replica, margs, mkw = meta_replica(model), to_meta(args), to_meta(kwargs)
     _, _, measured = measure_groups(lambda r: diffusers_svd.streamlined_forward(replica, r, *margs, **mkw), plan.decide)

@@ -22,12 +22,8 @@ SLICED: dict[str, dict[str, int]] = defaultdict(dict)  # family -> group -> most
 SEEN: dict[str, set[str]] = defaultdict(set)  # family -> groups whose axis had length >= 2
 
 
-def seeded(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
+def seeded(model):
+    return configs.seed_weights(model, std=0.1)
 
 
 MODELS = {

@@ -17,11 +17,7 @@ SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
 
 
 def _seeded(model):
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return configs.seed_weights(model, std=0.05)
 
 
 @pytest.fixture(scope="module")

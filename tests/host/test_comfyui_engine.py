@@ -17,10 +17,7 @@ SEEN: set[str] = set()
 @pytest.fixture(scope="module")
 def model(comfyui):
     m = configs.build_tiny_comfy_svd("cpu", torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # ComfyUI leaves weights uninitialised and zeroes the output conv: seed all
-        for p in m.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    configs.seed_weights(m, std=0.05)  # ComfyUI leaves weights uninitialised
     return m
 
 

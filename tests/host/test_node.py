@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from streamlined_core import configs
+
 
 @pytest.fixture(scope="module")
 def svd_patcher(comfyui):
@@ -22,10 +24,7 @@ def svd_patcher(comfyui):
     model_config = comfy.supported_models.SVD_img2vid(config)
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, "", device=torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    configs.seed_weights(model, std=0.05)  # ComfyUI leaves weights uninitialised
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 

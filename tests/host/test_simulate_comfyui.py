@@ -18,10 +18,7 @@ SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
 @pytest.fixture(scope="module")
 def tiny(comfyui):
     cpu = configs.build_tiny_comfy_svd("cpu", torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # ComfyUI leaves weights uninitialised: seed every one
-        for p in cpu.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    configs.seed_weights(cpu, std=0.05)  # ComfyUI leaves weights uninitialised
     return cpu, configs.build_tiny_comfy_svd("meta", torch.float32)
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -100,10 +102,190 @@ class _Call:
     frames: int
     batch: int
     image_only_indicator: Any
+    cross_frame: int | None = None  # AnimateDiff-Evolved's cross-frame GroupNorm mode: frames per video
 
 
-def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=()) -> torch.Tensor:
+def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=(), c: _Call | None = None,
+            norms: int = 0) -> torch.Tensor:
+    if c is not None and c.cross_frame and norms:
+        return _cross_frame_group(runner, name, call, [x], per_item, c.cross_frame, norms)
     return slicing.frames_group(runner, name, call, [x], per_item)
+
+
+def _group_norms(*modules: nn.Module) -> int:
+    """How many GroupNorms the modules hold (each runs once per call in the host's blocks)."""
+    return sum(isinstance(m, nn.GroupNorm) for module in modules for m in module.modules())
+
+
+# -- AnimateDiff-Evolved ---------------------------------------------------------------------
+#
+# ADE injects ``VanillaTemporalModule``s into the blocks while the model is loaded. A motion module
+# is a temporal group: GroupNorm (per frame, or per video in ADE's cross-frame mode), ``proj_in``,
+# temporal transformer blocks over each pixel's frames, ``proj_out``, residual, then ADE's effect
+# blend; every step but the norm sees pixels independently, so it is sliced along pixels with the
+# norm on full-extent statistics. ADE's cross-frame GroupNorm mode (v1, PIA, v2 without
+# ``apply_v2_properly``) makes every U-Net GroupNorm span all frames of a video; frame-sliced
+# groups then collect each norm's per-video statistics in passes before running their slices.
+
+
+def is_motion_module(layer: nn.Module) -> bool:
+    """An ADE ``VanillaTemporalModule`` (found at run time: ADE injects it while the model is loaded)."""
+    return type(layer).__name__ == "VanillaTemporalModule" and type(getattr(layer, "temporal_transformer", None)).__name__ == "TemporalTransformer3DModel"
+
+
+def motion_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_motion_module(m)]
+
+
+def cross_frame_norms() -> bool:
+    """Whether ADE's cross-frame GroupNorm mode is active; other GroupNorm patches are refused."""
+    forward = torch.nn.GroupNorm.forward
+    if getattr(forward, "__module__", "").split(".")[0] == "torch":
+        return False
+    if "groupnorm_mm" in getattr(forward, "__qualname__", ""):
+        return True
+    raise NotImplementedError(
+        f"torch.nn.GroupNorm.forward is replaced by {getattr(forward, '__module__', '?')}."
+        f"{getattr(forward, '__qualname__', '?')}, which Streamline does not know: it cannot keep that "
+        f"norm's statistics exact on slices"
+    )
+
+
+class _Collected(Exception):
+    """Ends a statistics pass once the norm it collects for has seen its slice."""
+
+
+def _video_pieces(a: int, b: int, frames: int) -> list[tuple[int, int, int]]:
+    """Rows [a, b) of a (videos x frames) batch as (video, start, stop), positions relative to ``a``."""
+    pieces, r = [], a
+    while r < b:
+        v = r // frames
+        stop = min(b, (v + 1) * frames)
+        pieces.append((v, r - a, stop - a))
+        r = stop
+    return pieces
+
+
+@contextmanager
+def _group_norms_call(forward):
+    """Route every GroupNorm call (torch's and ComfyUI's casting one) to ``forward(norm, x)``."""
+    ops = sys.modules.get("comfy.ops")
+    casting = getattr(getattr(ops, "disable_weight_init", None), "GroupNorm", None)
+    saved = torch.nn.GroupNorm.__dict__["forward"], casting.__dict__.get("forward_comfy_cast_weights") if casting else None
+    torch.nn.GroupNorm.forward = forward
+    if saved[1] is not None:
+        casting.forward_comfy_cast_weights = forward
+    try:
+        yield
+    finally:
+        torch.nn.GroupNorm.forward = saved[0]
+        if saved[1] is not None:
+            casting.forward_comfy_cast_weights = saved[1]
+
+
+def _cross_frame_group(runner: Runner, name: str, call, inputs, per_item, frames: int, norms: int) -> torch.Tensor:
+    """A frame-sliced group whose ``norms`` GroupNorm calls each span their video's frames (ADE cross-frame)."""
+    n = inputs[0].shape[0]
+    stats: list[dict[int, slicing.GroupNormStats]] = []  # per norm call in order: per video
+    affines: dict[int, tuple] = {}
+    state = {"index": 0, "collect": -1, "start": 0}
+
+    def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        i = state["index"]
+        state["index"] += 1
+        pieces = _video_pieces(state["start"], state["start"] + x.shape[0], frames)
+        if i == state["collect"]:
+            per_video = stats[i]
+            for v, a, b in pieces:
+                per_video.setdefault(v, slicing.GroupNormStats(norm.num_groups)).add(x[a:b].movedim(0, 1)[None])
+            raise _Collected
+        if i >= len(stats):
+            raise RuntimeError(f"{name}: GroupNorm call {i + 1} of a group expected to make {norms}")
+        if id(norm) not in affines:
+            affines[id(norm)] = norm_affine(norm, x)
+        out = [slicing.group_norm(x[a:b].movedim(0, 1)[None], stats[i][v], norm.eps, affines[id(norm)])[0].movedim(0, 1)
+               for v, a, b in pieces]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def run_slice(a: int, b: int) -> torch.Tensor:
+        state.update(index=0, start=a)
+        with _group_norms_call(norm_forward):
+            return call(*[x[a:b] for x in inputs], *[slicing.rows_of(t, a, b, n) for t in per_item])
+
+    def collect(index: int):
+        def pass_(a: int, b: int, mode) -> None:
+            if index == len(stats):
+                stats.append({})
+            state["collect"] = index
+            try:
+                run_slice(a, b)
+            except _Collected:
+                pass
+            finally:
+                state["collect"] = -1
+        return pass_
+
+    def body(a: int, b: int) -> torch.Tensor:
+        if b - a == n:  # one slice: the host's modules whole, under the host's own norms
+            return call(*inputs, *per_item)
+        return run_slice(a, b)
+
+    return runner.run(name, "frames", n, body, slicing.Rows(n), passes=[collect(i) for i in range(norms)])
+
+
+def _motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
+    """An ADE motion module over pixel slices, exactly as ``VanillaTemporalModule.forward`` computes it."""
+    tt = mm.temporal_transformer
+    opts = c.transformer_options
+    n, ch, height, width = x.shape
+    frames = mm.video_length
+    whole = lambda: mm(x, c.context, transformer_options=opts)  # noqa: E731
+    effect = mm.effect
+    exotic = (mm.should_handle_img_features() or mm.should_handle_camera_features()
+              or (effect is not None and not isinstance(effect, torch.Tensor) and math.isclose(effect, 0.0)))
+    if exotic or n % frames or len(tt.transformer_blocks) == 0:
+        return whole()  # AnimateLCM-I2V, CameraCtrl, a disabled module: the host's module, whole
+    videos, pixels = n // frames, height * width
+    effect_mask = mm.get_effect_mask(x) if isinstance(effect, torch.Tensor) else effect
+    scale_masks = tt.get_scale_masks(x)
+    camera = tt.get_cameractrl_effect(x)
+    xp = x.view(n, ch, pixels)
+    stats = slicing.GroupNormStats(tt.norm.num_groups)
+    affine: list[tuple] = []
+
+    def video(xs: torch.Tensor) -> torch.Tensor:  # (n, C, p) as the statistics' extent: frame or video
+        return xs.view(videos, frames, ch, -1).transpose(1, 2) if c.cross_frame else xs
+
+    def per_pixel_rows(mask, a: int, b: int):  # (videos*HW, T, 1) attention-batch rows of pixels a:b
+        if not isinstance(mask, torch.Tensor):
+            return mask
+        return mask.view(-1, pixels, *mask.shape[1:])[:, a:b].flatten(0, 1)
+
+    def norm_stats(a: int, b: int, mode) -> None:
+        stats.add(video(xp[..., a:b]))
+
+    def body(a: int, b: int) -> torch.Tensor:
+        xs = xp[..., a:b]
+        if b - a == pixels:
+            out = whole()
+            return out.view(videos, frames, ch, pixels)
+        if not affine:
+            affine.append(norm_affine(tt.norm, xs))
+        h = slicing.group_norm(video(xs), stats, tt.norm.eps, affine[0])
+        h = (h.transpose(1, 2).reshape(n, ch, -1) if c.cross_frame else h).transpose(1, 2)
+        h = tt.proj_in(h).to(h.dtype)
+        masks = [per_pixel_rows(m, a, b) for m in scale_masks]
+        for block in tt.transformer_blocks:
+            h = block(h, encoder_hidden_states=c.context, attention_mask=None, video_length=tt.video_length,
+                      scale_masks=masks, cameractrl_effect=per_pixel_rows(camera, a, b), view_options=mm.view_options,
+                      mm_kwargs=None, transformer_options=opts)
+        out = tt.proj_out(h).transpose(1, 2) + xs
+        if effect is not None:
+            e = effect_mask.view(n, 1, pixels)[..., a:b] if isinstance(effect_mask, torch.Tensor) else effect_mask
+            out = xs * (1.0 - e) + out * e
+        return out.view(videos, frames, ch, b - a)
+
+    return runner.run(f"{name}.motion", "pixels", pixels, body, Pixels(videos, frames, height, width), passes=[norm_stats])
 
 
 def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
@@ -218,7 +400,7 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
         h = _frames(runner, f"{name}.spatial", lambda xs, es: host.ResBlock.forward(layer, xs, es), h, [c.emb])
         return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
     if isinstance(layer, host.TimestepBlock):
-        return _frames(runner, name, lambda xs, es: layer(xs, es), h, [c.emb])
+        return _frames(runner, name, lambda xs, es: layer(xs, es), h, [c.emb], c, _group_norms(layer))
     if isinstance(layer, host.SpatialVideoTransformer):
         h = _video_transformer(runner, name, layer, h, c)
         if "transformer_index" in opts:
@@ -226,7 +408,8 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
         return h
     if isinstance(layer, host.SpatialTransformer):
         opts["activations_shape"] = list(h.shape)
-        out = _frames(runner, name, lambda xs, ctx: _plain_transformer(layer, xs, ctx, opts), h, [c.context])
+        out = _frames(runner, name, lambda xs, ctx: _plain_transformer(layer, xs, ctx, opts), h, [c.context], c,
+                      _group_norms(layer))
         if "transformer_index" in opts:
             opts["transformer_index"] += 1
         return out
@@ -236,6 +419,8 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
         return _frames(runner, name, layer, h)
     for class_type, handler in opts.get("patches", {}).get("forward_timestep_embed_patch", []):
         if isinstance(layer, class_type):
+            if is_motion_module(layer) and getattr(handler, "__name__", "") == "forward_timestep_embed_patch_ade":
+                return _motion_module(runner, name, layer, h, c)
             return handler(layer, h, c.emb, c.context, opts, output_shape, c.time_context, c.frames, c.image_only_indicator)
     return layer(h)
 
@@ -258,13 +443,6 @@ def _host_module(layer: nn.Module):
 def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
                         transformer_options={}, **kwargs):
     """``UNetModel._forward`` of a recognised ComfyUI version, every block run by ``runner``."""
-    if getattr(torch.nn.GroupNorm.forward, "__module__", "").split(".")[0] != "torch":
-        # AnimateDiff-Evolved's cross-frame mode makes every GroupNorm span the whole video while it
-        # samples; frame slices would then see wrong statistics.
-        raise NotImplementedError(
-            "a patched torch.nn.GroupNorm.forward is active (AnimateDiff-Evolved's cross-frame GroupNorm mode): "
-            "streamlined ComfyUI models do not support it yet"
-        )
     host = _host_module(model)
     transformer_options["original_shape"] = list(x.shape)
     transformer_options["transformer_index"] = 0
@@ -272,6 +450,11 @@ def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, con
     frames = kwargs.get("num_video_frames", model.default_num_video_frames) or 1
     c = _Call(None, context, transformer_options, kwargs.get("time_context", None), frames, x.shape[0] // frames,
               kwargs.get("image_only_indicator", None))
+    if cross_frame_norms():
+        modules = motion_modules(model)
+        if not modules:
+            raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
+        c.cross_frame = modules[0].video_length
     assert (y is not None) == (model.num_classes is not None), "must specify y if and only if the model is class-conditional"
 
     t_emb = host.timestep_embedding(timesteps, model.model_channels, repeat_only=False).to(x.dtype)
@@ -328,7 +511,7 @@ def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, con
     h = h.type(x.dtype)
     if model.predict_codebook_ids:
         return model.id_predictor(h)
-    return _frames(runner, "out", model.out, h)
+    return _frames(runner, "out", model.out, h, (), c, _group_norms(model.out))
 
 
 def _fused_first(runner, name, layer, h, skip, pending, c, host):
@@ -344,7 +527,10 @@ def _fused_first(runner, name, layer, h, skip, pending, c, host):
         h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
         return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
     if isinstance(layer, host.TimestepBlock):
-        return slicing.frames_group(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb])
+        call = lambda hs, rs, es: layer(cat(hs, rs), es)  # noqa: E731
+        if c.cross_frame:
+            return _cross_frame_group(runner, name, call, [h, skip], [c.emb], c.cross_frame, _group_norms(layer))
+        return slicing.frames_group(runner, name, call, [h, skip], [c.emb])
     # an unknown first layer: materialise the concatenation and dispatch as the host does
     h = slicing.frames_group(runner, f"{name}.concat", cat, [h, skip])
     return _layer(runner, name, layer, h, c)

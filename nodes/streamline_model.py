@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ..streamlined_core.api import Streamliner
-from ..streamlined_core.arch import adapter_for, comfy_unet
+from ..streamlined_core.arch import comfy_unet, engine_adapter
 
 KEY = "streamline"
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class StreamlineModel:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model (ComfyUI's video UNetModel)."}),
+                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model, or an SD1.5 / SDXL model used with "
+                                               "AnimateDiff-Evolved (before or after Use Evolved Sampling)."}),
                 "slicing": (["auto", "upper bound"], {
                     "default": "auto",
                     "tooltip": "auto: per group, the least slicing whose predicted peak fits the VRAM budget "
@@ -97,15 +98,10 @@ class StreamlineModel:
         import comfy.patcher_extension as pe
 
         unet = model.get_model_object("diffusion_model")
-        if not comfy_unet.matches(unet) or not comfy_unet.recognises(unet):
+        if not comfy_unet.matches(unet):
             raise ValueError(
-                f"Streamline Model supports ComfyUI's UNetModel video models (SVD, SVD-XT) on ComfyUI 0.3.52 and "
-                f"newer; this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}"
-            )
-        if not _is_video(unet):
-            raise ValueError(
-                "Streamline Model supports SVD / SVD-XT (ComfyUI's video UNetModel); this UNetModel has no video "
-                "blocks (AnimateDiff-Evolved models are not supported yet)"
+                f"Streamline Model supports ComfyUI's UNetModel: SVD and SVD-XT, and SD1.5 / SDXL models animated by "
+                f"AnimateDiff-Evolved; this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}"
             )
         if slicing not in ("auto", "upper bound"):
             raise ValueError(f'slicing must be "auto" or "upper bound", got {slicing!r}')
@@ -117,16 +113,16 @@ class StreamlineModel:
             raise ValueError(f"vram_budget_gb must be 0 (the device's memory) or a positive number, got {vram_budget_gb}")
         budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else _device_memory()
         slices = max_slices if slicing == "upper bound" else "auto"
-        engine = Streamliner(unet, adapter_for(unet), slices, budget, AXES[groups])
+        adapter = engine_adapter(unet)
+        if adapter.forward is not comfy_unet.streamlined_forward:
+            log.warning("Streamline: this ComfyUI's UNetModel._forward is not one Streamline reproduces; slicing each "
+                        "layer under the host's own loop instead (exact, with a higher peak)")
+        engine = Streamliner(unet, adapter, slices, budget, AXES[groups])
         patched = model.clone()
         patched.add_object_patch("diffusion_model._forward", engine)
         patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, MemoryEstimate(engine))
         return (patched,)
-
-
-def _is_video(unet) -> bool:
-    return any(type(m).__name__ in ("VideoResBlock", "SpatialVideoTransformer") for m in unet.modules())
 
 
 def _device_memory() -> int | None:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, skip_floor_bytes
+from .arch import Adapter, adapter_for, engine_adapter, skip_floor_bytes
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
 from .slicing import GroupEvent, Runner
@@ -59,7 +59,7 @@ def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
             f"pipeline holding one as .unet, got {type(target).__name__}"
         )
     try:
-        adapter = adapter_for(unet)
+        adapter = engine_adapter(unet)
     except TypeError:
         raise TypeError(
             f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts diffusers' "
@@ -145,7 +145,7 @@ class Streamliner:
 
     def _plan(self, arguments: dict[str, Any]) -> Plan:
         sample = arguments[self.adapter.sample]
-        key = (_shape_key(arguments), self.budget_bytes)  # a default budget is read once per shape
+        key = (_shape_key(arguments), self.adapter.variant(self.unet), self.budget_bytes)  # budget read once per shape
         if key not in self._plans:
             budget = self._activation_budget(sample.device)
             start = time.perf_counter()
@@ -181,7 +181,7 @@ class Streamliner:
         return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:
-        key = _shape_key(arguments)
+        key = (_shape_key(arguments), self.adapter.variant(self.unet))
         if key not in self._planners:
             replica = meta_replica(self.unet)
             meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count

@@ -45,6 +45,7 @@ class Adapter:
     slot: str = "forward"  # the method the engine replaces
     sample: str = "sample"  # the argument holding the latents
     supports: Callable[[nn.Module], bool] = lambda model: True  # whether the engine can drive this model
+    variant: Callable[[nn.Module], object] = lambda model: None  # run-time state a plan depends on (injected modules)
 
 
 def _module_adapter(name: str, module) -> Adapter:
@@ -52,7 +53,7 @@ def _module_adapter(name: str, module) -> Adapter:
         name, module.matches, module.skip_layout, module.skip_sources,
         getattr(module, "streamlined_forward", None), getattr(module, "call_shape", None),
         getattr(module, "SLOT", "forward"), getattr(module, "SAMPLE", "sample"),
-        getattr(module, "recognises", lambda model: True),
+        getattr(module, "recognises", lambda model: True), getattr(module, "variant", lambda model: None),
     )
 
 
@@ -61,6 +62,22 @@ ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("diffusers-animatediff", diffusers_animatediff),
     _module_adapter("comfyui-unet", comfy_unet),
 )
+
+# ComfyUI versions whose ``UNetModel._forward`` the owned loop does not reproduce: the host's own
+# loop runs, with each layer's forward sliced for the call (no fused skip concatenation).
+COMFY_MODULE_LEVEL = Adapter(
+    "comfyui-unet (module level)", comfy_unet.matches, comfy_unet.skip_layout, comfy_unet.skip_sources,
+    comfy_unet.module_level_forward, comfy_unet.call_shape, comfy_unet.SLOT, comfy_unet.SAMPLE,
+    lambda model: True, comfy_unet.variant,
+)
+
+
+def engine_adapter(model: nn.Module) -> Adapter:
+    """The adapter that drives ``model``: its family's, or the module-level fallback on unknown ComfyUI versions."""
+    adapter = adapter_for(model)
+    if adapter.forward is not None and not adapter.supports(model) and adapter.name == "comfyui-unet":
+        return COMFY_MODULE_LEVEL
+    return adapter
 
 
 def adapter_for(model: object) -> Adapter:

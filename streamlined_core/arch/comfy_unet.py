@@ -151,6 +151,13 @@ def cross_frame_norms() -> bool:
     )
 
 
+def variant(model: nn.Module) -> tuple:
+    """What a plan depends on beyond the call's shapes: injected motion modules and their frames, the norm mode."""
+    lengths = tuple(m.video_length for m in motion_modules(model))
+    forward = torch.nn.GroupNorm.forward
+    return lengths, f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', '')}"
+
+
 class _Collected(Exception):
     """Ends a statistics pass once the norm it collects for has seen its slice."""
 
@@ -392,8 +399,13 @@ def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor
     return h
 
 
-def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Call, output_shape=None) -> torch.Tensor:
-    """One layer of a ``TimestepEmbedSequential``, as ``forward_timestep_embed`` dispatches it."""
+def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Call, output_shape=None,
+           count: bool = True) -> torch.Tensor:
+    """One layer of a ``TimestepEmbedSequential``, as ``forward_timestep_embed`` dispatches it.
+
+    ``count``: advance ``transformer_index`` after a transformer (the owned loop does; under the
+    host's own loop ``forward_timestep_embed`` does it).
+    """
     host = _host_module(layer)
     opts = c.transformer_options
     if isinstance(layer, host.VideoResBlock):
@@ -403,14 +415,14 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
         return _frames(runner, name, lambda xs, es: layer(xs, es), h, [c.emb], c, _group_norms(layer))
     if isinstance(layer, host.SpatialVideoTransformer):
         h = _video_transformer(runner, name, layer, h, c)
-        if "transformer_index" in opts:
+        if count and "transformer_index" in opts:
             opts["transformer_index"] += 1
         return h
     if isinstance(layer, host.SpatialTransformer):
         opts["activations_shape"] = list(h.shape)
         out = _frames(runner, name, lambda xs, ctx: _plain_transformer(layer, xs, ctx, opts), h, [c.context], c,
                       _group_norms(layer))
-        if "transformer_index" in opts:
+        if count and "transformer_index" in opts:
             opts["transformer_index"] += 1
         return out
     if isinstance(layer, host.Upsample):
@@ -423,6 +435,77 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
                 return _motion_module(runner, name, layer, h, c)
             return handler(layer, h, c.emb, c.context, opts, output_shape, c.time_context, c.frames, c.image_only_indicator)
     return layer(h)
+
+
+# -- module level: the host's own loop, each layer's forward replaced for the call ------------
+#
+# For host versions whose ``_forward`` the owned loop does not reproduce. Each layer runs sliced as
+# above, but the skip concatenations and upsamplers run whole, so the peak is higher.
+
+
+def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
+                         transformer_options={}, **kwargs):
+    """The host's own ``UNetModel._forward``, every layer's ``forward`` sliced for the duration of the call."""
+    host = _host_module(model)
+    cross = None
+    if cross_frame_norms():
+        modules = motion_modules(model)
+        if not modules:
+            raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
+        cross = modules[0].video_length
+    installed: list[nn.Module] = []
+
+    def install(name: str, layer: nn.Module, run) -> None:
+        if "forward" in layer.__dict__:
+            return  # another library replaced this layer's forward: leave it to run as it is
+
+        def forward(*args, **kw):
+            del layer.__dict__["forward"]  # the host's class forward, for calls made inside the slices
+            try:
+                return run(*args, **kw)
+            finally:
+                layer.__dict__["forward"] = forward
+
+        layer.__dict__["forward"] = forward
+        installed.append(layer)
+
+    def call(name: str, layer: nn.Module):
+        signature = inspect.signature(type(layer).forward)
+
+        def run(*args, **kw):
+            a = signature.bind(layer, *args, **kw).arguments
+            h = a.get("x", a.get("input_tensor"))
+            frames = a.get("num_video_frames") or a.get("timesteps") or 1
+            opts = a.get("transformer_options")
+            c = _Call(a.get("emb"), a.get("context", a.get("encoder_hidden_states")), opts if opts is not None else {},
+                      a.get("time_context"), frames, h.shape[0] // frames, a.get("image_only_indicator"), cross)
+            if is_motion_module(layer):
+                if a.get("attention_mask") is not None:
+                    return layer(*args, **kw)
+                return _motion_module(runner, name, layer, h, c)
+            return _layer(runner, name, layer, h, c, a.get("output_shape"), count=False)
+        return run
+
+    blocks = [("input_blocks", b) for b in model.input_blocks] + [("middle_block", model.middle_block)]
+    blocks += [("output_blocks", b) for b in model.output_blocks]
+    index = {"input_blocks": 0, "middle_block": 0, "output_blocks": 0}
+    for kind, block in blocks:
+        if block is None:
+            continue
+        prefix = kind if kind == "middle_block" else f"{kind}.{index[kind]}"
+        index[kind] += 1
+        for j, layer in enumerate(block):
+            known = (host.TimestepBlock, host.SpatialTransformer, host.SpatialVideoTransformer, host.Upsample, host.Downsample)
+            if isinstance(layer, known) or is_motion_module(layer):
+                install(f"{prefix}.{j}", layer, call(f"{prefix}.{j}", layer))
+    head = model.out
+    install("out", head, lambda h: _frames(runner, "out", lambda xs: type(head).forward(head, xs), h, (),
+                                           _Call(None, None, {}, None, 1, h.shape[0], None, cross), _group_norms(head)))
+    try:
+        return type(model)._forward(model, x, timesteps, context, y, control, transformer_options, **kwargs)
+    finally:
+        for layer in installed:
+            layer.__dict__.pop("forward", None)
 
 
 def _plain_transformer(layer, xs, ctx, opts):

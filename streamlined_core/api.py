@@ -24,7 +24,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from .arch import Adapter, adapter_for, engine_adapter, skip_floor_bytes
+from .arch import Adapter, engine_adapter, skip_floor_bytes
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
 from .slicing import GroupEvent, Runner

@@ -142,6 +142,31 @@ def seed_weights(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> to
     return model
 
 
+# ComfyUI's UNetModel configuration of SD1.5 (what its model detection gives an SD1.5 checkpoint).
+COMFY_SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def seed_weights_scaled(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded weights scaled by fan-in (norm scales near 1, small biases): activations keep their size
+    through a full-width network, where a fixed ``std`` would make them grow layer by layer."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model
+
 
 # -- tiny configurations (tests) ---------------------------------------------------------------
 

@@ -156,12 +156,13 @@ def test_unsupported_models_and_bad_inputs_get_clear_errors(pack, svd_patcher, c
     import comfy.model_patcher
     import comfy.supported_models
 
-    sd = comfy.supported_models.SD15({"image_size": 32, "model_channels": 32, "in_channels": 4, "out_channels": 4, "channel_mult": [1],
-                                       "num_res_blocks": [1], "transformer_depth": [0], "transformer_depth_output": [0, 0],
-                                       "context_dim": 32, "num_head_channels": 32, "use_linear_in_transformer": False,
-                                       "use_spatial_transformer": True, "transformer_depth_middle": 0})
-    image_model = comfy.model_patcher.ModelPatcher(sd.get_model({}, "", device=torch.device("cpu")), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="SVD"):
+    flux = comfy.supported_models.Flux({
+        "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+        "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 8, 8],
+        "theta": 10000, "qkv_bias": True, "guidance_embed": False})
+    flux.set_inference_dtype(torch.float32, None)
+    image_model = comfy.model_patcher.ModelPatcher(flux.get_model({}, "", device=torch.device("cpu")), torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="SVD and SVD-XT, and SD1.5 / SDXL models animated by AnimateDiff-Evolved.*Flux"):
         node(pack).patch(image_model, "auto", 8, 0.0, "all")
     for args, message in ((("sometimes", 8, 0.0, "all"), "slicing must be"), (("auto", 8, -1.0, "all"), "vram_budget_gb"),
                           (("auto", 8, 0.0, "pixels"), "groups must be"), (("upper bound", 0, 0.0, "all"), "max_slices")):

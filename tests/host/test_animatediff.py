@@ -1,0 +1,156 @@
+"""Streamline Model with AnimateDiff-Evolved on a real ComfyUI: a full-width SD1.5 U-Net at a tiny
+latent size, motion models generated here and injected by ADE while it samples."""
+
+import pytest
+import torch
+
+from streamlined_core.arch import comfy_unet
+
+STEP_TOL = 1e-5  # every U-Net call, against the host's own _forward on the same inputs
+LATENT_TOL = 1e-4  # final latents after two euler steps
+SLICED: dict[str, int] = {}
+SEEN: set[str] = set()
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def node(pack):
+    return pack.NODE_CLASS_MAPPINGS["StreamlineModel"]()
+
+
+def evolved(ade, model, motion_model, context_length=None):
+    """Load Motion Model -> Apply AnimateDiff Model -> (Context Options) -> Use Evolved Sampling."""
+    (loaded,) = ade["ADE_LoadAnimateDiffModel"]().load_motion_model(motion_model)
+    (m_models,) = ade["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(loaded)
+    context = None
+    if context_length:
+        (context,) = ade["ADE_StandardStaticContextOptions"]().create_options(context_length, 2)
+    (out,) = ade["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", m_models, context)
+    return out
+
+
+def ksample(model, frames, h=8, w=8):
+    import nodes
+
+    gen = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 2, 768, generator=gen), {}]]
+    negative = [[torch.zeros(1, 2, 768), {}]]
+    latent = {"samples": torch.zeros(frames, 4, h, w)}
+    (out,) = nodes.KSampler().sample(model, 7, 2, 7.0, "euler", "normal", positive, negative, latent, denoise=1.0)
+    return out["samples"]
+
+
+class Checked:
+    """Takes the node's object patch: runs the engine, and the host's own ``_forward`` on the same call.
+
+    It sits where the engine sits, inside every wrapper, so ADE's cross-frame norms are active for both.
+    """
+
+    def __init__(self, patched):
+        self.engine = patched.object_patches["diffusion_model._forward"]
+        self.errors, self.cross_frame, self.motion_modules = [], [], []
+        self.engine.listeners.append(self.record)
+        patched.add_object_patch("diffusion_model._forward", self)
+
+    def record(self, event):
+        if event.kind == "end" and event.length >= 2:
+            SEEN.add(event.name)
+            if event.slices >= 2:
+                SLICED[event.name] = max(SLICED.get(event.name, 0), event.slices)
+
+    def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        unet = self.engine.unet
+        self.cross_frame.append(comfy_unet.cross_frame_norms())
+        self.motion_modules.append(len(comfy_unet.motion_modules(unet)))
+        reference = type(unet)._forward(unet, x, timesteps, context, y, control, dict(transformer_options), **kwargs)
+        out = self.engine(x, timesteps, context, y, control, transformer_options, **kwargs)
+        self.errors.append(rel(out, reference))
+        return out
+
+
+def assert_nothing_left(model):
+    """Once ComfyUI unloads the patched clone (it keeps it loaded until another model needs the memory)."""
+    import comfy.model_management
+
+    assert torch.nn.GroupNorm.forward.__module__.startswith("torch")
+    assert "memory_required" not in model.model.__dict__
+    comfy.model_management.unload_all_models()
+    unet = model.get_model_object("diffusion_model")
+    assert getattr(unet._forward, "__func__", None) is type(unet)._forward
+    assert not comfy_unet.motion_modules(unet), "ADE ejects its motion modules after sampling"
+    assert not [name for name, m in unet.named_modules() if "forward" in m.__dict__]
+
+
+CASES = {
+    # motion model, frames, context length, Streamline Model placed before/after Use Evolved Sampling
+    "v2_5_frames": ("v2", 5, None, "after"),
+    "v1_cross_frame_3_frames": ("v1", 3, None, "before"),
+    "v2_7_frames_context_windows_of_4": ("v2", 7, 4, "after"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_evolved_sampling_through_streamline_model_equals_the_plain_graph(pack, ade, motion_models, sd15_patcher, case):
+    version, frames, context, order = CASES[case]
+    reference = ksample(evolved(ade, sd15_patcher, motion_models[version], context), frames)
+    if order == "after":
+        (patched,) = node(pack).patch(evolved(ade, sd15_patcher, motion_models[version], context), "upper bound", 3, 0.0, "all")
+    else:
+        (streamlined,) = node(pack).patch(sd15_patcher, "upper bound", 3, 0.0, "all")
+        patched = evolved(ade, streamlined, motion_models[version], context)
+    check = Checked(patched)
+    out = ksample(patched, frames)
+    assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
+    assert len(check.errors) >= 2 and max(check.errors) <= STEP_TOL
+    assert rel(out, reference) <= LATENT_TOL
+    assert min(check.motion_modules) == (21 if version == "v2" else 20)  # 8 down, 12 up, a mid block in v2
+    assert all(check.cross_frame) == (version == "v1")
+    assert_nothing_left(sd15_patcher)
+    assert torch.equal(ksample(evolved(ade, sd15_patcher, motion_models[version], context), frames), reference)
+
+
+def test_every_group_of_the_animatediff_model_ran_sliced():
+    assert SEEN, "no case ran"
+    assert not sorted(SEEN - set(SLICED))
+    assert sum(name.endswith(".motion") for name in SLICED) >= 15  # those at 2x2 latents and up
+    assert {"input_blocks", "middle_block", "output_blocks", "out", "motion"} <= {p for n in SLICED for p in n.split(".")}
+
+
+def test_a_run_that_raises_inside_a_cross_frame_slice_restores_everything(pack, ade, motion_models, sd15_patcher):
+    import comfy.ops
+
+    torch_forward = torch.nn.GroupNorm.__dict__["forward"]
+    cast_forward = comfy.ops.disable_weight_init.GroupNorm.__dict__["forward_comfy_cast_weights"]
+    (streamlined,) = node(pack).patch(sd15_patcher, "upper bound", 3, 0.0, "all")
+    patched = evolved(ade, streamlined, motion_models["v1"])
+    seen = []
+
+    def interrupt(q, k, v, extra_options):
+        seen.append(torch.nn.GroupNorm.forward.__qualname__)
+        if len(seen) > 3:  # inside a sliced spatial transformer, under our norms
+            raise RuntimeError("interrupted")
+        return q, k, v
+
+    patched.set_model_attn1_patch(interrupt)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        ksample(patched, 3)
+    assert any("norm_forward" in name for name in seen), "the interruption came inside a cross-frame slice"
+    assert torch.nn.GroupNorm.__dict__["forward"] is torch_forward
+    assert comfy.ops.disable_weight_init.GroupNorm.__dict__["forward_comfy_cast_weights"] is cast_forward
+    assert_nothing_left(sd15_patcher)
+
+
+def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, ade, motion_models, sd15_patcher, monkeypatch):
+    import sys
+
+    packs_comfy_unet = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__].comfy_unet
+    monkeypatch.setattr(packs_comfy_unet, "KNOWN_FORWARDS", {})  # as on a ComfyUI version released after this pack
+    reference = ksample(evolved(ade, sd15_patcher, motion_models["v2"]), 5)
+    (patched,) = node(pack).patch(evolved(ade, sd15_patcher, motion_models["v2"]), "upper bound", 3, 0.0, "all")
+    assert patched.object_patches["diffusion_model._forward"].adapter.forward is packs_comfy_unet.module_level_forward
+    check = Checked(patched)
+    out = ksample(patched, 5)
+    assert max(check.errors) <= STEP_TOL and rel(out, reference) <= LATENT_TOL
+    assert_nothing_left(sd15_patcher)

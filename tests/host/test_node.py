@@ -6,13 +6,7 @@ import torch
 from streamlined_core import configs
 
 
-@pytest.fixture(scope="module")
-def svd_patcher(comfyui):
-    """A tiny SVD built the way ComfyUI builds one, seeded (ComfyUI leaves weights uninitialised)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = {
+SVD_CONFIG = {
         "image_size": 32, "model_channels": 64, "in_channels": 8, "out_channels": 4, "use_linear_in_transformer": True,
         "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "channel_mult": [1, 2],
         "num_res_blocks": [1, 1], "context_dim": 64, "adm_in_channels": 768, "num_classes": "sequential",
@@ -20,12 +14,24 @@ def svd_patcher(comfyui):
         "transformer_depth_middle": 1, "extra_ff_mix_layer": True, "use_spatial_context": True,
         "merge_strategy": "learned_with_images", "merge_factor": 0.0, "video_kernel_size": [3, 1, 1],
         "disable_temporal_crossattention": False, "max_ddpm_temb_period": 10000, "num_head_channels": 32,
-    }
-    model_config = comfy.supported_models.SVD_img2vid(config)
-    model_config.set_inference_dtype(torch.float32, None)
+}
+
+
+def build_svd(weight_dtype=torch.float32, manual_cast=None):
+    """A tiny SVD built the way ComfyUI builds one, seeded (ComfyUI leaves weights uninitialised)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SVD_img2vid(dict(SVD_CONFIG))
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
     model = model_config.get_model({}, "", device=torch.device("cpu"))
     configs.seed_weights(model, std=0.05)  # ComfyUI leaves weights uninitialised
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def svd_patcher(comfyui):
+    return build_svd()
 
 
 def conditioning(frames, h, w):
@@ -38,6 +44,7 @@ def conditioning(frames, h, w):
 
 
 def ksample(model, frames=3, h=8, w=12, steps=2):
+    """KSampler (euler, karras, cfg 2.5), as SVD workflows run it."""
     import nodes
 
     positive, negative, latent = conditioning(frames, h, w)
@@ -177,3 +184,126 @@ def test_node_is_registered_with_a_display_name_and_a_tooltip_on_every_input(pac
     assert list(inputs) == ["model", "slicing", "max_slices", "vram_budget_gb", "groups"]
     assert all(spec[1].get("tooltip") for spec in inputs.values())
     assert cls.RETURN_TYPES == ("MODEL",) and cls.DESCRIPTION
+
+
+# -- works with: each against the same graph without Streamline Model ----------------------------
+
+
+def ksample_advanced(model, frames=3, h=8, w=12):
+    """KSamplerAdvanced running steps 1-3 of 3: split sampling, a sub-schedule."""
+    import nodes
+
+    positive, negative, latent = conditioning(frames, h, w)
+    (out,) = nodes.KSamplerAdvanced().sample(model, "enable", 7, 3, 2.5, "euler", "karras", positive, negative, latent,
+                                             1, 3, "disable")
+    return out["samples"]
+
+
+def custom_advanced(model, frames=3, h=8, w=12):
+    """SamplerCustomAdvanced with RandomNoise, CFGGuider, KSamplerSelect and BasicScheduler."""
+    from comfy_extras import nodes_custom_sampler as custom
+
+    positive, negative, latent = conditioning(frames, h, w)
+    (noise,) = custom.RandomNoise().get_noise(7)
+    (guider,) = custom.CFGGuider().get_guider(model, positive, negative, 2.5)
+    (sampler,) = custom.KSamplerSelect().get_sampler("euler")
+    (sigmas,) = custom.BasicScheduler().get_sigmas(model, "karras", 2, 1.0)
+    out, _denoised = custom.SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, latent)
+    return out["samples"]
+
+
+def linear_cfg(model):
+    from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
+
+    return VideoLinearCFGGuidance().patch(model, 1.0)[0]
+
+
+def lora(model):
+    """A LoRA (low-rank on a temporal attention projection; full diffs on convs and on video-wide norms)."""
+    import comfy.lora
+    import comfy.sd
+
+    gen = torch.Generator().manual_seed(5)
+    state = model.model.state_dict()
+    weights = {
+        "input_blocks.1.0.in_layers.2": None, "input_blocks.1.0.time_stack.in_layers.0": None,
+        "input_blocks.1.0.time_stack.out_layers.0": None, "output_blocks.2.0.time_stack.in_layers.0": None,
+        "out.0": None, "middle_block.1.time_stack.0.attn1.to_q": 4,
+    }
+    lora_sd = {}
+    for name, rank in weights.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        weight = state[f"diffusion_model.{name}.weight"]
+        if rank is None:
+            lora_sd[f"{key}.diff"] = torch.randn(weight.shape, generator=gen) * 0.05
+            lora_sd[f"{key}.diff_b"] = torch.randn(weight.shape[0], generator=gen) * 0.05
+        else:
+            lora_sd[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], rank, generator=gen) * 0.05
+            lora_sd[f"{key}.lora_down.weight"] = torch.randn(rank, weight.shape[1], generator=gen) * 0.05
+    patched, _clip = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+    assert len(patched.patches) == len(weights) * 2 - 1, "every LoRA weight found its layer"
+    return patched
+
+
+RUNS = {
+    "KSamplerAdvanced": (lambda m: m, ksample_advanced),
+    "SamplerCustomAdvanced": (lambda m: m, custom_advanced),
+    "VideoLinearCFGGuidance": (linear_cfg, ksample),
+    "LoRA": (lora, ksample),
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_works_with(pack, svd_patcher, run):
+    prepare, sample = RUNS[run]
+    model = prepare(svd_patcher)
+    reference = sample(model)
+    (patched,) = node(pack).patch(model, "upper bound", 3, 0.0, "all")
+    errors = checked(patched)
+    out = sample(patched)
+    assert torch.isfinite(reference).all() and reference.std() > 0
+    assert errors and max(errors) <= 1e-5
+    assert rel(out, reference) <= LATENT_TOL
+
+
+def test_works_with_cast_weights_and_lora_on_them(pack):
+    """Weights stored in fp16 and cast per layer at run time (ComfyUI's manual-cast ops, the path its
+    low-VRAM loading takes), with a LoRA on top: norm affines come through ComfyUI's own casting."""
+    model = lora(build_svd(torch.float16, torch.float32))
+    unet = model.get_model_object("diffusion_model")
+    assert unet.input_blocks[1][0].time_stack.in_layers[0].comfy_cast_weights
+    reference = ksample(model)
+    (patched,) = node(pack).patch(model, "upper bound", 3, 0.0, "all")
+    errors = checked(patched)
+    assert rel(ksample(patched), reference) <= LATENT_TOL and max(errors) <= 1e-5
+
+
+def test_conds_run_separately_when_memory_is_short(pack, svd_patcher):
+    """ComfyUI runs cond and uncond one at a time when its estimate says both do not fit."""
+    import comfy.patcher_extension as pe
+
+    base = svd_patcher.model
+    base.memory_required = lambda input_shape, cond_shapes={}: 1e30
+    try:
+        reference = ksample(svd_patcher)
+        (patched,) = node(pack).patch(svd_patcher, "upper bound", 3, 0.0, "all")
+        errors = checked(patched)
+        batches = []
+        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "batches", lambda ex, x, *a, **k: batches.append(x.shape[0]) or ex(x, *a, **k))
+        out = ksample(patched)
+    finally:
+        del base.memory_required
+    assert batches and set(batches) == {3}, "one cond per call"
+    assert rel(out, reference) <= LATENT_TOL and max(errors) <= 1e-5
+
+
+def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, svd_patcher, monkeypatch):
+    import sys
+
+    packs_comfy_unet = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__].comfy_unet
+    monkeypatch.setattr(packs_comfy_unet, "KNOWN_FORWARDS", {})  # as on a ComfyUI version released after this pack
+    reference = ksample(svd_patcher, 5)
+    (patched,) = node(pack).patch(svd_patcher, "upper bound", 3, 0.0, "all")
+    assert patched.object_patches["diffusion_model._forward"].adapter.forward is packs_comfy_unet.module_level_forward
+    errors = checked(patched)
+    assert rel(ksample(patched, 5), reference) <= LATENT_TOL and max(errors) <= 1e-5

@@ -1,0 +1,206 @@
+"""A real ComfyUI server with the pack loaded from outside: /object_info, a queued graph through
+Streamline Model, and the example workflows served from the template route and checked by the server."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = "Streamline"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
+        self.url, self.process, self.log = url, process, log
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, payload) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        status, answer = self.post("/prompt", {"prompt": prompt, "client_id": "streamline-test"})
+        assert status == 200, answer
+        prompt_id = answer["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                return history[prompt_id]
+            assert self.process.poll() is None, self.log.read_text()[-4000:]
+            time.sleep(0.5)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(comfyui, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "streamline_test_nodes").symlink_to(Path(__file__).parent / "server_nodes")
+    ade = Path(comfyui) / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved"
+    if ade.is_dir():
+        (base / "custom_nodes" / ade.name).symlink_to(ade)
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "custom_nodes").mkdir()
+    (outside / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    config = outside / "extra_model_paths.yaml"
+    config.write_text(f"streamline:\n  base_path: {outside}\n  custom_nodes: custom_nodes\n")
+    port = _free_port()
+    log = base / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+             "--extra-model-paths-config", str(config), "--disable-auto-launch"],
+            cwd=comfyui, stdout=out, stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, log.read_text()[-4000:]
+                assert time.time() < deadline, "the server did not start in 180 s:\n" + log.read_text()[-4000:]
+                time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_object_info_shows_the_node_and_its_inputs(server):
+    info = server.get("/object_info/StreamlineModel")["StreamlineModel"]
+    assert info["display_name"] == "Streamline Model" and info["category"] == "Streamline"
+    required = info["input"]["required"]
+    assert list(required) == ["model", "slicing", "max_slices", "vram_budget_gb", "groups"]
+    assert required["slicing"][0] == ["auto", "upper bound"] and required["groups"][0] == ["all", "spatial", "temporal"]
+    assert all(spec[1]["tooltip"] for spec in required.values())
+    assert info["output"] == ["MODEL"] and info["description"]
+
+
+def graph(streamline: bool, frames: int = 5) -> dict:
+    model = ["2", 0] if streamline else ["1", 0]
+    prompt = {
+        "1": {"class_type": "StreamlineTestTinySVD", "inputs": {"frames": frames, "width": 96, "height": 64}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": 7, "steps": 2, "cfg": 2.5, "sampler_name": "euler", "scheduler": "karras",
+            "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0}},
+        "4": {"class_type": "StreamlineTestLatentFrames", "inputs": {"samples": ["3", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    if streamline:
+        prompt["2"] = {"class_type": "StreamlineModel", "inputs": {
+            "model": ["1", 0], "slicing": "upper bound", "max_slices": 3, "vram_budget_gb": 0.0, "groups": "all"}}
+    return prompt
+
+
+def frames_of(server, result) -> list:
+    import numpy as np
+    from PIL import Image
+    import io
+
+    assert result["status"]["status_str"] == "success", result["status"]
+    images = result["outputs"]["5"]["images"]
+    out = []
+    for image in images:
+        query = f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}"
+        out.append(np.asarray(Image.open(io.BytesIO(server.get(query)))).astype(int))
+    return out
+
+
+def test_a_queued_graph_runs_through_streamline_model_and_returns_frames(server):
+    plain = frames_of(server, server.run(graph(streamline=False)))
+    streamlined = frames_of(server, server.run(graph(streamline=True)))
+    assert len(streamlined) == len(plain) == 5
+    assert streamlined[0].shape == (8, 12, 3) and max(f.std() for f in plain) > 0
+    assert max(abs(a - b).max() for a, b in zip(plain, streamlined)) <= 1  # 8-bit frames, equal within rounding
+
+
+WORKFLOWS = sorted(p.name for p in (ROOT / "example_workflows").glob("*.json"))
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def api_prompt(workflow: dict, info: dict) -> dict:
+    """The UI-format workflow as the API prompt the page would queue, checking it against /object_info."""
+    links = {row[0]: row for row in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        assert node["type"] in info, f"node type {node['type']} is not registered"
+        spec = info[node["type"]]
+        inputs: dict = {}
+        declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        values = list(node["widgets_values"])
+        for name, (kind, *options) in declared.items():
+            options = options[0] if options else {}
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                assert values, f"{node['type']}: no widget value for {name}"
+                inputs[name] = values.pop(0)
+                if isinstance(kind, list) and name != "image":
+                    assert inputs[name] in kind or name in ("ckpt_name", "model_name"), f"{node['type']}.{name}={inputs[name]!r}"
+                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
+                if options.get("image_upload"):
+                    values.pop(0)
+        assert not values, f"{node['type']}: widget values left over: {values}"
+        for slot in node["inputs"]:
+            if slot["link"] is None:
+                continue
+            _id, source, source_slot, target, target_slot, kind = links[slot["link"]]
+            assert target == node["id"] and declared[slot["name"]][0] == kind == slot["type"]
+            source_node = next(n for n in workflow["nodes"] if n["id"] == source)
+            assert info[source_node["type"]]["output"][source_slot] == kind
+            inputs[slot["name"]] = [str(source), source_slot]
+        required = spec["input"].get("required", {})
+        assert set(required) <= set(inputs), f"{node['type']}: unconnected required inputs {set(required) - set(inputs)}"
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflows_are_served_and_valid_for_the_server(server, name):
+    listed = server.get("/workflow_templates")
+    assert name[:-5] in listed.get(PACK, []), listed
+    workflow = server.get(f"/api/workflow_templates/{PACK}/{name}")
+    assert workflow == json.loads((ROOT / "example_workflows" / name).read_text())
+    info = server.get("/object_info")
+    if any(n["type"].startswith("ADE_") for n in workflow["nodes"]) and "ADE_UseEvolvedSampling" not in info:
+        pytest.skip("AnimateDiff-Evolved is not in this ComfyUI's custom_nodes")
+    assert any(n["type"] == "StreamlineModel" for n in workflow["nodes"])
+    status, answer = server.post("/prompt", {"prompt": api_prompt(workflow, info)})
+    # No model files here: the server's validation may object to nothing but the missing files.
+    assert status == 400, answer
+    errors = [e for node in answer["node_errors"].values() for e in node["errors"]]
+
+    def missing_file(e):
+        if e["type"] == "value_not_in_list":
+            return e["extra_info"]["input_name"] in ("ckpt_name", "model_name")
+        return e["type"] == "custom_validation_failed" and e["details"].startswith("image - Invalid image file")
+
+    assert errors and all(missing_file(e) for e in errors), errors

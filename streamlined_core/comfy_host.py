@@ -60,3 +60,33 @@ def import_comfy(path: Path | None = None, pytorch_attention: bool = True):
     import comfy.model_management
 
     return comfy.model_management
+
+
+ADE_FOLDER = "ComfyUI-AnimateDiff-Evolved"
+
+
+def animatediff_evolved(module: str):
+    """A module of AnimateDiff-Evolved (e.g. ``"animatediff.motion_module_ad"``), loaded as ComfyUI loads
+    the custom node from the checkout's ``custom_nodes`` (import ComfyUI first)."""
+    found = _loaded_ade(module)
+    if found is None:
+        import asyncio
+        import inspect
+
+        import comfy.model_management
+        import nodes
+
+        root = Path(comfy.model_management.__file__).resolve().parents[1] / "custom_nodes" / ADE_FOLDER
+        if not (root / "__init__.py").is_file():
+            raise ModuleNotFoundError(f"AnimateDiff-Evolved is not in {root.parent}")
+        loaded = nodes.load_custom_node(str(root))
+        if inspect.iscoroutine(loaded):
+            loaded = asyncio.run(loaded)
+        found = _loaded_ade(module)
+        if not loaded or found is None:
+            raise ModuleNotFoundError(f"ComfyUI could not load AnimateDiff-Evolved from {root}")
+    return found
+
+
+def _loaded_ade(module: str):
+    return next((m for name, m in list(sys.modules.items()) if ADE_FOLDER in name and name.endswith("." + module)), None)

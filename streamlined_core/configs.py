@@ -96,6 +96,28 @@ def build_comfy_svd(device: str | torch.device = "meta", dtype: torch.dtype = to
     return _place(model, device, dtype)
 
 
+def build_comfy_animatediff(device: str | torch.device = "meta", dtype: torch.dtype = torch.float16):
+    """ComfyUI's SD1.5 ``UNetModel`` with AnimateDiff-Evolved's motion modules injected, shaped as
+    ``mm_sd_v15_v2`` (8 down, 1 mid, 12 up; 32 positions). Needs ADE in the checkout's custom_nodes."""
+    from types import SimpleNamespace
+
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from .comfy_host import animatediff_evolved
+
+    ad = animatediff_evolved("animatediff.motion_module_ad")
+    model = UNetModel(**{**COMFY_SD15_UNET, "operations": comfy.ops.disable_weight_init, "device": device, "dtype": dtype})
+    pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+    layout = {pe: torch.zeros(1, 32, 320, device="meta"), "mid_block.motion_modules.0.temporal_transformer.x": None,
+              "up_blocks.3.motion_modules.0.temporal_transformer.x": None}
+    info = ad.AnimateDiffInfo("SD1.5", ad.AnimateDiffFormat.ANIMATEDIFF, ad.AnimateDiffVersion.V2, "mm_sd_v15_v2 (shape)")
+    with torch.device(device):
+        motion = ad.AnimateDiffModel(layout, info, {"ops": comfy.ops.disable_weight_init})
+    motion.inject(SimpleNamespace(model=SimpleNamespace(diffusion_model=model)))
+    return _place(model, device, dtype)
+
+
 # -- workloads -------------------------------------------------------------------------------
 
 
@@ -130,6 +152,23 @@ def comfy_svd_inputs(model, batch: int, frames: int, height: int, width: int) ->
     context = torch.randn(n, 1, comfy_unet.context_dim(model), device=p.device, dtype=p.dtype)
     y = torch.randn(n, comfy_unet.adm_dim(model), device=p.device, dtype=p.dtype)
     return (x, timesteps, context, y), dict(num_video_frames=frames)
+
+
+def comfy_animatediff_inputs(model, batch: int, frames: int, height: int, width: int) -> tuple[tuple, dict]:
+    """Inputs of an SD1.5 ``UNetModel`` with ADE motion modules: frames are the batch, the motion
+    modules hold the video length, and ADE's ``forward_timestep_embed_patch`` reaches them."""
+    from .comfy_host import animatediff_evolved
+
+    injection = animatediff_evolved("animatediff.model_injection")
+    for module in comfy_unet.motion_modules(model):
+        module.set_video_length(frames, frames)
+    p = next(model.parameters())
+    n = batch * frames
+    x = torch.randn(n, model.in_channels, height // 8, width // 8, device=p.device, dtype=p.dtype)
+    timesteps = torch.full((n,), 500.0, device=p.device, dtype=p.dtype)
+    context = torch.randn(n, 77, comfy_unet.context_dim(model), device=p.device, dtype=p.dtype)
+    options = {"patches": {"forward_timestep_embed_patch": [injection.create_forward_timestep_embed_patch()]}}
+    return (x, timesteps, context), dict(transformer_options=options)
 
 
 def seed_weights(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:

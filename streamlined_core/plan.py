@@ -23,6 +23,8 @@ from .slicing import Axis, GroupEvent, Mode, Runner, ceil_div
 
 # The default memory target where no device budget exists (CPU, meta): 1.5x the skip floor.
 TARGET_X_FLOOR = 1.5
+# Where a budget is below the least reachable peak: how close to that peak the plan goes.
+UNREACHABLE_SLACK = 0.02
 
 
 @dataclass(frozen=True)
@@ -177,14 +179,22 @@ class Planner:
         cannot fit get their least-peak option; ``Plan.fits`` says whether all fit.
         """
         chosen, fits = [], True
+        target = activation_budget
+        if activation_budget is not None:
+            # Below the least reachable peak no plan fits; then slice each group only as far as
+            # within 2% of that peak, not to its most slicing (thousands of slices for a last 0.1%).
+            reachable = self.least_peak(max_slices, axes)
+            fits = activation_budget >= reachable
+            if not fits:
+                target = max(activation_budget, int(reachable * (1 + UNREACHABLE_SLACK)))
         for name, m in self.groups.items():
             kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
             kmax = kmax if m.axis in axes else 1
-            if activation_budget is None:
+            if target is None:
                 options = [(kmax, m.modes[0])]
             else:
-                options = list(self._options(name, m, activation_budget, kmax))
-            best = next(((k, mode) for k, mode in options if self.predict(name, k, mode) <= (activation_budget or math.inf)), None)
+                options = list(self._options(name, m, target, kmax))
+            best = next(((k, mode) for k, mode in options if self.predict(name, k, mode) <= (target or math.inf)), None)
             if best is None:
                 fits = False
                 best = min(((kk, mode) for kk in {1, kmax} for mode in m.modes), key=lambda o: (self.predict(name, *o), o[0]))

@@ -96,6 +96,23 @@ def _streamlined_label(model: nn.Module) -> str:
 STREAMLINED = Variant("streamlined", _streamline, _unstreamline, _streamlined_label)
 
 
+def _streamline_module_level(model: nn.Module) -> nn.Module:
+    from .api import StreamlineHandle
+    from .arch import COMFY_MODULE_LEVEL
+
+    StreamlineHandle(model, COMFY_MODULE_LEVEL, "auto", None)
+    return model
+
+
+def _module_level_label(model: nn.Module) -> str:
+    plan = model._streamline_handle.last_plan
+    return f"streamlined auto, module-level fallback ({plan.describe()})"
+
+
+# ComfyUI versions the owned loop does not recognise: each layer sliced under the host's own loop.
+MODULE_LEVEL = Variant("streamlined module-level", _streamline_module_level, _unstreamline, _module_level_label)
+
+
 @dataclass
 class Implementation:
     """A host library's version of a model family, with its variants."""
@@ -151,7 +168,7 @@ def implementations(model: str) -> list[Implementation]:
             ),
             Implementation(
                 "comfyui", "comfyui-svd", configs.build_comfy_svd, configs.comfy_svd_inputs,
-                [Variant("original"), STREAMLINED],
+                [Variant("original"), STREAMLINED, MODULE_LEVEL],
             ),
         ]
     if model == "animatediff":
@@ -167,7 +184,11 @@ def implementations(model: str) -> list[Implementation]:
                     Variant("diffusers FreeNoise split temporal_split_size=1", _free_noise_split(1)),
                     STREAMLINED,
                 ],
-            )
+            ),
+            Implementation(
+                "comfyui", "comfyui-animatediff", configs.build_comfy_animatediff, configs.comfy_animatediff_inputs,
+                [Variant("original"), STREAMLINED, MODULE_LEVEL],
+            ),
         ]
     raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
 

@@ -61,11 +61,28 @@ def test_comfyui_svd_agrees_with_the_reference_table_within_5_percent(all_rows):
             assert r.traced_skip_floor_bytes == r.skip_floor_bytes
 
 
-def test_comfyui_svd_streamlined_with_the_owned_loop_reaches_1_5x_the_skip_floor(all_rows):
+def test_comfyui_streamlined_with_the_owned_loop_reaches_1_5x_the_skip_floor(all_rows):
+    """SVD, SVD-XT, and SD1.5 with AnimateDiff-Evolved's motion modules (needs ADE in custom_nodes)."""
     rows = [r for r in all_rows if r.implementation == "comfyui" and r.variant.startswith("streamlined auto (")]
-    assert {(r.model, r.height) for r in rows} == {(m, h) for m in ("svd", "svd-xt") for h in (512, 576)}
+    models = ("svd", "svd-xt", "animatediff")
+    assert {(r.model, r.height) for r in rows} == {(m, h) for m in models for h in (512, 576)}
     for r in rows:
         assert r.peak_bytes <= 1.5 * r.skip_floor_bytes, (r.model, r.height, r.x_floor)
+
+
+def test_comfyui_animatediff_evolved_original_agrees_with_diffusers_animatediff(all_rows):
+    rows = {(r.model, r.implementation, r.height, r.variant): r for r in all_rows}
+    for h in (512, 576):
+        comfy, diffusers = rows[("animatediff", "comfyui", h, "original")], rows[("animatediff", "diffusers", h, "original")]
+        assert comfy.skip_floor_bytes == diffusers.skip_floor_bytes == comfy.traced_skip_floor_bytes
+        assert comfy.peak_bytes == pytest.approx(diffusers.peak_bytes, rel=0.05)
+
+
+def test_the_module_level_fallback_is_reported_and_saves_most_of_the_memory(all_rows):
+    rows = [r for r in all_rows if r.implementation == "comfyui" and "module-level" in r.variant]
+    assert {(r.model, r.height) for r in rows} == {(m, h) for m in ("svd", "svd-xt", "animatediff") for h in (512, 576)}
+    for r in rows:
+        assert r.skip_floor_bytes < r.peak_bytes <= 0.35 * r.original_peak_bytes, (r.model, r.height, r.x_floor)
 
 
 def test_readme_table_is_the_one_the_command_prints(all_rows):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from typing import Sequence
@@ -101,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamline`` command."""
     args = build_parser().parse_args(argv)
+    wants_diffusers = args.command == "bench" or "diffusers" in getattr(args, "implementation", ())
+    if wants_diffusers and importlib.util.find_spec("diffusers") is None:
+        print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
+              "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
+        return 2
     if args.command == "simulate":
         from .simulate import RESOLUTIONS, format_markdown, format_text, simulate
 

@@ -108,7 +108,7 @@ def build_comfy_animatediff(device: str | torch.device = "meta", dtype: torch.dt
 
     ad = animatediff_evolved("animatediff.motion_module_ad")
     model = UNetModel(**{**COMFY_SD15_UNET, "operations": comfy.ops.disable_weight_init, "device": device, "dtype": dtype})
-    pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+    pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"
     layout = {pe: torch.zeros(1, 32, 320, device="meta"), "mid_block.motion_modules.0.temporal_transformer.x": None,
               "up_blocks.3.motion_modules.0.temporal_transformer.x": None}
     info = ad.AnimateDiffInfo("SD1.5", ad.AnimateDiffFormat.ANIMATEDIFF, ad.AnimateDiffVersion.V2, "mm_sd_v15_v2 (shape)")

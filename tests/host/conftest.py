@@ -78,7 +78,7 @@ def motion_models(ade, tmp_path_factory):
     folder = tmp_path_factory.mktemp("animatediff_models")
     names = {}
     for version, mid, positions in (("v2", True, 32), ("v1", False, 24)):
-        pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"
+        pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"
         shape = {pe: torch.zeros(1, positions, 320), "up_blocks.3.motion_modules.0.temporal_transformer.x": torch.zeros(1)}
         if mid:
             shape["mid_block.motion_modules.0.temporal_transformer.x"] = torch.zeros(1)

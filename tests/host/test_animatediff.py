@@ -20,10 +20,16 @@ def node(pack):
     return pack.NODE_CLASS_MAPPINGS["StreamlineModel"]()
 
 
-def evolved(ade, model, motion_model, context_length=None):
+def masks():
+    """Scale and effect multivals as masks varying over pixels: scale masks and effect masks get sliced."""
+    ramp = torch.linspace(0.5, 1.5, 16)
+    return {"scale_multival": (ramp[:, None] * ramp.flip(0)[None, :])[None], "effect_multival": 0.5 + 0.5 * ramp[None, :, None].expand(1, 16, 16)}
+
+
+def evolved(ade, model, motion_model, context_length=None, multivals=False):
     """Load Motion Model -> Apply AnimateDiff Model -> (Context Options) -> Use Evolved Sampling."""
     (loaded,) = ade["ADE_LoadAnimateDiffModel"]().load_motion_model(motion_model)
-    (m_models,) = ade["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(loaded)
+    (m_models,) = ade["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(loaded, **(masks() if multivals else {}))
     context = None
     if context_length:
         (context,) = ade["ADE_StandardStaticContextOptions"]().create_options(context_length, 2)
@@ -50,7 +56,7 @@ class Checked:
 
     def __init__(self, patched):
         self.engine = patched.object_patches["diffusion_model._forward"]
-        self.errors, self.cross_frame, self.motion_modules = [], [], []
+        self.errors, self.cross_frame, self.motion_modules, self.masked = [], [], [], []
         self.engine.listeners.append(self.record)
         patched.add_object_patch("diffusion_model._forward", self)
 
@@ -63,7 +69,11 @@ class Checked:
     def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         unet = self.engine.unet
         self.cross_frame.append(comfy_unet.cross_frame_norms())
-        self.motion_modules.append(len(comfy_unet.motion_modules(unet)))
+        modules = comfy_unet.motion_modules(unet)
+        self.motion_modules.append(len(modules))
+        self.masked.append(bool(modules) and all(
+            isinstance(m.effect, torch.Tensor) and isinstance(m.temporal_transformer.raw_scale_masks[0], torch.Tensor)
+            for m in modules))
         reference = type(unet)._forward(unet, x, timesteps, context, y, control, dict(transformer_options), **kwargs)
         out = self.engine(x, timesteps, context, y, control, transformer_options, **kwargs)
         self.errors.append(rel(out, reference))
@@ -83,23 +93,30 @@ def assert_nothing_left(model):
     assert not [name for name, m in unet.named_modules() if "forward" in m.__dict__]
 
 
+def free_u(model):
+    from comfy_extras.nodes_freelunch import FreeU_V2
+
+    return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+
+
 CASES = {
-    # motion model, frames, context length, Streamline Model placed before/after Use Evolved Sampling
-    "v2_5_frames": ("v2", 5, None, "after"),
-    "v1_cross_frame_3_frames": ("v1", 3, None, "before"),
-    "v2_7_frames_context_windows_of_4": ("v2", 7, 4, "after"),
+    # motion model, frames, context length, where Streamline Model goes, masks as multivals, FreeU
+    "v2_5_frames_freeu": ("v2", 5, None, "after", False, True),
+    "v1_cross_frame_3_frames": ("v1", 3, None, "before", False, False),
+    "v2_7_frames_context_windows_of_4_scale_and_effect_masks": ("v2", 7, 4, "after", True, False),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_evolved_sampling_through_streamline_model_equals_the_plain_graph(pack, ade, motion_models, sd15_patcher, case):
-    version, frames, context, order = CASES[case]
-    reference = ksample(evolved(ade, sd15_patcher, motion_models[version], context), frames)
+    version, frames, context, order, multivals, freeu = CASES[case]
+    base = free_u(sd15_patcher) if freeu else sd15_patcher
+    reference = ksample(evolved(ade, base, motion_models[version], context, multivals), frames)
     if order == "after":
-        (patched,) = node(pack).patch(evolved(ade, sd15_patcher, motion_models[version], context), "upper bound", 3, 0.0, "all")
+        (patched,) = node(pack).patch(evolved(ade, base, motion_models[version], context, multivals), "upper bound", 3, 0.0, "all")
     else:
-        (streamlined,) = node(pack).patch(sd15_patcher, "upper bound", 3, 0.0, "all")
-        patched = evolved(ade, streamlined, motion_models[version], context)
+        (streamlined,) = node(pack).patch(base, "upper bound", 3, 0.0, "all")
+        patched = evolved(ade, streamlined, motion_models[version], context, multivals)
     check = Checked(patched)
     out = ksample(patched, frames)
     assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
@@ -107,8 +124,9 @@ def test_evolved_sampling_through_streamline_model_equals_the_plain_graph(pack, 
     assert rel(out, reference) <= LATENT_TOL
     assert min(check.motion_modules) == (21 if version == "v2" else 20)  # 8 down, 12 up, a mid block in v2
     assert all(check.cross_frame) == (version == "v1")
+    assert all(check.masked) == multivals, "scale and effect masks were in use in every call"
     assert_nothing_left(sd15_patcher)
-    assert torch.equal(ksample(evolved(ade, sd15_patcher, motion_models[version], context), frames), reference)
+    assert torch.equal(ksample(evolved(ade, base, motion_models[version], context, multivals), frames), reference)
 
 
 def test_every_group_of_the_animatediff_model_ran_sliced():

@@ -94,9 +94,10 @@ def assert_nothing_left(model):
 
 
 def free_u(model):
-    from comfy_extras.nodes_freelunch import FreeU_V2
+    """FreeU's output-block patch (V2 normalises by each item's spatial range: NaN at 1x1 latents)."""
+    from comfy_extras.nodes_freelunch import FreeU
 
-    return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+    return FreeU().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
 
 
 CASES = {

@@ -240,6 +240,27 @@ def _cross_frame_group(runner: Runner, name: str, call, inputs, per_item, frames
     return runner.run(name, "frames", n, body, slicing.Rows(n), passes=[collect(i) for i in range(norms)])
 
 
+_MOTION_API = {
+    "module": ("video_length", "effect", "view_options", "get_effect_mask", "should_handle_img_features",
+               "should_handle_camera_features"),
+    "transformer": ("video_length", "norm", "proj_in", "proj_out", "transformer_blocks", "get_scale_masks",
+                    "get_cameractrl_effect"),
+    "block": ("video_length", "scale_masks", "cameractrl_effect", "view_options", "mm_kwargs", "transformer_options"),
+}
+
+
+def _known_motion_module(mm: nn.Module) -> bool:
+    """Whether this ADE version's motion module has every attribute and argument the sliced path uses."""
+    tt = mm.temporal_transformer
+    if not all(hasattr(mm, a) for a in _MOTION_API["module"]) or not all(hasattr(tt, a) for a in _MOTION_API["transformer"]):
+        return False
+    blocks = list(tt.transformer_blocks)
+    if not blocks:
+        return True
+    parameters = inspect.signature(type(blocks[0]).forward).parameters
+    return all(a in parameters for a in _MOTION_API["block"])
+
+
 def _motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
     """An ADE motion module over pixel slices, exactly as ``VanillaTemporalModule.forward`` computes it."""
     tt = mm.temporal_transformer
@@ -247,6 +268,8 @@ def _motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c:
     n, ch, height, width = x.shape
     frames = mm.video_length
     whole = lambda: mm(x, c.context, transformer_options=opts)  # noqa: E731
+    if not _known_motion_module(mm):
+        return whole()  # an ADE version whose motion module this code does not know
     effect = mm.effect
     exotic = (mm.should_handle_img_features() or mm.should_handle_camera_features()
               or (effect is not None and not isinstance(effect, torch.Tensor) and math.isclose(effect, 0.0)))

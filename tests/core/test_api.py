@@ -143,6 +143,24 @@ def test_budget_below_the_least_reachable_peak_states_that_peak(svd_call):
     assert "forward" not in model.__dict__
 
 
+def test_an_unreachable_budget_plans_near_the_least_peak_without_slicing_everything_to_the_end(svd_call):
+    """Below the least reachable peak (e.g. a short default budget) each group slices only as far as
+    brings it within 2% of that peak: the last 0.1% is not worth thousands of slices."""
+    from streamlined_core.api import Streamliner
+    from streamlined_core.arch import engine_adapter
+    from streamlined_core.plan import UNREACHABLE_SLACK
+
+    model, args, kwargs, _ = svd_call
+    engine = Streamliner(model, engine_adapter(model), "auto", None)
+    planner = engine._planner(engine._arguments(args, kwargs))
+    least = planner.least_peak()
+    plan = planner.plan(least // 2)
+    assert not plan.fits
+    assert least <= plan.predicted_peak_bytes <= least * (1 + UNREACHABLE_SLACK)
+    most = planner.plan(None)  # every group at its most slicing
+    assert sum(g.slices for g in plan.groups) < sum(g.slices for g in most.groups)
+
+
 def test_pipeline_targets_are_accepted():
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 

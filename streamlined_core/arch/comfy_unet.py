@@ -14,6 +14,7 @@ them, through ``forward_timestep_embed_patch`` handlers when one matches.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -156,6 +157,16 @@ def variant(model: nn.Module) -> tuple:
     lengths = tuple(m.video_length for m in motion_modules(model))
     forward = torch.nn.GroupNorm.forward
     return lengths, f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', '')}"
+
+
+def _cross_frame_length(model: nn.Module) -> int | None:
+    """Frames per video that ADE's cross-frame GroupNorms span in this call (its motion modules'), or None."""
+    if not cross_frame_norms():
+        return None
+    modules = motion_modules(model)
+    if not modules:
+        raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
+    return modules[0].video_length
 
 
 class _Collected(Exception):
@@ -470,12 +481,7 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
                          transformer_options={}, **kwargs):
     """The host's own ``UNetModel._forward``, every layer's ``forward`` sliced for the duration of the call."""
     host = _host_module(model)
-    cross = None
-    if cross_frame_norms():
-        modules = motion_modules(model)
-        if not modules:
-            raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
-        cross = modules[0].video_length
+    cross = _cross_frame_length(model)
     installed: list[nn.Module] = []
 
     def install(name: str, layer: nn.Module, run) -> None:
@@ -493,7 +499,7 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
         installed.append(layer)
 
     def call(name: str, layer: nn.Module):
-        signature = inspect.signature(type(layer).forward)
+        signature = _forward_signature(type(layer))
 
         def run(*args, **kw):
             a = signature.bind(layer, *args, **kw).arguments
@@ -531,6 +537,11 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
             layer.__dict__.pop("forward", None)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_signature(cls: type) -> inspect.Signature:
+    return inspect.signature(cls.forward)
+
+
 def _plain_transformer(layer, xs, ctx, opts):
     shape = opts.get("activations_shape")
     out = layer(xs, ctx, opts)
@@ -556,11 +567,7 @@ def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, con
     frames = kwargs.get("num_video_frames", model.default_num_video_frames) or 1
     c = _Call(None, context, transformer_options, kwargs.get("time_context", None), frames, x.shape[0] // frames,
               kwargs.get("image_only_indicator", None))
-    if cross_frame_norms():
-        modules = motion_modules(model)
-        if not modules:
-            raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
-        c.cross_frame = modules[0].video_length
+    c.cross_frame = _cross_frame_length(model)
     assert (y is not None) == (model.num_classes is not None), "must specify y if and only if the model is class-conditional"
 
     t_emb = host.timestep_embedding(timesteps, model.model_channels, repeat_only=False).to(x.dtype)

@@ -6,15 +6,19 @@ import torch
 from streamlined_core import configs
 
 
-SVD_CONFIG = {
-        "image_size": 32, "model_channels": 64, "in_channels": 8, "out_channels": 4, "use_linear_in_transformer": True,
-        "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "channel_mult": [1, 2],
-        "num_res_blocks": [1, 1], "context_dim": 64, "adm_in_channels": 768, "num_classes": "sequential",
-        "use_temporal_attention": True, "use_temporal_resblock": True, "use_spatial_transformer": True,
-        "transformer_depth_middle": 1, "extra_ff_mix_layer": True, "use_spatial_context": True,
-        "merge_strategy": "learned_with_images", "merge_factor": 0.0, "video_kernel_size": [3, 1, 1],
-        "disable_temporal_crossattention": False, "max_ddpm_temb_period": 10000, "num_head_channels": 32,
-}
+def _server_nodes():
+    """The test-only node pack of the server test, which holds the tiny SVD's configuration."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "server_nodes" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("streamline_test_server_nodes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SVD_CONFIG = _server_nodes().SVD_CONFIG  # ComfyUI's unet_config of a tiny SVD_img2vid
 
 
 def build_svd(weight_dtype=torch.float32, manual_cast=None):

@@ -106,11 +106,14 @@ class _Call:
     cross_frame: int | None = None  # AnimateDiff-Evolved's cross-frame GroupNorm mode: frames per video
 
 
-def _frames(runner: Runner, name: str, call, x: torch.Tensor, per_item=(), c: _Call | None = None,
-            norms: int = 0) -> torch.Tensor:
+def _frames(runner: Runner, name: str, call, x: torch.Tensor | list[torch.Tensor], per_item=(),
+            c: _Call | None = None, norms: int = 0) -> torch.Tensor:
+    """A spatial group over frame slices of ``x`` (or of several inputs sliced together); under ADE's
+    cross-frame mode its ``norms`` GroupNorm calls get per-video statistics."""
+    inputs = x if isinstance(x, list) else [x]
     if c is not None and c.cross_frame and norms:
-        return _cross_frame_group(runner, name, call, [x], per_item, c.cross_frame, norms)
-    return slicing.frames_group(runner, name, call, [x], per_item)
+        return _cross_frame_group(runner, name, call, inputs, per_item, c.cross_frame, norms)
+    return slicing.frames_group(runner, name, call, inputs, per_item)
 
 
 def _group_norms(*modules: nn.Module) -> int:
@@ -268,7 +271,7 @@ def _known_motion_module(mm: nn.Module) -> bool:
     blocks = list(tt.transformer_blocks)
     if not blocks:
         return True
-    parameters = inspect.signature(type(blocks[0]).forward).parameters
+    parameters = _forward_signature(type(blocks[0])).parameters
     return all(a in parameters for a in _MOTION_API["block"])
 
 
@@ -518,13 +521,13 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
     blocks = [("input_blocks", b) for b in model.input_blocks] + [("middle_block", model.middle_block)]
     blocks += [("output_blocks", b) for b in model.output_blocks]
     index = {"input_blocks": 0, "middle_block": 0, "output_blocks": 0}
+    known = (host.TimestepBlock, host.SpatialTransformer, host.SpatialVideoTransformer, host.Upsample, host.Downsample)
     for kind, block in blocks:
         if block is None:
             continue
         prefix = kind if kind == "middle_block" else f"{kind}.{index[kind]}"
         index[kind] += 1
         for j, layer in enumerate(block):
-            known = (host.TimestepBlock, host.SpatialTransformer, host.SpatialVideoTransformer, host.Upsample, host.Downsample)
             if isinstance(layer, known) or is_motion_module(layer):
                 install(f"{prefix}.{j}", layer, call(f"{prefix}.{j}", layer))
     head = model.out
@@ -640,10 +643,7 @@ def _fused_first(runner, name, layer, h, skip, pending, c, host):
         h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
         return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
     if isinstance(layer, host.TimestepBlock):
-        call = lambda hs, rs, es: layer(cat(hs, rs), es)  # noqa: E731
-        if c.cross_frame:
-            return _cross_frame_group(runner, name, call, [h, skip], [c.emb], c.cross_frame, _group_norms(layer))
-        return slicing.frames_group(runner, name, call, [h, skip], [c.emb])
+        return _frames(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb], c, _group_norms(layer))
     # an unknown first layer: materialise the concatenation and dispatch as the host does
     h = slicing.frames_group(runner, f"{name}.concat", cat, [h, skip])
     return _layer(runner, name, layer, h, c)

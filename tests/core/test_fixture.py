@@ -1,0 +1,185 @@
+"""The fixture model's groundwork: deterministic clips whose conditioning determines them,
+disjoint seed splits, an exact pixel packing, SVD's layout within 20 MB, SVD's EDM preconditioning as
+diffusers applies it, one training step and a short sampling run. Cheap: seconds on a CPU."""
+
+import copy
+import inspect
+import itertools
+import math
+
+import pytest
+import torch
+
+from streamlined_core.fixture import data, train
+from streamlined_core.fixture import model as fixture
+
+FRAMES, SIZE = 8, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # These tests run small ops, where a second OpenMP thread only adds waiting, badly so when the
+    # other core is busy (PROBE.md: 2 threads ran 2-6x slower than 1 on a shared machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return fixture.build_fixture_unet(seed=0)
+
+
+def test_generator_is_deterministic():
+    a = data.render(data.sample_clip_spec(123, FRAMES), SIZE)
+    b = data.render(data.sample_clip_spec(123, FRAMES), SIZE)
+    assert torch.equal(a.frames, b.frames)
+    assert torch.equal(a.centroids.nan_to_num(-1), b.centroids.nan_to_num(-1))
+    other = data.render(data.sample_clip_spec(124, FRAMES), SIZE)
+    assert not torch.equal(a.frames, other.frames)
+    assert a.frames.shape == (FRAMES, 3, SIZE, SIZE) and 0 <= a.frames.min() and a.frames.max() <= 1
+
+
+def test_seed_ranges_are_disjoint_and_named():
+    for (na, a), (nb, b) in itertools.combinations(data.SPLITS.items(), 2):
+        assert a.stop <= b.start or b.stop <= a.start, (na, nb)
+    assert data.split_of(data.TRAIN_SEEDS.start) == "train"
+    assert data.split_of(data.CALIBRATION_SEEDS.stop - 1) == "calibration"
+    assert data.split_of(data.EVAL_SEEDS.start) == "eval"
+    with pytest.raises(ValueError, match="seed="):
+        data.sample_clip_spec(data.EVAL_SEEDS.stop, FRAMES)
+
+
+def test_conditioning_determines_the_clip():
+    seed = data.EVAL_SEEDS.start + 7
+    spec = data.sample_clip_spec(seed, FRAMES)
+    moved = data.sample_clip_spec(seed, FRAMES, motion_seed=seed + 1)
+    a, b = data.render(spec, SIZE), data.render(moved, SIZE)
+    # Same first frame, other motion: the first frame alone cannot tell the clips apart ...
+    assert torch.equal(a.frames[0], b.frames[0])
+    assert (a.frames[1:] - b.frames[1:]).abs().amax() > 0.1
+    # ... but the conditioning does, and the same conditioning reproduces the clip.
+    assert not torch.equal(data.embed(spec), data.embed(moved))
+    again = data.sample_clip_spec(seed, FRAMES, motion_seed=seed + 1)
+    assert torch.equal(data.embed(again), data.embed(moved))
+    assert torch.equal(data.render(again, SIZE).frames, b.frames)
+
+
+def test_conditioning_layout():
+    spec = data.sample_clip_spec(5, FRAMES)
+    emb = data.embed(spec)
+    assert emb.shape == (data.TOKENS, data.EMBED_DIM) == (data.TOKENS, fixture.FIXTURE_UNET_KWARGS["cross_attention_dim"])
+    present = emb[1:, data.SHAPE_FEATURES.index("present")]
+    assert int(present.sum()) == len(spec.shapes)
+    assert emb.abs().max() <= 1.0 + 1e-6
+    ids = data.time_ids(spec, 0.02)
+    assert ids[0] == data.FPS - 1 and 0 <= ids[1] <= 255 and ids[2] == pytest.approx(0.02)
+
+
+def test_packing_inverts_exactly():
+    rgb = torch.rand(2, 3, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(data.unpack(data.pack(rgb)), rgb, atol=1e-6, rtol=0)
+    latent = data.pack(rgb)
+    assert torch.allclose(data.pack(data.unpack(latent)), latent, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rgb"):
+        data.pack(torch.zeros(4, 8, 8))
+
+
+def test_latents_have_about_unit_scale():
+    batch = data.make_batch(range(0, 16), FRAMES, SIZE)
+    assert 0.8 < float(batch.latents.std()) < 1.25  # sigma_data = 1, as SVD's preconditioning assumes
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="frames="):
+        data.sample_clip_spec(0, data.MAX_FRAMES + 1)
+    with pytest.raises(ValueError, match="size="):
+        data.render(data.sample_clip_spec(0, FRAMES), 16)
+
+
+def test_model_has_svds_layout_within_20_mb(unet):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    # diffusers' defaults of this class are SVD's (CONFIGS.md): compare the fixture's layout with them.
+    defaults = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
+    assert tuple(unet.config.down_block_types) == tuple(defaults["down_block_types"].default)
+    assert tuple(unet.config.up_block_types) == tuple(defaults["up_block_types"].default)
+    for name in ("layers_per_block", "transformer_layers_per_block", "addition_time_embed_dim",
+                 "projection_class_embeddings_input_dim", "in_channels", "out_channels"):
+        assert getattr(unet.config, name) == defaults[name].default, name
+    assert [type(b).__name__ for b in unet.down_blocks] == list(defaults["down_block_types"].default)
+    assert all(len(b.resnets) == 2 for b in unet.down_blocks)
+    assert all(c % 32 == 0 for c in unet.config.block_out_channels)  # SVD's GroupNorms: 32 groups
+    assert fixture.fp16_bytes(unet) <= fixture.MAX_FP16_BYTES
+
+
+def test_karras_sigmas_are_svds():
+    sigmas = fixture.karras_sigmas(25).double()
+    assert torch.allclose(sigmas, fixture.rho_schedule(25), rtol=1e-5, atol=0)
+    assert sigmas[0] == pytest.approx(700.0, rel=1e-5) and sigmas[-2] == pytest.approx(0.002, rel=1e-4)
+
+
+def _inputs(b=1, frames=2, size=8):
+    # Small latents straight from the generator's RNG: the U-Net takes any size divisible by 8 and
+    # any frame count, and these tests check arithmetic, not the data.
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(b, frames, 4, size, size, generator=gen)
+    embedding = torch.randn(b, data.TOKENS, data.EMBED_DIM, generator=gen)
+    ids = torch.tensor([[data.FPS - 1, 100.0, 0.02]]).repeat(b, 1)
+    return latents, latents[:, 0].clone(), fixture.Conditioning(embedding, ids)
+
+
+def test_denoise_matches_diffusers_euler_scheduler(unet):
+    # The EDM preconditioning of `denoise` is what diffusers' SVD scheduler assumes of the U-Net.
+    latents, first_frame, cond = _inputs()
+    frames = latents.shape[1]
+    scheduler = fixture.make_scheduler()
+    scheduler.set_timesteps(4)
+    t, sigma = scheduler.timesteps[1], scheduler.sigmas[1]
+    x = latents + sigma * torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = fixture.denoise(unet, x, sigma.view(1), first_frame, cond)
+        scheduler._step_index = 1
+        scaled = scheduler.scale_model_input(x, t)
+        first = first_frame.unsqueeze(1).expand(-1, frames, -1, -1, -1)
+        out = unet(torch.cat([scaled, first], 2), t, encoder_hidden_states=cond.embedding,
+                   added_time_ids=cond.time_ids, return_dict=False)[0]
+        theirs = scheduler.step(out, t, x).pred_original_sample
+    assert torch.allclose(ours, theirs, atol=1e-4 * float(theirs.abs().max()), rtol=0)
+
+
+def test_edm_scalings():
+    sigma = torch.tensor([0.5, 2.0])
+    c_skip, c_out, c_in, c_noise = fixture.edm_scalings(sigma)
+    assert torch.allclose(c_skip, 1 / (sigma**2 + 1))
+    assert torch.allclose(c_out, -sigma / (sigma**2 + 1).sqrt())
+    assert torch.allclose(c_in, 1 / (sigma**2 + 1).sqrt())
+    assert torch.allclose(c_noise, 0.25 * sigma.log())
+    with pytest.raises(ValueError, match="sigma"):
+        fixture.edm_scalings(torch.tensor([0.0]))
+
+
+def test_one_training_step_gives_a_finite_loss(unet):
+    model = copy.deepcopy(unet).train()
+    optimizer = train.make_optimizer(model, 1e-4)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train.train_step(model, optimizer, step=0, batch=1, frames=FRAMES, size=SIZE, seed=0)
+    assert math.isfinite(loss) and loss > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_sample_runs_two_steps(unet):
+    latents, first_frame, cond = _inputs(b=2, frames=3)
+    out = fixture.sample(unet, first_frame, cond, steps=2, frames=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == latents.shape
+    assert torch.isfinite(out).all() and out.std() > 0
+    with pytest.raises(ValueError, match="steps="):
+        fixture.sample(unet, first_frame, cond, steps=0)
+
+
+def test_training_draws_are_a_function_of_seed_and_step():
+    assert train.step_seeds(3, 2) == [data.TRAIN_SEEDS.start + 6, data.TRAIN_SEEDS.start + 7]
+    a = torch.randn(4, generator=train.step_generator(0, 5))
+    assert torch.equal(a, torch.randn(4, generator=train.step_generator(0, 5)))
+    assert not torch.equal(a, torch.randn(4, generator=train.step_generator(0, 6)))

@@ -1,9 +1,11 @@
 """The "Streamline Model" node: run ComfyUI's video U-Net by sliced layer groups, exactly.
 
 MODEL in, MODEL out: a clone whose ``diffusion_model._forward`` is the engine's (an object patch,
-applied only while that clone is loaded), plus an OUTER_SAMPLE wrapper that lowers ComfyUI's
-memory estimate to what the plan predicts for the run and restores it afterwards, so ComfyUI keeps
-more weights on the GPU. The MODEL that came in is untouched.
+applied only while that clone is loaded), plus an OUTER_SAMPLE wrapper that opens the run's context
+(listeners, plans, stage requests: ``streamlined_core/context.py``), refuses a typed budget this
+latent cannot meet before the first step, and lowers ComfyUI's memory estimate to what the plan
+predicts for the run, restoring it afterwards, so ComfyUI keeps more weights on the GPU. The MODEL
+that came in is untouched; its clones share the engine, which holds configuration only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ..streamlined_core.api import Streamliner
 from ..streamlined_core.arch import comfy_unet, engine_adapter
+from ..streamlined_core.context import run_context
 
 KEY = "streamline"
 log = logging.getLogger(__name__)
@@ -20,13 +23,35 @@ GIB = 1024**3
 AXES = {"all": frozenset({"frames", "pixels"}), "spatial": frozenset({"frames"}), "temporal": frozenset({"pixels"})}
 
 
-class MemoryEstimate:
-    """OUTER_SAMPLE wrapper: scale the model's ``memory_required`` for this run, then restore it exactly."""
+class StreamlineRun:
+    """OUTER_SAMPLE wrapper: the run's context; a typed budget checked against this latent; ComfyUI's
+    ``memory_required`` scaled for the run, then restored exactly."""
 
     def __init__(self, engine: Streamliner) -> None:
         self.engine = engine
 
     def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
+        with run_context():
+            self._check_budget(args[1] if len(args) > 1 else kwargs.get("latent_image"))
+            return self._with_estimate(executor, *args, **kwargs)
+
+    def _check_budget(self, latent) -> None:
+        """A budget the user typed that this latent cannot meet is refused before the first step."""
+        engine = self.engine
+        if engine.budget_bytes is None or latent is None or latent.dim() != 4:
+            return
+        shape = (2 * latent.shape[0], *latent.shape[1:])  # both conds batched: the most the U-Net sees at once
+        least = engine.least_total_bytes(comfy_unet.example_arguments(engine.unet, shape))
+        if least > engine.budget_bytes:
+            frames, _, h, w = latent.shape
+            raise ValueError(
+                f"vram_budget_gb={engine.budget_bytes / GIB:g} cannot be met for this latent ({frames} frames at "
+                f"{h}x{w}, both conds batched): the least budget that works is {least / GIB:.2f} GiB (weights and "
+                f"the activation peak at the most slicing); raise vram_budget_gb to at least {least / GIB:.2f}, or 0 "
+                f"to plan for the device's memory"
+            )
+
+    def _with_estimate(self, executor, *args: Any, **kwargs: Any) -> Any:
         base_model = executor.class_obj.model_patcher.model
         had_own = "memory_required" in base_model.__dict__
         previous = base_model.__dict__.get("memory_required")
@@ -73,8 +98,10 @@ class StreamlineModel:
                 }),
                 "vram_budget_gb": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
-                    "tooltip": "Total device memory the U-Net may use, weights included, in GiB. "
-                               "0: the device's memory (on the CPU: 1.5x the skip floor).",
+                    "tooltip": "Total device memory the U-Net may use, weights included, in GiB; a budget this "
+                               "latent cannot meet is refused before the first step. 0: plan for the device's "
+                               "memory, or where even the most slicing exceeds it, for the least reachable peak "
+                               "(ComfyUI then offloads weights); on the CPU: 1.5x the skip floor.",
                 }),
                 "groups": (list(AXES), {
                     "default": "all",
@@ -111,17 +138,18 @@ class StreamlineModel:
             raise ValueError(f"max_slices must be a positive integer, got {max_slices}")
         if vram_budget_gb < 0:
             raise ValueError(f"vram_budget_gb must be 0 (the device's memory) or a positive number, got {vram_budget_gb}")
-        budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else _device_memory()
+        budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
         slices = max_slices if slicing == "upper bound" else "auto"
         adapter = engine_adapter(unet)
         if adapter.forward is not comfy_unet.streamlined_forward:
             log.warning("Streamline: this ComfyUI's UNetModel._forward is not one Streamline reproduces; slicing each "
                         "layer under the host's own loop instead (exact, with a higher peak)")
-        engine = Streamliner(unet, adapter, slices, budget, AXES[groups])
+        engine = Streamliner(unet, adapter, slices, budget, AXES[groups], device_budget_bytes=_device_memory(),
+                             budget_name="vram_budget_gb", budget_unit=GIB)
         patched = model.clone()
         patched.add_object_patch("diffusion_model._forward", engine)
         patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
-        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, MemoryEstimate(engine))
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, StreamlineRun(engine))
         return (patched,)
 
 

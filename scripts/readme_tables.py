@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/readme_tables.py            # streamline simulate --markdown
     .venv/bin/python scripts/readme_tables.py --bench    # also streamline bench --latency --markdown
+    .venv/bin/python scripts/readme_tables.py --cuts     # also streamline bench --cuts --markdown
 
-Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
+``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from streamlined_core.bench import format_latency, latency
+from streamlined_core.bench import cuts, format_cuts, format_latency, latency
 from streamlined_core.simulate import format_markdown, simulate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -31,7 +32,10 @@ def main() -> None:
     text = README.read_text()
     if "--bench" in sys.argv[1:]:
         text = replace(text, "bench", format_latency(latency(progress=say), markdown=True))
-    text = replace(text, "simulate", format_markdown(simulate(progress=say)))
+    if "--cuts" in sys.argv[1:]:
+        text = replace(text, "cuts", format_cuts(cuts(progress=say), markdown=True))
+    if "--no-simulate" not in sys.argv[1:]:
+        text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)
     print(f"updated {README}")
 

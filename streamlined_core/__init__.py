@@ -5,9 +5,14 @@ refer to each other relatively so either way there is one copy.
 """
 
 from .api import StreamlineHandle, streamline
+from .context import RunContext, listen, run_context, stage_request
 from .memory import MemoryTracker
 from .plan import GroupPlan, Plan
+from .stages import CutPoint, CutState, StageRequest
 
 __version__ = "0.1.0"
 
-__all__ = ["GroupPlan", "MemoryTracker", "Plan", "StreamlineHandle", "__version__", "streamline"]
+__all__ = [
+    "CutPoint", "CutState", "GroupPlan", "MemoryTracker", "Plan", "RunContext", "StageRequest", "StreamlineHandle",
+    "__version__", "listen", "run_context", "stage_request", "streamline",
+]

@@ -7,6 +7,9 @@
     print(handle.last_plan.table())            # which group, which axis, how many slices, bytes
     handle.remove()                            # the model is exactly as before
 
+Inside a ``with listen(...)`` or ``with stage_request(...)`` block (``context.py``) the streamlined
+calls report their group and stage events, or capture at, start from and stop at cut points.
+
 Only the U-Net's ``forward`` is replaced (an instance attribute, or accelerate's ``_old_forward``
 under model CPU offload); no module, weight or hook of the model changes, so ``remove()`` restores
 it exactly and an exception in a run leaves nothing behind.
@@ -19,15 +22,17 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .arch import Adapter, engine_adapter, skip_floor_bytes
+from .arch.comfy_attention import sdpa_on_meta
+from .context import run_context
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
-from .slicing import GroupEvent, Runner
+from .slicing import Runner
 
 SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
 log = logging.getLogger(__name__)
@@ -51,27 +56,28 @@ def _check_budget(budget_bytes: Any) -> int | None:
     return int(budget_bytes)
 
 
+SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff), "
+             "and ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved)")
+
+
 def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
     if not isinstance(unet, nn.Module):
-        raise TypeError(
-            f"target must be a diffusers video U-Net (UNetSpatioTemporalConditionModel, UNetMotionModel) or a "
-            f"pipeline holding one as .unet, got {type(target).__name__}"
-        )
+        raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet ({SUPPORTED}), "
+                        f"got {type(target).__name__}")
     try:
-        adapter = engine_adapter(unet)
+        return unet, engine_adapter(unet)
     except TypeError:
-        raise TypeError(
-            f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts diffusers' "
-            f"UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff)"
-        ) from None
-    if adapter.forward is None or not adapter.supports(unet):
-        raise TypeError(
-            f"target {type(unet).__name__} ({adapter.name}) is a host version whose forward this engine does not "
-            f"reproduce; supported: diffusers' UNetSpatioTemporalConditionModel and UNetMotionModel, and ComfyUI's "
-            f"UNetModel of ComfyUI 0.3.52 and newer"
+        raise TypeError(f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts {SUPPORTED}") from None
+
+
+def check_weights(budget_bytes: int | None, weights: int, name: str = "budget_bytes", unit: float = 1) -> None:
+    """Refuse a budget that does not even hold the weights (``name`` and ``unit`` as the user typed it)."""
+    if budget_bytes is not None and budget_bytes <= weights:
+        raise ValueError(
+            f"{name}={budget_bytes / unit:g} does not even hold the weights ({weights / unit:g}"
+            f"{' bytes' if unit == 1 else ''}, {weights / GIB:.2f} GiB): the budget is total device memory, weights included"
         )
-    return unet, adapter
 
 
 def _check_hooks(unet: nn.Module, slot: str, ours: "StreamlineHandle | None" = None) -> None:
@@ -96,18 +102,28 @@ class Streamliner:
 
     Calling it takes the arguments of the model's own ``adapter.slot`` method (``forward`` for
     diffusers, ``_forward`` for ComfyUI). It changes nothing on the model; :class:`StreamlineHandle`
-    installs it on an instance, the ComfyUI node as an object patch on a clone.
-    ``axes`` limits which groups may be sliced (``{"frames"}``: spatial only; ``{"pixels"}``: temporal).
+    installs it on an instance, the ComfyUI node as an object patch on a clone, which every later
+    clone shares: it holds configuration and plan caches only. Listeners, the plans a run used and
+    stage requests live in the run's context (``context.py``).
+
+    ``budget_bytes`` is a budget the user set: a call it cannot meet raises. Without one,
+    ``device_budget_bytes`` (ComfyUI: the device's total memory; diffusers on CUDA: free memory
+    plus the weights, read per call shape) is planned for, and where it cannot be met the plan goes
+    to the least reachable peak with a warning. ``axes`` limits which groups may be sliced
+    (``{"frames"}``: spatial only; ``{"pixels"}``: temporal).
     """
 
     def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
-                 axes: frozenset[str] = frozenset({"frames", "pixels"})):
+                 axes: frozenset[str] = frozenset({"frames", "pixels"}), device_budget_bytes: int | None = None,
+                 budget_name: str = "budget_bytes", budget_unit: float = 1):
         self.unet, self.adapter = unet, adapter
         self.slices, self.budget_bytes, self.axes = slices, budget_bytes, axes
-        self.listeners: list[Callable[[GroupEvent], None]] = []
-        self.last_plan: Plan | None = None
+        self.device_budget_bytes = device_budget_bytes
+        self.budget_name, self.budget_unit = budget_name, budget_unit  # how the user typed the budget
+        check_weights(budget_bytes, weights_bytes(unet), budget_name, budget_unit)
         self._plans: dict[tuple, Plan] = {}
         self._planners: dict[tuple, Planner] = {}
+        self._warned: set[str] = set()
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -125,13 +141,16 @@ class Streamliner:
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
-        if self.slices != "auto" and self.budget_bytes is None:
-            k, axes = self.slices, self.axes
-            decide = lambda _name, axis, length: (min(k, length) if axis in axes else 1, "keep")  # noqa: E731
-        else:
-            self.last_plan = self._plan(arguments)
-            decide = self.last_plan.decide
-        return self.adapter.forward(self.unet, Runner(decide, self.listeners), **arguments)
+        with run_context() as ctx:
+            ctx.calls += 1
+            if self.slices != "auto" and self.budget_bytes is None:
+                k, axes = self.slices, self.axes
+                decide = lambda _name, axis, length: (min(k, length) if axis in axes else 1, "keep")  # noqa: E731
+            else:
+                plan = self._plan(arguments)
+                ctx.plans.append(plan)
+                decide = plan.decide
+            return self.adapter.forward(self.unet, Runner(decide, ctx.listeners, ctx.request), **arguments)
 
     # -- planning --------------------------------------------------------------------------
     def memory_ratio(self, arguments: dict[str, Any]) -> float:
@@ -143,9 +162,15 @@ class Streamliner:
         """The plan a call with these arguments runs (computed on a meta replica, then cached)."""
         return self._plan(self._arguments(args, kwargs))
 
+    def least_total_bytes(self, arguments: dict[str, Any]) -> int:
+        """Weights plus the least activation peak any plan reaches for a call with these arguments."""
+        planner = self._planner(arguments)
+        max_slices = None if self.slices == "auto" else self.slices
+        return planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
+
     def _plan(self, arguments: dict[str, Any]) -> Plan:
         sample = arguments[self.adapter.sample]
-        key = (_shape_key(arguments), self.adapter.variant(self.unet), self.budget_bytes)  # budget read once per shape
+        key = (_shape_key(arguments), self.adapter.variant(self.unet))
         if key not in self._plans:
             budget = self._activation_budget(sample.device)
             start = time.perf_counter()
@@ -162,22 +187,25 @@ class Streamliner:
         max_slices = None if self.slices == "auto" else self.slices
         if budget is None:
             if self.slices == "auto":
-                plan = planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes), axes=self.axes)
-            else:
-                plan = planner.plan(None, max_slices, axes=self.axes)
-        else:
-            plan = planner.plan(budget, max_slices, axes=self.axes)
-            if not plan.fits:
-                least = planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
-                message = (
-                    f"budget_bytes={self._total_budget(budget)} is below the least reachable peak: {least} bytes "
-                    f"({least / GIB:.2f} GiB = weights {planner.weights_bytes / GIB:.2f} GiB + activations "
-                    f"{(least - planner.weights_bytes) / GIB:.2f} GiB at the most slicing)"
-                )
-                if self.budget_bytes is not None:
-                    raise ValueError(message)
-                warnings.warn(f"free device memory is short for this call: {message}", stacklevel=3)
-        plan.budget_bytes = self._total_budget(budget)
+                return planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes), axes=self.axes)
+            return planner.plan(None, max_slices, axes=self.axes)
+        plan = planner.plan(budget, max_slices, axes=self.axes)
+        if not plan.fits:
+            least = planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
+            total = budget + planner.weights_bytes
+            found = (f"{least / self.budget_unit:g}{' bytes' if self.budget_unit == 1 else ''} ({least / GIB:.2f} GiB = "
+                     f"weights {planner.weights_bytes / GIB:.2f} GiB + activations {(least - planner.weights_bytes) / GIB:.2f} "
+                     f"GiB at the most slicing)")
+            if self.budget_bytes is not None:
+                raise ValueError(f"{self.budget_name}={total / self.budget_unit:g} is below the least reachable peak "
+                                 f"for this input: {found}")
+            message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
+                       f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
+                       f"offload weights")
+            if message not in self._warned:  # once, not once per call shape planned (the estimate plans too)
+                self._warned.add(message)
+                log.warning(message)
+                warnings.warn(message, stacklevel=4)
         return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:
@@ -188,30 +216,23 @@ class Streamliner:
             batch, frames, h, w = self.adapter.call_shape(arguments)
             weights = weights_bytes(self.unet)
             floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
-            self._planners[key] = Planner(
-                lambda runner: self.adapter.forward(replica, runner, **fresh_containers(meta_arguments)), weights, floor
-            )
+            def run(runner: Runner) -> Any:
+                with sdpa_on_meta(replica):  # never a host's attention backend on meta
+                    return self.adapter.forward(replica, runner, **fresh_containers(meta_arguments))
+
+            self._planners[key] = Planner(run, weights, floor)
         return self._planners[key]
 
     def _activation_budget(self, device: torch.device) -> int | None:
         weights = weights_bytes(self.unet)
         if self.budget_bytes is not None:
-            if self.budget_bytes <= weights:
-                raise ValueError(
-                    f"budget_bytes={self.budget_bytes} does not even hold the weights ({weights} bytes, "
-                    f"{weights / GIB:.2f} GiB): the budget is total device memory, weights included"
-                )
             return self.budget_bytes - weights
+        if self.device_budget_bytes is not None:
+            return max(0, self.device_budget_bytes - weights)
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
             return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return None
-
-    def _total_budget(self, activation_budget: int | None) -> int | None:
-        if self.budget_bytes is not None:
-            return self.budget_bytes
-        return None if activation_budget is None else activation_budget + weights_bytes(self.unet)
-
 
 
 class StreamlineHandle(Streamliner):
@@ -219,11 +240,21 @@ class StreamlineHandle(Streamliner):
 
     def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None):
         super().__init__(unet, adapter, slices, budget_bytes)
+        self.last_plan: Plan | None = None  # the plan of the last planned call through this handle
         self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
         self._previous = unet.__dict__.get(self._slot)
         self._removed = False
         setattr(unet, self._slot, self._forward)
         unet._streamline_handle = self
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        with run_context() as ctx:
+            planned = len(ctx.plans)
+            try:
+                return super()._forward(*args, **kwargs)
+            finally:
+                if len(ctx.plans) > planned:
+                    self.last_plan = ctx.plans[-1]
 
     def remove(self) -> None:
         """Restore the U-Net exactly as it was; calling it again does nothing."""
@@ -255,12 +286,7 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     slices = _check_slices(slices)
     budget_bytes = _check_budget(budget_bytes)
     unet, adapter = _resolve(target)
-    weights = weights_bytes(unet)
-    if budget_bytes is not None and budget_bytes <= weights:
-        raise ValueError(
-            f"budget_bytes={budget_bytes} does not even hold the weights ({weights} bytes, {weights / GIB:.2f} GiB): "
-            f"the budget is total device memory, weights included"
-        )
+    check_weights(budget_bytes, weights_bytes(unet))
     previous = unet.__dict__.get("_streamline_handle")
     _check_hooks(unet, adapter.slot, previous)
     if previous is not None:

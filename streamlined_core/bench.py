@@ -103,3 +103,183 @@ def format_latency(r: LatencyResult, markdown: bool = False) -> str:
     widths = [max(len(a), len(b)) for a, b in zip(head, row)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in (head, row)]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), lines[1]]) + "\n\n" + note + "\n"
+
+
+# -- cut points: what a tail and a shallow path plus tail cost ------------------------------------
+
+
+@dataclass
+class CutTiming:
+    """One up-path cut: the tail's and the shallow path plus tail's share of a full forward."""
+
+    cut: str
+    after: str
+    fresh: bool
+    shallow: tuple[str, ...]
+    tail: float  # from per-stage medians
+    shallow_tail: float
+    tail_flops: float  # share of the forward's FLOPs
+    shallow_tail_flops: float
+    direct_tail: float | None = None  # timed directly (three cuts)
+    direct_shallow_tail: float | None = None
+
+
+@dataclass
+class CutsResult:
+    config: str
+    full_s: float  # median full forward, seconds
+    stage_sum_s: float  # per-stage medians added up
+    plan: str
+    threads: int
+    repeats: int
+    cuts: list[CutTiming]
+
+
+# Outside FLOP estimates of a reuse step (diffusers SVD): the cut, what is recomputed, the share.
+OUTSIDE_ESTIMATES = {"up0.0.attn": 0.25, "up1.2.attn": 0.39, "up0.1.res": 0.15}
+
+
+def _stage_times(run: Callable[[list], object]) -> dict[str, float]:
+    """Seconds per stage of one call, from the stage events of ``run(listeners)``."""
+    from .stages import StageEvent
+
+    times: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def listen(event) -> None:
+        if isinstance(event, StageEvent):
+            if event.kind == "start":
+                started[event.name] = time.perf_counter()
+            elif event.kind == "end":
+                times[event.name] = times.get(event.name, 0.0) + time.perf_counter() - started.pop(event.name)
+
+    run([listen])
+    return times
+
+
+def _stage_flops(run: Callable[[list], object]) -> dict[str, float]:
+    """FLOPs per stage of one call (``torch.utils.flop_counter``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .stages import StageEvent
+
+    flops: dict[str, float] = {}
+    mode = FlopCounterMode(display=False)
+    mark: dict[str, int] = {}
+
+    def listen(event) -> None:
+        if isinstance(event, StageEvent):
+            if event.kind == "start":
+                mark[event.name] = mode.get_total_flops()
+            elif event.kind == "end":
+                flops[event.name] = flops.get(event.name, 0) + mode.get_total_flops() - mark.pop(event.name)
+
+    with mode:
+        run([listen])
+    return flops
+
+
+def cuts(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2, direct: tuple[str, ...] = (),
+         progress: Callable[[str], None] | None = None) -> CutsResult:
+    """Per-stage times of full streamlined forwards, and what each up-path cut's tail and shallow path cost.
+
+    ``direct``: cut ids also timed directly (a tail from a captured state; the shallow path plus tail),
+    as a check of the per-stage sums; by default the three cuts of :data:`OUTSIDE_ESTIMATES` present.
+    """
+    from .arch import cut_points, diffusers_svd
+    from .plan import TARGET_X_FLOOR
+    from .slicing import Runner
+    from .stages import CutState, StageRequest
+
+    say = progress or (lambda _m: None)
+    build, (batch, frames, height, width) = BENCH_CONFIGS[config]
+    torch.set_num_threads(threads)
+    model = configs.seed_weights(build(), std=0.02)
+    args, kwargs = configs.diffusers_svd_inputs(model, batch, frames, height, width)
+    say("planning on a meta replica")
+    with streamline(model) as handle:
+        plan = handle.plan_for(*args, **kwargs)
+    del TARGET_X_FLOOR
+    points = [c for c in cut_points(model) if c.section == "up"]
+    direct = direct or tuple(c for c in OUTSIDE_ESTIMATES if any(p.id == c for p in points))
+
+    def forward(listeners=(), request=None):
+        runner = Runner(plan.decide, listeners, request)
+        return diffusers_svd.streamlined_forward(model, runner, *args, **kwargs)
+
+    per_stage: dict[str, list[float]] = {}
+    full: list[float] = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            times = _stage_times(lambda listeners: forward(listeners))
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                full.append(elapsed)
+                for name, t in times.items():
+                    per_stage.setdefault(name, []).append(t)
+            say(f"{'warm-up' if i < warmup else 'forward'} {i + 1}/{warmup + repeats}")
+        flops = _stage_flops(lambda listeners: forward(listeners))
+        say("counted FLOPs per stage")
+        medians = {name: statistics.median(ts) for name, ts in per_stage.items()}
+        names = list(medians)  # in stage order
+        total, total_flops = sum(medians.values()), sum(flops.values())
+        results = []
+        for c in points:
+            tail_names = names[c.index + 1:]
+            part = ["prologue", *c.shallow]
+            results.append(CutTiming(
+                c.id, c.after, c.fresh, c.shallow,
+                sum(medians[n] for n in tail_names) / total,
+                sum(medians[n] for n in part + tail_names) / total,
+                sum(flops.get(n, 0) for n in tail_names) / total_flops,
+                sum(flops.get(n, 0) for n in part + tail_names) / total_flops,
+            ))
+        request = StageRequest(capture=frozenset(direct))
+        forward(request=request)
+        full_s = statistics.median(full)
+        for r in results:
+            if r.cut not in direct:
+                continue
+            state: CutState = request.captures[0][r.cut]
+            for shallow in (False, True):
+                ts = []
+                for i in range(warmup + repeats):
+                    start = time.perf_counter()
+                    forward(request=StageRequest(start=state, recompute_skips=shallow) if shallow
+                            else StageRequest(start=state))
+                    if i >= warmup:
+                        ts.append(time.perf_counter() - start)
+                share = statistics.median(ts) / full_s
+                if shallow:
+                    r.direct_shallow_tail = share
+                else:
+                    r.direct_tail = share
+            say(f"timed {r.cut} directly")
+    return CutsResult(config, full_s, total, plan.describe(), threads, repeats, results)
+
+
+def format_cuts(r: CutsResult, markdown: bool = False) -> str:
+    """The cut-point table: tail and shallow path plus tail as shares of a full forward, with FLOP shares."""
+    head = ["cut", "after (diffusers)", "recomputed (shallow path)", "tail", "shallow + tail", "direct", "FLOPs tail",
+            "FLOPs shallow + tail", "outside estimate"]
+    rows = []
+    for c in r.cuts:
+        direct = "-" if c.direct_tail is None else f"{c.direct_tail:.3f} / {c.direct_shallow_tail:.3f}"
+        shallow = ", ".join(n.replace("down_blocks.", "d").replace("resnets.", "r").replace("attentions.", "a")
+                            .replace("downsamplers.", "ds") for n in c.shallow) or "-"
+        rows.append([c.cut + ("" if c.fresh else " (replay)"), c.after, shallow, f"{c.tail:.3f}", f"{c.shallow_tail:.3f}",
+                     direct, f"{c.tail_flops:.3f}", f"{c.shallow_tail_flops:.3f}",
+                     f"{OUTSIDE_ESTIMATES[c.cut]:.2f}" if c.cut in OUTSIDE_ESTIMATES else "-"])
+    note = (f"SVD {r.config} (CPU fp32, {r.threads} threads, plan {r.plan}): a full forward takes {r.full_s:.3f} s "
+            f"(median of {r.repeats}; per-stage medians add up to {r.stage_sum_s:.3f} s). Shares of a full forward from "
+            f"per-stage medians; 'direct' times the tail and the shallow path plus tail from a captured state. A "
+            f"'(replay)' tail uses no fresh input: it reproduces the last full step's output. Outside estimate: the "
+            f"FLOP share of a reuse step that caches there and recomputes the shallow path.")
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(x) + " |" for x in rows]
+        return "\n".join(lines) + "\n\n" + note + "\n"
+    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n\n" + note + "\n"

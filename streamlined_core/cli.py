@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import logging
+import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 
 def _resolution(text: str) -> tuple[int, int]:
@@ -52,6 +55,45 @@ def _choices(accepted: Sequence[str]):
     return parse
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout inside to stderr: ``print``, logging handlers bound to
+    ``sys.stdout`` (AnimateDiff-Evolved's, when ComfyUI loads it) and writes to file descriptor 1
+    (C extensions, child processes), so the command's stdout holds only its document."""
+    stdout = sys.stdout
+    stdout.flush()
+    handlers = [(h, h.stream) for h in _stream_handlers() if h.stream is stdout or h.stream is sys.__stdout__]
+    for h, _ in handlers:
+        h.setStream(sys.stderr)
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no descriptor 1 or 2 (an embedding host): Python-level redirection only
+        if saved is not None:
+            os.close(saved)
+            saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for stream in (sys.__stdout__, stdout):  # bytes buffered for descriptor 1 belong to stderr
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        for h, stream in handlers:
+            if h.stream is sys.stderr:  # unless someone else rebound it meanwhile
+                h.setStream(stream)
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger()]
+    loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``streamline``."""
     from .simulate import IMPLEMENTATIONS, MODELS
@@ -86,11 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="latency of the streamlined U-Net against the original (CPU, mid-size configuration)",
-        description="Time original and streamlined U-Net calls side by side (alternating, after warm-up; "
-        "medians) with the plan that meets the memory target, and print the ratio with both peaks.",
+        help="latency of the streamlined U-Net against the original, and what each cut point costs (CPU, mid-size)",
+        description="--latency: time original and streamlined U-Net calls side by side (alternating, after warm-up; "
+        "medians) with the plan that meets the memory target, and print the ratio with both peaks. --cuts: time "
+        "every stage inside full streamlined forwards and print, for each cut point of the up path, the tail's and "
+        "the shallow path plus tail's share of a full forward (checked by timing three cuts directly), with FLOP shares.",
     )
-    bench.add_argument("--latency", action="store_true", required=True, help="measure the latency ratio")
+    what = bench.add_mutually_exclusive_group(required=True)
+    what.add_argument("--latency", action="store_true", help="measure the latency ratio")
+    what.add_argument("--cuts", action="store_true", help="measure what a tail from each up-path cut point costs")
     bench.add_argument("--config", choices=("mid", "tiny"), default="mid", help="mid (CONFIGS.md, default) or tiny (a quick check)")
     bench.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls of each before timing (default: 2)")
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls of each; the median is reported (default: 5)")
@@ -110,14 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         from .simulate import RESOLUTIONS, format_markdown, format_text, simulate
 
-        rows = simulate(
-            models=args.model,
-            resolutions=args.resolution or RESOLUTIONS,
-            frames=args.frames,
-            batch=args.batch,
-            implementations_wanted=args.implementation,
-            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-        )
+        with _stdout_to_stderr():  # whatever ComfyUI and its custom nodes print while loaded and run
+            rows = simulate(
+                models=args.model,
+                resolutions=args.resolution or RESOLUTIONS,
+                frames=args.frames,
+                batch=args.batch,
+                implementations_wanted=args.implementation,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
         if args.json:
             print(json.dumps([r.as_dict() for r in rows], indent=2))
         elif args.markdown:
@@ -125,13 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(format_text(rows), end="")
     elif args.command == "bench":
-        from .bench import format_latency, latency
+        from .bench import cuts, format_cuts, format_latency, latency
 
-        result = latency(
-            args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-            progress=lambda msg: print(msg, file=sys.stderr, flush=True),
-        )
-        print(format_latency(result, markdown=args.markdown), end="")
+        measure, show = (cuts, format_cuts) if args.cuts else (latency, format_latency)
+        with _stdout_to_stderr():
+            result = measure(
+                args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
+        print(show(result, markdown=args.markdown), end="")
     return 0
 
 

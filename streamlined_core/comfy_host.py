@@ -38,9 +38,11 @@ def find_comfyui() -> tuple[Path | None, str]:
 def import_comfy(path: Path | None = None, pytorch_attention: bool = True):
     """Make ``comfy`` importable and return ``comfy.model_management``.
 
-    Before ``comfy.model_management`` is first imported, select PyTorch attention (what GPU users
-    run; ComfyUI's CPU default sizes its chunks from free memory) and the CPU device when no GPU
-    is present. Inside a running ComfyUI this only returns the module that is already loaded.
+    Before ``comfy.model_management`` is first imported, select the CPU device when no GPU is
+    present and, with ``pytorch_attention``, PyTorch attention (what GPU users run; ComfyUI's CPU
+    default sizes its chunks from free memory). That choice matters to real runs only: on ``meta``
+    every backend runs as SDPA (``arch/comfy_attention.py``). Inside a running ComfyUI this only
+    returns the module that is already loaded.
     """
     if "comfy.model_management" not in sys.modules:
         if path is None:

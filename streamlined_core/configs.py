@@ -247,16 +247,20 @@ def build_tiny_diffusers_animatediff(device: str | torch.device = "cpu", dtype: 
     """A tiny diffusers AnimateDiff U-Net (diffusers' own test configuration)."""
     return build_diffusers_animatediff(device, dtype, TINY_SD_KWARGS, TINY_ADAPTER_KWARGS)
 
-TINY_COMFY_SVD_OVERRIDES = dict(
-    model_channels=64,
-    channel_mult=[1, 2],
-    num_res_blocks=[1, 1],
-    transformer_depth=[1, 1],
-    transformer_depth_output=[1, 1, 1, 1],
-    num_head_channels=32,
-    context_dim=64,
-    adm_in_channels=96,
-)
+# A tiny SVD as ComfyUI's ``unet_config`` (what ``supported_models.SVD_img2vid`` takes): the one
+# configuration of the engine tests, the node tests and the server test's node pack.
+TINY_COMFY_SVD_CONFIG = {
+    "image_size": 32, "model_channels": 64, "in_channels": 8, "out_channels": 4, "use_linear_in_transformer": True,
+    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "channel_mult": [1, 2],
+    "num_res_blocks": [1, 1], "context_dim": 64, "adm_in_channels": 768, "num_classes": "sequential",
+    "use_temporal_attention": True, "use_temporal_resblock": True, "use_spatial_transformer": True,
+    "transformer_depth_middle": 1, "extra_ff_mix_layer": True, "use_spatial_context": True,
+    "merge_strategy": "learned_with_images", "merge_factor": 0.0, "video_kernel_size": [3, 1, 1],
+    "disable_temporal_crossattention": False, "max_ddpm_temb_period": 10000, "num_head_channels": 32,
+}
+TINY_COMFY_SVD_OVERRIDES = {k: TINY_COMFY_SVD_CONFIG[k] for k in (
+    "model_channels", "channel_mult", "num_res_blocks", "transformer_depth", "transformer_depth_output",
+    "num_head_channels", "context_dim", "adm_in_channels")}
 
 
 def build_tiny_comfy_svd(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

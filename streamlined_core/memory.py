@@ -85,7 +85,7 @@ class MemoryTracker:
     """Track the peak bytes of tensor storage created inside a ``with`` region.
 
     ``devices`` limits counting to device types (``{"cuda"}``, ``{"meta"}``...); by default every
-    device counts and ``peak_bytes`` is their sum (``peak_bytes_by_device`` splits it).
+    device counts: ``peak_bytes`` is the peak of their sum, ``peak_bytes_by_device`` each device's own peak.
     ``mark(label)`` records a timeline event; ``on_event`` is called with each one.
     """
 
@@ -134,7 +134,8 @@ class MemoryTracker:
     def _counts(self, device: torch.device) -> bool:
         return self.devices is None or device.type in self.devices
 
-    def _record_outputs(self, out: Any, input_keys: set[int], transient: int = 0) -> None:
+    def _record_outputs(self, out: Any, input_keys: set[int], transient: int = 0,
+                        transient_device: str | None = None) -> None:
         for t in _tensors(out):
             if not self._counts(t.device):
                 continue
@@ -157,15 +158,17 @@ class MemoryTracker:
             self._live[key] = _Live(StorageWeakRef(s), nbytes, dev)
             self.current_bytes += nbytes
             self.current_by_device[dev] = self.current_by_device.get(dev, 0) + nbytes
-        self._bump(transient)
+        self._bump(transient, transient_device)
 
-    def _bump(self, transient: int = 0) -> None:
+    def _bump(self, transient: int = 0, transient_device: str | None = None) -> None:
+        """Raise the peaks to the live bytes plus ``transient`` bytes held now on ``transient_device``."""
         now = self.current_bytes + transient
         if now > self.peak_bytes:
             self.peak_bytes = now
         if now > self._mark_peak:
             self._mark_peak = now
-        for dev, b in self.current_by_device.items():
+        for dev in self.current_by_device.keys() | ({transient_device} if transient else set()):
+            b = self.current_by_device.get(dev, 0) + (transient if dev == transient_device else 0)
             if b > self.peak_bytes_by_device.get(dev, 0):
                 self.peak_bytes_by_device[dev] = b
 
@@ -191,7 +194,7 @@ class MemoryTracker:
         finally:
             self._paused = False
         lse = attention_lse_bytes(query) if self._counts(query.device) else 0
-        self._record_outputs(out, self._input_keys(args, kwargs), transient=lse)
+        self._record_outputs(out, self._input_keys(args, kwargs), transient=lse, transient_device=query.device.type)
         return out
 
     # -- region ----------------------------------------------------------------------------

@@ -47,8 +47,6 @@ class Plan:
     predicted_peak_bytes: int
     weights_bytes: int
     skip_floor_bytes: int
-    activation_budget_bytes: int | None
-    budget_bytes: int | None = None
     fits: bool = True
     _by_name: dict[str, GroupPlan] = field(default_factory=dict, repr=False)
 
@@ -110,8 +108,10 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
     measured: dict[str, _Measured] = {}
     outside = 0
 
-    def listen(event: GroupEvent) -> None:
+    def listen(event: object) -> None:
         nonlocal outside
+        if not isinstance(event, GroupEvent):
+            return  # stage events: the groups inside them are what is planned
         mark = tracker.mark(f"{event.name}:{event.kind}")
         if event.kind == "start":
             outside = max(outside, mark.peak_bytes)
@@ -202,7 +202,7 @@ class Planner:
         peak = max([self.outside] + [g.predicted_bytes for g in chosen])
         if activation_budget is not None and self.outside > activation_budget:
             fits = False
-        return Plan(chosen, peak, self.weights_bytes, self.skip_floor_bytes, activation_budget, fits=fits)
+        return Plan(chosen, peak, self.weights_bytes, self.skip_floor_bytes, fits=fits)
 
     def _options(self, name: str, m: _Measured, budget: int, kmax: int) -> Iterable[tuple[int, Mode]]:
         yield 1, m.modes[0]

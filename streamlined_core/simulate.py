@@ -17,6 +17,7 @@ from torch import nn
 
 from . import configs
 from .arch import skip_floor_bytes, traced_skips
+from .arch.comfy_attention import sdpa_on_meta
 from .comfy_host import find_comfyui, import_comfy
 from .memory import GIB, MemoryTracker, weights_bytes
 
@@ -98,9 +99,9 @@ STREAMLINED = Variant("streamlined", _streamline, _unstreamline, _streamlined_la
 
 def _streamline_module_level(model: nn.Module) -> nn.Module:
     from .api import StreamlineHandle
-    from .arch import COMFY_MODULE_LEVEL
+    from .arch import adapter_for, module_level
 
-    StreamlineHandle(model, COMFY_MODULE_LEVEL, "auto", None)
+    StreamlineHandle(model, module_level(adapter_for(model)), "auto", None)
     return model
 
 
@@ -194,14 +195,19 @@ def implementations(model: str) -> list[Implementation]:
 
 
 def measure_call(model: nn.Module, args: tuple, kwargs: dict, trace: bool = False) -> tuple[int, int | None]:
-    """Activation peak of one call of ``model`` and, if ``trace``, the bytes of its skip tensors."""
-    if trace:
-        with traced_skips(model) as skips, MemoryTracker() as tracker:
+    """Activation peak of one call of ``model`` and, if ``trace``, the bytes of its skip tensors.
+
+    On ``meta``, ComfyUI's attention runs as PyTorch SDPA whatever backend ComfyUI chose, so the
+    tracker counts a memory-efficient kernel (and no backend that needs a real device runs).
+    """
+    with sdpa_on_meta(model):
+        if trace:
+            with traced_skips(model) as skips, MemoryTracker() as tracker:
+                model(*args, **kwargs)
+            return tracker.peak_bytes, sum(skips.values())
+        with MemoryTracker() as tracker:
             model(*args, **kwargs)
-        return tracker.peak_bytes, sum(skips.values())
-    with MemoryTracker() as tracker:
-        model(*args, **kwargs)
-    return tracker.peak_bytes, None
+        return tracker.peak_bytes, None
 
 
 def simulate(
@@ -224,7 +230,7 @@ def simulate(
             say(f"skipping ComfyUI rows: {why}")
         else:
             try:
-                import_comfy(path)
+                import_comfy(path, pytorch_attention=False)  # ComfyUI's default backend: measure_call runs SDPA on meta
                 comfy_ok = True
             except Exception as exc:  # a checkout whose requirements are not installed
                 say(f"skipping ComfyUI rows: importing ComfyUI from {path} failed: {exc}")

@@ -73,8 +73,8 @@ class GroupNormStats:
         return self.mean.float(), torch.rsqrt(var + eps).float()
 
 
-def norm_affine(norm: nn.GroupNorm, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The norm's affine weight and bias in ``dtype``, as the module itself would use them."""
+def module_affine(norm: nn.GroupNorm, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A plain torch norm's affine weight and bias in ``dtype``, as the module itself would use them."""
     weight = norm.weight.to(dtype) if norm.weight is not None else None
     bias = norm.bias.to(dtype) if norm.bias is not None else None
     return weight, bias
@@ -127,13 +127,20 @@ def unsliced(_name: str, _axis: Axis, _length: int) -> tuple[int, Mode]:
 
 
 class Runner:
-    """Runs the groups of one model call: slice counts come from ``decide``, events go to listeners."""
+    """Runs the groups of one model call: slice counts come from ``decide``, events go to listeners.
 
-    def __init__(self, decide: Decide = unsliced, listeners: Iterable[Callable[[GroupEvent], None]] = ()) -> None:
+    ``request`` (a :class:`~streamlined_core.stages.StageRequest`) says what the call's stage loop
+    should capture, start from or stop at; None runs a plain full forward.
+    """
+
+    def __init__(self, decide: Decide = unsliced, listeners: Iterable[Callable[[object], None]] = (),
+                 request: object = None) -> None:
         self.decide = decide
         self.listeners = list(listeners)
+        self.request = request
 
-    def _emit(self, event: GroupEvent) -> None:
+    def emit(self, event: object) -> None:
+        """Send a group or stage event to every listener."""
         for listener in self.listeners:
             listener(event)
 
@@ -159,7 +166,7 @@ class Runner:
         slices = max(1, min(int(slices), length))
         if mode not in modes:
             mode = modes[0]
-        self._emit(GroupEvent("start", name, axis, length, slices, mode, modes))
+        self.emit(GroupEvent("start", name, axis, length, slices, mode, modes))
         bounds = slice_bounds(length, slices)
         if slices > 1:
             for pass_ in passes:
@@ -176,7 +183,7 @@ class Runner:
                 merge.write(out, start, stop, part)
                 del part
             out = merge.finish(out)
-        self._emit(GroupEvent("end", name, axis, length, slices, mode, modes))
+        self.emit(GroupEvent("end", name, axis, length, slices, mode, modes))
         return out
 
 
@@ -361,6 +368,6 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
-    "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "norm_affine", "pixel_view", "rows_of", "slice_bounds",
+    "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view", "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

@@ -1,21 +1,23 @@
 """Architecture adapters: what the engine needs to know about each supported U-Net family.
 
-One adapter per family. An adapter recognises its model, and names the tensors the down path hands
-to the up path (the skip tensors), both analytically from the module structure and as live modules
-whose outputs can be traced. Later engine parts (group slicing, step rehash) add to the same
-adapters rather than growing a second description of each model.
+One adapter per family. An adapter recognises its model and runs it as stages of layer groups
+(``stages.py``). A U-Net adapter also names the tensors the down path hands to the up path (the skip
+tensors), analytically from the module structure and as live modules whose outputs can be traced,
+and lists its cut points. Later engine parts (step rehash, the VAE) add to the same adapters rather
+than growing a second description of each model.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from ..stages import CutPoint
 from . import comfy_unet, diffusers_animatediff, diffusers_svd
 
 
@@ -33,27 +35,42 @@ class SkipTensor:
 
 
 @dataclass(frozen=True)
+class UNetLayout:
+    """What only a U-Net has: the skip tensors its down path hands to its up path, and its cut points."""
+
+    skip_layout: Callable[[nn.Module, int, int], list[SkipTensor]]  # per batch-x-frame item, analytically
+    skip_sources: Callable[[nn.Module], list[tuple[nn.Module, Callable]]]  # modules whose outputs are skips
+    cuts: Callable[[nn.Module], list[CutPoint]]  # every stage boundary, canonical ids to the host's names
+
+
+@dataclass(frozen=True)
 class Adapter:
-    """How to read one U-Net family, and (where the engine drives it) how to run it by groups."""
+    """How to read one model family, and (where the engine drives it) how to run it by groups."""
 
     name: str
     matches: Callable[[nn.Module], bool]
-    skip_layout: Callable[[nn.Module, int, int], list[SkipTensor]]
-    skip_sources: Callable[[nn.Module], list[tuple[nn.Module, Callable]]]
     forward: Callable | None = None  # streamlined_forward(model, runner, **the host forward's arguments)
     call_shape: Callable[[dict], tuple[int, int, int, int]] | None = None  # arguments -> (B, T, h, w)
     slot: str = "forward"  # the method the engine replaces
     sample: str = "sample"  # the argument holding the latents
-    supports: Callable[[nn.Module], bool] = lambda model: True  # whether the engine can drive this model
+    supports: Callable[[nn.Module], bool] = lambda model: True  # whether ``forward`` reproduces this host version
     variant: Callable[[nn.Module], object] = lambda model: None  # run-time state a plan depends on (injected modules)
+    fallback: Callable | None = None  # the forward for host versions ``supports`` rejects (module-level slicing)
+    unet: UNetLayout | None = None
 
 
 def _module_adapter(name: str, module) -> Adapter:
     return Adapter(
-        name, module.matches, module.skip_layout, module.skip_sources,
-        getattr(module, "streamlined_forward", None), getattr(module, "call_shape", None),
-        getattr(module, "SLOT", "forward"), getattr(module, "SAMPLE", "sample"),
-        getattr(module, "recognises", lambda model: True), getattr(module, "variant", lambda model: None),
+        name=name,
+        matches=module.matches,
+        forward=module.streamlined_forward,
+        call_shape=module.call_shape,
+        slot=getattr(module, "SLOT", "forward"),
+        sample=getattr(module, "SAMPLE", "sample"),
+        supports=getattr(module, "recognises", lambda model: True),
+        variant=getattr(module, "variant", lambda model: None),
+        fallback=getattr(module, "module_level_forward", None),
+        unet=UNetLayout(module.skip_layout, module.skip_sources, module.cuts),
     )
 
 
@@ -63,21 +80,21 @@ ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("comfyui-unet", comfy_unet),
 )
 
-# ComfyUI versions whose ``UNetModel._forward`` the owned loop does not reproduce: the host's own
-# loop runs, with each layer's forward sliced for the call (no fused skip concatenation).
-COMFY_MODULE_LEVEL = Adapter(
-    "comfyui-unet (module level)", comfy_unet.matches, comfy_unet.skip_layout, comfy_unet.skip_sources,
-    comfy_unet.module_level_forward, comfy_unet.call_shape, comfy_unet.SLOT, comfy_unet.SAMPLE,
-    lambda model: True, comfy_unet.variant,
-)
-
 
 def engine_adapter(model: nn.Module) -> Adapter:
-    """The adapter that drives ``model``: its family's, or the module-level fallback on unknown ComfyUI versions."""
+    """The adapter that drives ``model``: its family's, or its fallback on a host version it does not reproduce."""
     adapter = adapter_for(model)
-    if adapter.forward is not None and not adapter.supports(model) and adapter.name == "comfyui-unet":
-        return COMFY_MODULE_LEVEL
+    if adapter.forward is not None and not adapter.supports(model) and adapter.fallback is not None:
+        return module_level(adapter)
     return adapter
+
+
+def module_level(adapter: Adapter) -> Adapter:
+    """``adapter`` driving its model through its fallback whatever the host version (the simulator's rows)."""
+    if adapter.fallback is None:
+        raise ValueError(f"{adapter.name} has no module-level fallback")
+    return replace(adapter, name=f"{adapter.name} (module level)", forward=adapter.fallback,
+                   supports=lambda model: True, fallback=None)
 
 
 def adapter_for(model: object) -> Adapter:
@@ -90,9 +107,14 @@ def adapter_for(model: object) -> Adapter:
     raise TypeError(f"unsupported model {type(model).__name__}: supported U-Nets are {names}")
 
 
+def cut_points(model: nn.Module) -> list[CutPoint]:
+    """Every cut point of ``model`` as it is now: canonical id, the host's layer name, what its tail needs."""
+    return adapter_for(model).unet.cuts(model)
+
+
 def skip_floor_bytes(model: nn.Module, items: int, latent_height: int, latent_width: int, dtype: torch.dtype) -> int:
     """Bytes of every skip tensor for ``items`` batch-x-frame items, from the module structure alone."""
-    layout = adapter_for(model).skip_layout(model, latent_height, latent_width)
+    layout = adapter_for(model).unet.skip_layout(model, latent_height, latent_width)
     return items * sum(s.numel for s in layout) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -113,7 +135,7 @@ def traced_skips(model: nn.Module) -> Iterator[dict[int, int]]:
 
     handles = [
         module.register_forward_hook(lambda m, i, o, pick=pick: record(m, i, o, pick))
-        for module, pick in adapter_for(model).skip_sources(model)
+        for module, pick in adapter_for(model).unet.skip_sources(model)
     ]
     try:
         yield found

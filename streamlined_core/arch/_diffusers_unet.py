@@ -1,13 +1,16 @@
 """Pieces shared by diffusers' video U-Nets (SVD and AnimateDiff).
 
-The down path (``conv_in``, then down blocks that each return one residual per resnet and one per
-downsampler) and the groups both families run the same way: frame-sliced calls of a host module,
-the up path's skip concatenation and upsampler fused into the spatial group that follows them,
-downsamplers, and the output head.
+Both families have the same skeleton: ``conv_in``; down blocks that each hand one skip tensor per
+resnet (after its attention and motion module, where present) and one per downsampler; a middle
+block; up blocks whose units pop a skip; the output head. :func:`build_stages` turns that skeleton
+into the stage list the core loop runs, from the per-layer group functions each adapter supplies
+(:class:`Layers`); the up path's skip concatenation and pending upsampler fuse into the spatial
+group of the unit's resnet.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -15,6 +18,9 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Runner
+from ..stages import Pending, Stage, StageIO, StageSpec, UNetStages
+
+Group = Callable[[torch.Tensor], torch.Tensor]
 
 
 def skip_layout(model: nn.Module, height: int, width: int):
@@ -38,7 +44,126 @@ def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     return sources
 
 
-def frames_group(runner: Runner, name: str, call: Callable[..., torch.Tensor], x: torch.Tensor, per_item=()) -> torch.Tensor:
+@dataclass(frozen=True)
+class Layers:
+    """One call's per-layer group functions: each returns the group (feature in, feature out).
+
+    ``up_resnet(name, module, block)`` returns the fused group ``(h, take_skip, upsample, size) -> h``
+    that upsamples (if ``upsample``), concatenates the skip (``take_skip()``: called where it is
+    consumed, so it is freed right after) and runs the resnet, per slice.
+    """
+
+    resnet: Callable[[str, nn.Module], Group]
+    up_resnet: Callable[[str, nn.Module, nn.Module], Callable[..., torch.Tensor]]
+    attention: Callable[[str, nn.Module], Group]
+    motion: Callable[[str, nn.Module], Group] | None = None  # AnimateDiff's motion modules
+
+
+def build_stages(
+    unet: nn.Module,
+    runner: Runner,
+    layers: Layers,
+    prologue: Callable[[torch.Tensor], torch.Tensor],
+    forward_upsample_size: bool,
+    down_residuals: Sequence[torch.Tensor] | None = None,
+    mid_residual: torch.Tensor | None = None,
+) -> UNetStages:
+    """The stage list of a diffusers video U-Net call (``prologue`` maps the sample to ``conv_in``'s input)."""
+    stages: list[Stage] = [Stage(StageSpec("prologue", "prologue", "prologue"), lambda h, io: prologue(h))]
+    residuals = list(down_residuals) if down_residuals is not None else None
+
+    def pushed() -> Callable[[torch.Tensor], torch.Tensor] | None:
+        # ControlNet's down residuals are added to the skips only, never to the feature that goes on
+        if residuals is None:
+            return None
+        r = residuals[sum(s.spec.push for s in stages)]
+        return lambda h: h + r
+
+    def plain(name: str, section, kind, group: Group, push: bool = False, uses_emb: bool = False) -> None:
+        spec = StageSpec(name, section, kind, push=push, uses_emb=uses_emb)
+        stages.append(Stage(spec, lambda h, io: group(h), skip_of=pushed() if push else None))
+
+    plain("conv_in", "down", "conv_in", unet.conv_in, push=True)
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        motion = getattr(block, "motion_modules", None)
+        for j, res in enumerate(block.resnets):
+            unit = [(f"down_blocks.{i}.resnets.{j}", "res", layers.resnet(f"down_blocks.{i}.resnets.{j}", res))]
+            if attentions is not None:
+                unit.append((f"down_blocks.{i}.attentions.{j}", "attn", layers.attention(f"down_blocks.{i}.attentions.{j}", attentions[j])))
+            if motion is not None and layers.motion is not None:
+                unit.append((f"down_blocks.{i}.motion_modules.{j}", "motion", layers.motion(f"down_blocks.{i}.motion_modules.{j}", motion[j])))
+            for k, (name, kind, group) in enumerate(unit):
+                plain(name, "down", kind, group, push=k == len(unit) - 1, uses_emb=kind == "res")
+        downsamplers = getattr(block, "downsamplers", None) or []
+        for d, down in enumerate(downsamplers):
+            name = f"down_blocks.{i}.downsamplers.{d}"
+            plain(name, "down", "down", lambda h, name=name, down=down: frames(runner, name, down, h),
+                  push=d == len(downsamplers) - 1)
+
+    mid = unet.mid_block
+    if mid is not None:
+        plain("mid_block.resnets.0", "mid", "res", layers.resnet("mid_block.resnets.0", mid.resnets[0]), uses_emb=True)
+        motion = getattr(mid, "motion_modules", None) or [None] * len(mid.attentions)
+        for j, (attn, res, mm) in enumerate(zip(mid.attentions, mid.resnets[1:], motion)):
+            plain(f"mid_block.attentions.{j}", "mid", "attn", layers.attention(f"mid_block.attentions.{j}", attn))
+            if mm is not None and layers.motion is not None:
+                plain(f"mid_block.motion_modules.{j}", "mid", "motion", layers.motion(f"mid_block.motion_modules.{j}", mm))
+            plain(f"mid_block.resnets.{j + 1}", "mid", "res", layers.resnet(f"mid_block.resnets.{j + 1}", res), uses_emb=True)
+    if mid_residual is not None:
+        last = stages[-1]
+        stages[-1] = Stage(last.spec, lambda h, io, body=last.body: body(h, io) + mid_residual)
+
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        motion = getattr(block, "motion_modules", None)
+        upsampler = block.upsamplers[0] if getattr(block, "upsamplers", None) else None
+        for j, res in enumerate(block.resnets):
+            name = f"up_blocks.{i}.resnets.{j}"
+            fused = layers.up_resnet(name, res, block)
+
+            def body(h: torch.Tensor, io: StageIO, fused=fused) -> torch.Tensor:
+                size = None
+                if io.pending is not None and forward_upsample_size and io.pending.skip_shape is not None:
+                    size = io.pending.skip_shape[2:]
+                return fused(h, io.take_skip, io.pending.module if io.pending is not None else None, size)
+
+            unit = [(StageSpec(name, "up", "res", consumes=True, uses_emb=True), body)]
+            if attentions is not None:
+                group = layers.attention(f"up_blocks.{i}.attentions.{j}", attentions[j])
+                unit.append((StageSpec(f"up_blocks.{i}.attentions.{j}", "up", "attn"), lambda h, io, g=group: g(h)))
+            if motion is not None and layers.motion is not None:
+                group = layers.motion(f"up_blocks.{i}.motion_modules.{j}", motion[j])
+                unit.append((StageSpec(f"up_blocks.{i}.motion_modules.{j}", "up", "motion"), lambda h, io, g=group: g(h)))
+            for k, (spec, b) in enumerate(unit):
+                last_unit = j == len(block.resnets) - 1 and k == len(unit) - 1
+                if last_unit and upsampler is not None:
+                    spec = StageSpec(spec.name, spec.section, spec.kind, spec.push, spec.consumes, True, spec.uses_emb)
+                    stages.append(Stage(spec, b, upsampler=upsampler))
+                else:
+                    stages.append(Stage(spec, b))
+
+    def head(h: torch.Tensor, io: StageIO) -> torch.Tensor:
+        return output_head(runner, unet, h)
+
+    stages.append(Stage(StageSpec("conv_out", "head", "head"), head))
+
+    def flush(h: torch.Tensor, pending: Pending) -> torch.Tensor:  # an up path ending on an upsampler
+        return frames(runner, "upsample", lambda xs: pending.module(xs, output_size=None), h)
+
+    return UNetStages(stages, flush)
+
+
+def cuts(unet: nn.Module) -> list:
+    """The cut points of a diffusers video U-Net, from its structure alone (no call is made)."""
+    def never(*_args):
+        return None
+
+    motion = never if any(hasattr(b, "motion_modules") for b in unet.down_blocks) else None
+    return build_stages(unet, Runner(), Layers(never, never, never, motion), never, False).cuts
+
+
+def frames(runner: Runner, name: str, call: Callable[..., torch.Tensor], x: torch.Tensor, per_item=()) -> torch.Tensor:
     """Run ``call(x_slice, *per_item_slices)`` over batch-x-frame slices of ``x``."""
     return slicing.frames_group(runner, name, call, [x], per_item)
 
@@ -61,7 +186,7 @@ def up_group(
 
     def fused(hs: torch.Tensor, rs: torch.Tensor, *rest) -> torch.Tensor:
         if upsampler is not None:
-            hs = upsampler(hs, upsample_size)  # a module or a callable taking (x, output size)
+            hs = upsampler(hs, output_size=upsample_size)
         if freeu is not None:
             hs, rs = freeu(hs if upsampler is not None else hs.clone(), rs)
         return call(torch.cat([hs, rs], dim=1), *rest)
@@ -77,7 +202,7 @@ def output_head(runner: Runner, model: nn.Module, h: torch.Tensor) -> torch.Tens
             x = model.conv_act(model.conv_norm_out(x))
         return model.conv_out(x)
 
-    return frames_group(runner, "conv_out", call, h)
+    return frames(runner, "conv_out", call, h)
 
 
 def time_steps(timestep, sample: torch.Tensor, batch: int) -> torch.Tensor:

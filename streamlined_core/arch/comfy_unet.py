@@ -8,8 +8,16 @@ Groups: a ``VideoResBlock`` is a spatial group (its 2-D ResBlock, frame-sliced) 
 then its mixer); a ``SpatialVideoTransformer`` is a spatial group per layer (norm, ``proj_in``,
 spatial block) and a temporal group per layer (temporal block over its per-pixel time context,
 mixer, and for the last layer ``proj_out`` and the residual); ResBlocks, ``SpatialTransformer``,
-downsamplers and the output head are spatial groups. Layers of other types run as the host runs
-them, through ``forward_timestep_embed_patch`` handlers when one matches.
+downsamplers and the output head are spatial groups. AnimateDiff-Evolved's motion modules are in
+``comfy_ade``. Layers of other types run as the host runs them, through
+``forward_timestep_embed_patch`` handlers when one matches.
+
+Stages: every layer of every block is a stage of the core loop (``stages.py``), carrying the hooks
+``UNetModel._forward`` calls around it: ``transformer_options["block"]`` at a block's first layer,
+``apply_control`` and the input block patches at an input block's last, ``apply_control`` and the
+output block patches at an output block's first, where the concatenation and the previous block's
+upsampler fuse in. A stage that a partial run skips still does the host's bookkeeping (control
+entries popped, ``block``, ``block_index`` and ``transformer_index`` as the host leaves them).
 """
 
 from __future__ import annotations
@@ -17,9 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import math
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +34,9 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Pixels, Runner, Tokens, pixel_view
+from ..stages import CutState, Pending, Stage, StageIO, StageRequest, StageSpec, UNetStages, cut_points
+from ..stages import run as run_stages
+from . import comfy_ade
 
 
 def matches(model: nn.Module) -> bool:
@@ -58,15 +67,7 @@ def skip_sources(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
     return [(block[-1], lambda out: [out]) for block in model.input_blocks]
 
 
-# -- running by groups -------------------------------------------------------------------------
-#
-# The loop below is ``UNetModel._forward`` of the ComfyUI versions in KNOWN_FORWARDS, with every
-# hook it calls (emb_patch, input/middle/output block patches, apply_control,
-# transformer_options["block"], ["transformer_index"], forward_timestep_embed_patch), the layers
-# of each block run as groups, and each output block's upsampler fused into the next block's
-# first group together with the skip concatenation.
-
-# sha256 of ``inspect.getsource(UNetModel._forward)`` for the host versions this loop reproduces.
+# sha256 of ``inspect.getsource(UNetModel._forward)`` for the host versions the stage loop reproduces.
 KNOWN_FORWARDS = {
     "79c1456902b447e897844f1c98b55ed0d8bde75af876d7c20db2c7a09b1fed9b": "ComfyUI 0.3.52 - 0.3.64",
 }
@@ -79,11 +80,16 @@ def forward_fingerprint(model: nn.Module) -> str:
 
 
 def recognises(model: nn.Module) -> bool:
-    """True when this loop reproduces the host version's ``_forward`` (else: module-level patching)."""
+    """True when the stage loop reproduces the host version's ``_forward`` (else: module-level patching)."""
     return forward_fingerprint(model) in KNOWN_FORWARDS
 
 
-def norm_affine(norm: nn.Module, like: torch.Tensor):
+def variant(model: nn.Module) -> tuple:
+    """What a plan depends on beyond the call's shapes (ADE's injected motion modules, its norm mode)."""
+    return comfy_ade.variant(model)
+
+
+def cast_affine(norm: nn.Module, like: torch.Tensor):
     """A ComfyUI norm's affine parameters the way its own forward gets them (cast, LoRA-patched)."""
     ops = sys.modules.get("comfy.ops")
     cast = getattr(ops, "cast_bias_weight", None)
@@ -91,12 +97,20 @@ def norm_affine(norm: nn.Module, like: torch.Tensor):
     if cast is not None and patched:
         out = cast(norm, like)
         return out[0], out[1]
-    return slicing.norm_affine(norm, like.dtype)
+    return slicing.module_affine(norm, like.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def forward_signature(cls: type) -> inspect.Signature:
+    """The signature of a layer class's ``forward`` (cached per class)."""
+    return inspect.signature(cls.forward)
 
 
 @dataclass
-class _Call:
-    emb: torch.Tensor
+class Call:
+    """The values every layer of one ``_forward`` call reads."""
+
+    emb: torch.Tensor | None
     context: Any
     transformer_options: dict
     time_context: Any
@@ -107,12 +121,12 @@ class _Call:
 
 
 def _frames(runner: Runner, name: str, call, x: torch.Tensor | list[torch.Tensor], per_item=(),
-            c: _Call | None = None, norms: int = 0) -> torch.Tensor:
+            c: Call | None = None, norms: int = 0) -> torch.Tensor:
     """A spatial group over frame slices of ``x`` (or of several inputs sliced together); under ADE's
     cross-frame mode its ``norms`` GroupNorm calls get per-video statistics."""
     inputs = x if isinstance(x, list) else [x]
     if c is not None and c.cross_frame and norms:
-        return _cross_frame_group(runner, name, call, inputs, per_item, c.cross_frame, norms)
+        return comfy_ade.cross_frame_group(runner, name, call, inputs, per_item, c.cross_frame, norms)
     return slicing.frames_group(runner, name, call, inputs, per_item)
 
 
@@ -121,218 +135,15 @@ def _group_norms(*modules: nn.Module) -> int:
     return sum(isinstance(m, nn.GroupNorm) for module in modules for m in module.modules())
 
 
-# -- AnimateDiff-Evolved ---------------------------------------------------------------------
-#
-# ADE injects ``VanillaTemporalModule``s into the blocks while the model is loaded. A motion module
-# is a temporal group: GroupNorm (per frame, or per video in ADE's cross-frame mode), ``proj_in``,
-# temporal transformer blocks over each pixel's frames, ``proj_out``, residual, then ADE's effect
-# blend; every step but the norm sees pixels independently, so it is sliced along pixels with the
-# norm on full-extent statistics. ADE's cross-frame GroupNorm mode (v1, PIA, v2 without
-# ``apply_v2_properly``) makes every U-Net GroupNorm span all frames of a video; frame-sliced
-# groups then collect each norm's per-video statistics in passes before running their slices.
+def host_module():
+    """The host's ``openaimodel`` module (where its block classes live)."""
+    module = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
+    if module is None:
+        raise RuntimeError("ComfyUI's openaimodel is not loaded")
+    return module
 
 
-def is_motion_module(layer: nn.Module) -> bool:
-    """An ADE ``VanillaTemporalModule`` (found at run time: ADE injects it while the model is loaded)."""
-    return type(layer).__name__ == "VanillaTemporalModule" and type(getattr(layer, "temporal_transformer", None)).__name__ == "TemporalTransformer3DModel"
-
-
-def motion_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if is_motion_module(m)]
-
-
-def cross_frame_norms() -> bool:
-    """Whether ADE's cross-frame GroupNorm mode is active; other GroupNorm patches are refused."""
-    forward = torch.nn.GroupNorm.forward
-    if getattr(forward, "__module__", "").split(".")[0] == "torch":
-        return False
-    if "groupnorm_mm" in getattr(forward, "__qualname__", ""):
-        return True
-    raise NotImplementedError(
-        f"torch.nn.GroupNorm.forward is replaced by {getattr(forward, '__module__', '?')}."
-        f"{getattr(forward, '__qualname__', '?')}, which Streamline does not know: it cannot keep that "
-        f"norm's statistics exact on slices"
-    )
-
-
-def variant(model: nn.Module) -> tuple:
-    """What a plan depends on beyond the call's shapes: injected motion modules and their frames, the norm mode."""
-    lengths = tuple(m.video_length for m in motion_modules(model))
-    forward = torch.nn.GroupNorm.forward
-    return lengths, f"{getattr(forward, '__module__', '')}.{getattr(forward, '__qualname__', '')}"
-
-
-def _cross_frame_length(model: nn.Module) -> int | None:
-    """Frames per video that ADE's cross-frame GroupNorms span in this call (its motion modules'), or None."""
-    if not cross_frame_norms():
-        return None
-    modules = motion_modules(model)
-    if not modules:
-        raise NotImplementedError("a cross-frame GroupNorm mode is active but the model holds no motion module")
-    return modules[0].video_length
-
-
-class _Collected(Exception):
-    """Ends a statistics pass once the norm it collects for has seen its slice."""
-
-
-def _video_pieces(a: int, b: int, frames: int) -> list[tuple[int, int, int]]:
-    """Rows [a, b) of a (videos x frames) batch as (video, start, stop), positions relative to ``a``."""
-    pieces, r = [], a
-    while r < b:
-        v = r // frames
-        stop = min(b, (v + 1) * frames)
-        pieces.append((v, r - a, stop - a))
-        r = stop
-    return pieces
-
-
-@contextmanager
-def _group_norms_call(forward):
-    """Route every GroupNorm call (torch's and ComfyUI's casting one) to ``forward(norm, x)``."""
-    ops = sys.modules.get("comfy.ops")
-    casting = getattr(getattr(ops, "disable_weight_init", None), "GroupNorm", None)
-    saved = torch.nn.GroupNorm.__dict__["forward"], casting.__dict__.get("forward_comfy_cast_weights") if casting else None
-    torch.nn.GroupNorm.forward = forward
-    if saved[1] is not None:
-        casting.forward_comfy_cast_weights = forward
-    try:
-        yield
-    finally:
-        torch.nn.GroupNorm.forward = saved[0]
-        if saved[1] is not None:
-            casting.forward_comfy_cast_weights = saved[1]
-
-
-def _cross_frame_group(runner: Runner, name: str, call, inputs, per_item, frames: int, norms: int) -> torch.Tensor:
-    """A frame-sliced group whose ``norms`` GroupNorm calls each span their video's frames (ADE cross-frame)."""
-    n = inputs[0].shape[0]
-    stats: list[dict[int, slicing.GroupNormStats]] = []  # per norm call in order: per video
-    affines: dict[int, tuple] = {}
-    state = {"index": 0, "collect": -1, "start": 0}
-
-    def norm_forward(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        i = state["index"]
-        state["index"] += 1
-        pieces = _video_pieces(state["start"], state["start"] + x.shape[0], frames)
-        if i == state["collect"]:
-            per_video = stats[i]
-            for v, a, b in pieces:
-                per_video.setdefault(v, slicing.GroupNormStats(norm.num_groups)).add(x[a:b].movedim(0, 1)[None])
-            raise _Collected
-        if i >= len(stats):
-            raise RuntimeError(f"{name}: GroupNorm call {i + 1} of a group expected to make {norms}")
-        if id(norm) not in affines:
-            affines[id(norm)] = norm_affine(norm, x)
-        out = [slicing.group_norm(x[a:b].movedim(0, 1)[None], stats[i][v], norm.eps, affines[id(norm)])[0].movedim(0, 1)
-               for v, a, b in pieces]
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-    def run_slice(a: int, b: int) -> torch.Tensor:
-        state.update(index=0, start=a)
-        with _group_norms_call(norm_forward):
-            return call(*[x[a:b] for x in inputs], *[slicing.rows_of(t, a, b, n) for t in per_item])
-
-    def collect(index: int):
-        def pass_(a: int, b: int, mode) -> None:
-            if index == len(stats):
-                stats.append({})
-            state["collect"] = index
-            try:
-                run_slice(a, b)
-            except _Collected:
-                pass
-            finally:
-                state["collect"] = -1
-        return pass_
-
-    def body(a: int, b: int) -> torch.Tensor:
-        if b - a == n:  # one slice: the host's modules whole, under the host's own norms
-            return call(*inputs, *per_item)
-        return run_slice(a, b)
-
-    return runner.run(name, "frames", n, body, slicing.Rows(n), passes=[collect(i) for i in range(norms)])
-
-
-_MOTION_API = {
-    "module": ("video_length", "effect", "view_options", "get_effect_mask", "should_handle_img_features",
-               "should_handle_camera_features"),
-    "transformer": ("video_length", "norm", "proj_in", "proj_out", "transformer_blocks", "get_scale_masks",
-                    "get_cameractrl_effect"),
-    "block": ("video_length", "scale_masks", "cameractrl_effect", "view_options", "mm_kwargs", "transformer_options"),
-}
-
-
-def _known_motion_module(mm: nn.Module) -> bool:
-    """Whether this ADE version's motion module has every attribute and argument the sliced path uses."""
-    tt = mm.temporal_transformer
-    if not all(hasattr(mm, a) for a in _MOTION_API["module"]) or not all(hasattr(tt, a) for a in _MOTION_API["transformer"]):
-        return False
-    blocks = list(tt.transformer_blocks)
-    if not blocks:
-        return True
-    parameters = _forward_signature(type(blocks[0])).parameters
-    return all(a in parameters for a in _MOTION_API["block"])
-
-
-def _motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
-    """An ADE motion module over pixel slices, exactly as ``VanillaTemporalModule.forward`` computes it."""
-    tt = mm.temporal_transformer
-    opts = c.transformer_options
-    n, ch, height, width = x.shape
-    frames = mm.video_length
-    whole = lambda: mm(x, c.context, transformer_options=opts)  # noqa: E731
-    if not _known_motion_module(mm):
-        return whole()  # an ADE version whose motion module this code does not know
-    effect = mm.effect
-    exotic = (mm.should_handle_img_features() or mm.should_handle_camera_features()
-              or (effect is not None and not isinstance(effect, torch.Tensor) and math.isclose(effect, 0.0)))
-    if exotic or n % frames or len(tt.transformer_blocks) == 0:
-        return whole()  # AnimateLCM-I2V, CameraCtrl, a disabled module: the host's module, whole
-    videos, pixels = n // frames, height * width
-    effect_mask = mm.get_effect_mask(x) if isinstance(effect, torch.Tensor) else effect
-    scale_masks = tt.get_scale_masks(x)
-    camera = tt.get_cameractrl_effect(x)
-    xp = x.view(n, ch, pixels)
-    stats = slicing.GroupNormStats(tt.norm.num_groups)
-    affine: list[tuple] = []
-
-    def video(xs: torch.Tensor) -> torch.Tensor:  # (n, C, p) as the statistics' extent: frame or video
-        return xs.view(videos, frames, ch, -1).transpose(1, 2) if c.cross_frame else xs
-
-    def per_pixel_rows(mask, a: int, b: int):  # (videos*HW, T, 1) attention-batch rows of pixels a:b
-        if not isinstance(mask, torch.Tensor):
-            return mask
-        return mask.view(-1, pixels, *mask.shape[1:])[:, a:b].flatten(0, 1)
-
-    def norm_stats(a: int, b: int, mode) -> None:
-        stats.add(video(xp[..., a:b]))
-
-    def body(a: int, b: int) -> torch.Tensor:
-        xs = xp[..., a:b]
-        if b - a == pixels:
-            out = whole()
-            return out.view(videos, frames, ch, pixels)
-        if not affine:
-            affine.append(norm_affine(tt.norm, xs))
-        h = slicing.group_norm(video(xs), stats, tt.norm.eps, affine[0])
-        h = (h.transpose(1, 2).reshape(n, ch, -1) if c.cross_frame else h).transpose(1, 2)
-        h = tt.proj_in(h).to(h.dtype)
-        masks = [per_pixel_rows(m, a, b) for m in scale_masks]
-        for block in tt.transformer_blocks:
-            h = block(h, encoder_hidden_states=c.context, attention_mask=None, video_length=tt.video_length,
-                      scale_masks=masks, cameractrl_effect=per_pixel_rows(camera, a, b), view_options=mm.view_options,
-                      mm_kwargs=None, transformer_options=opts)
-        out = tt.proj_out(h).transpose(1, 2) + xs
-        if effect is not None:
-            e = effect_mask.view(n, 1, pixels)[..., a:b] if isinstance(effect_mask, torch.Tensor) else effect_mask
-            out = xs * (1.0 - e) + out * e
-        return out.view(videos, frames, ch, b - a)
-
-    return runner.run(f"{name}.motion", "pixels", pixels, body, Pixels(videos, frames, height, width), passes=[norm_stats])
-
-
-def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
+def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: torch.Tensor, c: Call) -> torch.Tensor:
     ts = layer.time_stack
     emb_bt = c.emb.reshape(c.batch, c.frames, *c.emb.shape[1:])
     cache: dict[str, Any] = {}
@@ -355,13 +166,13 @@ def _video_resblock_temporal(runner: Runner, name: str, layer: nn.Module, x: tor
         second=lambda h: ts.out_layers[1:](h),
         shortcut=ts.skip_connection,
         whole=lambda v: ts(v, emb_bt),
-        affine=norm_affine,
+        affine=cast_affine,
     )
     mix = lambda v, out: layer.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=c.image_only_indicator)  # noqa: E731
     return slicing.temporal_resblock(runner, name, parts, x, c.batch, c.frames, mix)
 
 
-def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor, c: _Call) -> torch.Tensor:
+def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor, c: Call) -> torch.Tensor:
     from einops import rearrange, repeat
 
     n, ch, height, width = x.shape
@@ -436,14 +247,14 @@ def _video_transformer(runner: Runner, name: str, tr: nn.Module, x: torch.Tensor
     return h
 
 
-def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Call, output_shape=None,
+def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: Call, output_shape=None,
            count: bool = True) -> torch.Tensor:
-    """One layer of a ``TimestepEmbedSequential``, as ``forward_timestep_embed`` dispatches it.
+    """One layer of a ``TimestepEmbedSequential``, dispatched as ``forward_timestep_embed`` does.
 
-    ``count``: advance ``transformer_index`` after a transformer (the owned loop does; under the
+    ``count``: advance ``transformer_index`` after a transformer (the stage loop does; under the
     host's own loop ``forward_timestep_embed`` does it).
     """
-    host = _host_module(layer)
+    host = host_module()
     opts = c.transformer_options
     if isinstance(layer, host.VideoResBlock):
         h = _frames(runner, f"{name}.spatial", lambda xs, es: host.ResBlock.forward(layer, xs, es), h, [c.emb])
@@ -464,30 +275,241 @@ def _layer(runner: Runner, name: str, layer: nn.Module, h: torch.Tensor, c: _Cal
         return out
     if isinstance(layer, host.Upsample):
         return _frames(runner, name, lambda xs: layer(xs, output_shape=output_shape), h)
-    if isinstance(layer, host.Downsample):
-        return _frames(runner, name, layer, h)
     for class_type, handler in opts.get("patches", {}).get("forward_timestep_embed_patch", []):
         if isinstance(layer, class_type):
-            if is_motion_module(layer) and getattr(handler, "__name__", "") == "forward_timestep_embed_patch_ade":
-                return _motion_module(runner, name, layer, h, c)
+            if comfy_ade.is_motion_module(layer) and getattr(handler, "__name__", "") == "forward_timestep_embed_patch_ade":
+                return comfy_ade.motion_module(runner, name, layer, h, c)
             return handler(layer, h, c.emb, c.context, opts, output_shape, c.time_context, c.frames, c.image_only_indicator)
+    if isinstance(layer, host.Downsample):  # after the patch list, as forward_timestep_embed reaches it
+        return _frames(runner, name, layer, h)
     return layer(h)
+
+
+def _plain_transformer(layer, xs, ctx, opts):
+    shape = opts.get("activations_shape")
+    out = layer(xs, ctx, opts)
+    opts["activations_shape"] = shape  # the host sets the full shape once per call
+    return out
+
+
+# -- stages --------------------------------------------------------------------------------------
+
+
+def _kind(layer: nn.Module, host, first: bool) -> str:
+    if first:
+        return "conv_in"
+    if isinstance(layer, host.TimestepBlock):
+        return "res"
+    if isinstance(layer, (host.SpatialTransformer, host.SpatialVideoTransformer)):
+        return "attn"
+    if comfy_ade.is_motion_module(layer):
+        return "motion"
+    if isinstance(layer, host.Downsample):
+        return "down"
+    return "layer"
+
+
+def layer_specs(model: nn.Module) -> list[tuple[StageSpec, nn.Module | None, nn.Module | None]]:
+    """Every stage of this model as it is now (ADE's motion modules included): spec, layer, upsampler."""
+    host = host_module()
+    out: list[tuple[StageSpec, nn.Module | None, nn.Module | None]] = [(StageSpec("prologue", "prologue", "prologue"), None, None)]
+
+    def spec(name, section, layer, **flags):
+        kind = _kind(layer, host, name == "input_blocks.0.0")
+        uses_emb = kind in ("res", "layer")  # an unknown layer may read the embedding
+        return StageSpec(name, section, kind, uses_emb=uses_emb, **flags)
+
+    for i, block in enumerate(model.input_blocks):
+        for j, layer in enumerate(block):
+            out.append((spec(f"input_blocks.{i}.{j}", "down", layer, push=j == len(block) - 1), layer, None))
+    if model.middle_block is not None:
+        for j, layer in enumerate(model.middle_block):
+            out.append((spec(f"middle_block.{j}", "mid", layer), layer, None))
+    else:
+        out.append((StageSpec("middle_block", "mid", "layer"), None, None))
+    last = len(model.output_blocks) - 1
+    for i, block in enumerate(model.output_blocks):
+        layers = list(block)
+        upsampler = layers.pop() if len(layers) > 1 and isinstance(layers[-1], host.Upsample) and i < last else None
+        for j, layer in enumerate(layers):
+            up = upsampler is not None and j == len(layers) - 1
+            out.append((spec(f"output_blocks.{i}.{j}", "up", layer, consumes=j == 0, upsamples=up), layer,
+                        upsampler if up else None))
+    out.append((StageSpec("out", "head", "head"), None, None))
+    return out
+
+
+def cuts(model: nn.Module):
+    """The cut points of this model (canonical ids mapped to ``input_blocks``/``output_blocks`` names)."""
+    return cut_points([s for s, _, _ in layer_specs(model)])
+
+
+def stages(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
+           transformer_options={}, **kwargs) -> UNetStages:
+    """The stage list of one ``UNetModel._forward`` call of a recognised ComfyUI version."""
+    host = host_module()
+    opts = transformer_options
+    patches = opts.get("patches", {})
+    frames = kwargs.get("num_video_frames", model.default_num_video_frames) or 1
+    c = Call(None, context, opts, kwargs.get("time_context", None), frames, x.shape[0] // frames,
+             kwargs.get("image_only_indicator", None))
+    c.cross_frame = comfy_ade.cross_frame_length(model)
+
+    def prologue(h: torch.Tensor, io: StageIO) -> torch.Tensor:
+        opts["original_shape"] = list(x.shape)
+        opts["transformer_index"] = 0
+        assert (y is not None) == (model.num_classes is not None), "must specify y if and only if the model is class-conditional"
+        t_emb = host.timestep_embedding(timesteps, model.model_channels, repeat_only=False).to(x.dtype)
+        emb = model.time_embed(t_emb)
+        for p in patches.get("emb_patch", []):
+            emb = p(emb, model.model_channels, opts)
+        if model.num_classes is not None:
+            assert y.shape[0] == x.shape[0]
+            emb = emb + model.label_emb(y)
+        c.emb = emb
+        return h
+
+    def transformer_bookkeeping(layer: nn.Module) -> Callable[[], None]:
+        def bypass() -> None:  # what the layer's forward and forward_timestep_embed leave behind
+            if isinstance(layer, (host.SpatialTransformer, host.SpatialVideoTransformer)):
+                opts["block_index"] = len(layer.transformer_blocks) - 1
+                if "transformer_index" in opts:
+                    opts["transformer_index"] += 1
+        return bypass
+
+    def flush(h: torch.Tensor, pending: Pending, name: str = "upsample") -> torch.Tensor:
+        return _frames(runner, name, lambda xs: pending.module(xs, output_shape=pending.skip_shape), h)
+
+    built: list[Stage] = []
+    block_of = {"down": "input", "mid": "middle", "up": "output"}
+    for spec, layer, upsampler in layer_specs(model):
+        if spec.section == "prologue":
+            built.append(Stage(spec, prologue))
+            continue
+        if spec.section == "head":
+            def head(h: torch.Tensor, io: StageIO) -> torch.Tensor:
+                h = h.type(x.dtype)
+                if model.predict_codebook_ids:
+                    return model.id_predictor(h)
+                return _frames(runner, "out", model.out, h, (), c, _group_norms(model.out))
+            built.append(Stage(spec, head))
+            continue
+        parts = spec.name.split(".")
+        block = (block_of[spec.section], int(parts[1]) if spec.section != "mid" else 0)
+        j = int(parts[-1]) if parts[-1].isdigit() else 0
+        end_of_input = spec.section == "down" and spec.push
+        end_of_middle = spec.section == "mid" and (model.middle_block is None or j == len(model.middle_block) - 1)
+        bookkeeping = transformer_bookkeeping(layer) if layer is not None else (lambda: None)
+
+        def bypass(block=block, j=j, spec=spec, end_of_input=end_of_input, end_of_middle=end_of_middle,
+                   bookkeeping=bookkeeping) -> None:
+            if j == 0:
+                opts["block"] = block
+                if spec.consumes:
+                    _pop_control(control, "output")
+            bookkeeping()
+            if end_of_input:
+                _pop_control(control, "input")
+            if end_of_middle:
+                _pop_control(control, "middle")
+
+        if spec.consumes:
+            def body(h, io, name=spec.name, layer=layer, block=block):
+                opts["block"] = block
+                hsp = host.apply_control(io.take_skip(), control, "output")
+                pending = io.pending
+                if "output_block_patch" in patches:
+                    if pending is not None:  # patches see the upsampled tensor, as in the host's loop
+                        h = flush(h, pending, f"output_blocks.{block[1] - 1}.upsample")
+                        pending = None
+                    for p in patches["output_block_patch"]:
+                        h, hsp = p(h, hsp, opts)
+                return _fused_first(runner, name, layer, h, hsp, pending, c, host, io.next_skip_shape)
+        elif layer is None:  # a model without a middle block: only its hooks
+            def body(h, io, block=block):
+                opts["block"] = block
+                return host.apply_control(h, control, "middle")
+        else:
+            def body(h, io, name=spec.name, layer=layer, block=block, j=j, end_of_input=end_of_input,
+                     end_of_middle=end_of_middle):
+                if j == 0:
+                    opts["block"] = block
+                h = _layer(runner, name, layer, h, c, io.next_skip_shape if block[0] == "output" else None)
+                if end_of_input:
+                    h = host.apply_control(h, control, "input")
+                    for p in patches.get("input_block_patch", []):
+                        h = p(h, opts)
+                if end_of_middle:
+                    h = host.apply_control(h, control, "middle")
+                return h
+
+        after_push = None
+        if end_of_input and patches.get("input_block_patch_after_skip"):
+            def after_push(h):
+                for p in patches["input_block_patch_after_skip"]:
+                    h = p(h, opts)
+                return h
+        built.append(Stage(spec, body, upsampler=upsampler, after_push=after_push, bypass=bypass))
+    return UNetStages(built, flush)
+
+
+def _pop_control(control, name: str) -> None:
+    """Take the entry ``apply_control`` would have taken for a block that did not run."""
+    if control is not None and name in control and len(control[name]) > 0:
+        control[name].pop()
+
+
+def _fused_first(runner, name, layer, h, skip, pending, c, host, output_shape):
+    """The first layer of an output block with the pending upsampler and the concatenation fused in."""
+
+    def cat(hs, rs):
+        if pending is not None:
+            hs = pending.module(hs, output_shape=pending.skip_shape)
+        return torch.cat([hs, rs], dim=1)
+
+    if isinstance(layer, host.VideoResBlock):
+        spatial = lambda hs, rs, es: host.ResBlock.forward(layer, cat(hs, rs), es)  # noqa: E731
+        h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
+        return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
+    if isinstance(layer, host.TimestepBlock):
+        return _frames(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb], c, _group_norms(layer))
+    # an unknown first layer: materialise the concatenation and dispatch as the host does
+    h = slicing.frames_group(runner, f"{name}.concat", cat, [h, skip])
+    return _layer(runner, name, layer, h, c, output_shape)
+
+
+def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
+                        transformer_options={}, **kwargs):
+    """``UNetModel._forward`` of a recognised ComfyUI version, run as stages, every group by ``runner``."""
+    unet_stages = stages(model, runner, x, timesteps, context, y, control, transformer_options, **kwargs)
+    return run_stages(unet_stages, x, runner.request, runner.emit)
 
 
 # -- module level: the host's own loop, each layer's forward replaced for the call ------------
 #
-# For host versions whose ``_forward`` the owned loop does not reproduce. Each layer runs sliced as
-# above, but the skip concatenations and upsamplers run whole, so the peak is higher.
+# For host versions whose ``_forward`` the stage loop does not reproduce. Each layer runs sliced as
+# above, but the skip concatenations and upsamplers run whole, so the peak is higher. Captures work
+# (recorded through the installed forwards); running from a cut does not: the host's loop cannot be
+# entered part way.
 
 
 def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
                          transformer_options={}, **kwargs):
     """The host's own ``UNetModel._forward``, every layer's ``forward`` sliced for the duration of the call."""
-    host = _host_module(model)
-    cross = _cross_frame_length(model)
+    request: StageRequest | None = runner.request
+    if request is not None and (request.start is not None or request.stop is not None):
+        raise NotImplementedError(
+            f"running the U-Net from or to a cut point needs Streamline's own stage loop, and this ComfyUI's "
+            f"UNetModel._forward (sha256 {forward_fingerprint(model)[:12]}) is not a version it reproduces "
+            f"({', '.join(KNOWN_FORWARDS.values())}): here Streamline slices each layer under ComfyUI's own loop, "
+            f"which cannot be entered part way. Captures work; starting from a cut needs a recognised ComfyUI version"
+        )
+    host = host_module()
+    cross = comfy_ade.cross_frame_length(model)
     installed: list[nn.Module] = []
+    recorder = _CaptureRecorder(model, request) if request is not None and request.capture else None
 
-    def install(name: str, layer: nn.Module, run) -> None:
+    def install(layer: nn.Module, run) -> None:
         if "forward" in layer.__dict__:
             return  # another library replaced this layer's forward: leave it to run as it is
 
@@ -502,20 +524,29 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
         installed.append(layer)
 
     def call(name: str, layer: nn.Module):
-        signature = _forward_signature(type(layer))
+        signature = forward_signature(type(layer))
 
         def run(*args, **kw):
             a = signature.bind(layer, *args, **kw).arguments
-            h = a.get("x", a.get("input_tensor"))
+            h = next((a[k] for k in ("x", "input_tensor", "input", "hidden_states") if k in a), None)
+            if h is None:  # a layer whose forward takes (*args, **kwargs), like ComfyUI's cast ops
+                h = args[0] if args else next(iter(kw.values()))
+            if recorder is not None:
+                recorder.entering(name, h, a.get("output_shape"))
             frames = a.get("num_video_frames") or a.get("timesteps") or 1
             opts = a.get("transformer_options")
-            c = _Call(a.get("emb"), a.get("context", a.get("encoder_hidden_states")), opts if opts is not None else {},
-                      a.get("time_context"), frames, h.shape[0] // frames, a.get("image_only_indicator"), cross)
-            if is_motion_module(layer):
+            c = Call(a.get("emb"), a.get("context", a.get("encoder_hidden_states")), opts if opts is not None else {},
+                     a.get("time_context"), frames, h.shape[0] // frames, a.get("image_only_indicator"), cross)
+            if comfy_ade.is_motion_module(layer):
                 if a.get("attention_mask") is not None:
-                    return layer(*args, **kw)
-                return _motion_module(runner, name, layer, h, c)
-            return _layer(runner, name, layer, h, c, a.get("output_shape"), count=False)
+                    out = layer(*args, **kw)
+                else:
+                    out = comfy_ade.motion_module(runner, name, layer, h, c)
+            else:
+                out = _layer(runner, name, layer, h, c, a.get("output_shape"), count=False)
+            if recorder is not None:
+                recorder.left(name, out)
+            return out
         return run
 
     blocks = [("input_blocks", b) for b in model.input_blocks] + [("middle_block", model.middle_block)]
@@ -528,11 +559,17 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
         prefix = kind if kind == "middle_block" else f"{kind}.{index[kind]}"
         index[kind] += 1
         for j, layer in enumerate(block):
-            if isinstance(layer, known) or is_motion_module(layer):
-                install(f"{prefix}.{j}", layer, call(f"{prefix}.{j}", layer))
+            if isinstance(layer, known) or comfy_ade.is_motion_module(layer) or recorder is not None:
+                install(layer, call(f"{prefix}.{j}", layer))
     head = model.out
-    install("out", head, lambda h: _frames(runner, "out", lambda xs: type(head).forward(head, xs), h, (),
-                                           _Call(None, None, {}, None, 1, h.shape[0], None, cross), _group_norms(head)))
+
+    def run_head(h):
+        if recorder is not None:
+            recorder.entering("out", h)
+        return _frames(runner, "out", lambda xs: type(head).forward(head, xs), h, (),
+                       Call(None, None, {}, None, 1, h.shape[0], None, cross), _group_norms(head))
+
+    install(head, run_head)
     try:
         return type(model)._forward(model, x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
@@ -540,113 +577,52 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
             layer.__dict__.pop("forward", None)
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_signature(cls: type) -> inspect.Signature:
-    return inspect.signature(cls.forward)
+class _CaptureRecorder:
+    """Captures at cut points under the host's own loop, from what its layers receive and return.
 
+    The feature at a cut is what the next layer receives (after the block-end hooks the host ran in
+    between), except before an output block's first layer, which receives the concatenation: there
+    it is the last layer's output (in-place hooks such as ``apply_control`` included). A skip is what
+    the layer after an input block receives. Upsamplers are layers here: a cut before one records it
+    as pending, with the shape it upsamples to.
+    """
 
-def _plain_transformer(layer, xs, ctx, opts):
-    shape = opts.get("activations_shape")
-    out = layer(xs, ctx, opts)
-    opts["activations_shape"] = shape  # the host sets the full shape once per call
-    return out
+    def __init__(self, model: nn.Module, request: StageRequest) -> None:
+        self.specs = [s for s, _, _ in layer_specs(model)]
+        self.upsamplers = {s.name: up for s, _, up in layer_specs(model) if up is not None}
+        self.cuts = {c.after: c for c in cut_points(self.specs)}
+        self.by_id = {c.id: c for c in self.cuts.values()}
+        self.wanted = {(self.by_id.get(w) or self.cuts[w]).after for w in request.capture}
+        self.spec_of = {s.name: s for s in self.specs}
+        self.captured: dict[str, CutState] = {}
+        request.captures.append(self.captured)
+        self.skips: list[torch.Tensor] = []
+        self.previous: tuple[str, torch.Tensor] | None = None  # the last stage layer that ran, and its output
 
+    def entering(self, name: str, h: torch.Tensor, output_shape=None) -> None:
+        spec = self.spec_of.get(name)
+        if self.previous is not None:
+            prev_name, prev_out = self.previous
+            prev = self.spec_of[prev_name]
+            if prev.push:
+                self.skips.append(h)
+            if prev_name in self.wanted:
+                if prev.upsamples:  # ``name`` is the upsampler the stage loop leaves pending
+                    shape = tuple(output_shape) if output_shape is not None else None
+                    self._capture(prev_name, h, Pending(self.upsamplers[prev_name], shape))
+                else:
+                    self._capture(prev_name, prev_out if spec is not None and spec.consumes else h, None)
+            self.previous = None
+        if spec is not None and spec.consumes and self.skips:
+            self.skips.pop()
 
-def _host_module(layer: nn.Module):
-    """The ``openaimodel`` module of the host (where its block classes live)."""
-    module = sys.modules.get("comfy.ldm.modules.diffusionmodules.openaimodel")
-    if module is None:
-        raise RuntimeError("ComfyUI's openaimodel is not loaded")
-    return module
+    def left(self, name: str, out: torch.Tensor) -> None:
+        if name in self.spec_of:
+            self.previous = (name, out)
 
-
-def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
-                        transformer_options={}, **kwargs):
-    """``UNetModel._forward`` of a recognised ComfyUI version, every block run by ``runner``."""
-    host = _host_module(model)
-    transformer_options["original_shape"] = list(x.shape)
-    transformer_options["transformer_index"] = 0
-    patches = transformer_options.get("patches", {})
-    frames = kwargs.get("num_video_frames", model.default_num_video_frames) or 1
-    c = _Call(None, context, transformer_options, kwargs.get("time_context", None), frames, x.shape[0] // frames,
-              kwargs.get("image_only_indicator", None))
-    c.cross_frame = _cross_frame_length(model)
-    assert (y is not None) == (model.num_classes is not None), "must specify y if and only if the model is class-conditional"
-
-    t_emb = host.timestep_embedding(timesteps, model.model_channels, repeat_only=False).to(x.dtype)
-    emb = model.time_embed(t_emb)
-    for p in patches.get("emb_patch", []):
-        emb = p(emb, model.model_channels, transformer_options)
-    if model.num_classes is not None:
-        assert y.shape[0] == x.shape[0]
-        emb = emb + model.label_emb(y)
-    c.emb = emb
-
-    hs = []
-    h = x
-    for i, module in enumerate(model.input_blocks):
-        transformer_options["block"] = ("input", i)
-        for j, layer in enumerate(module):
-            h = _layer(runner, f"input_blocks.{i}.{j}", layer, h, c)
-        h = host.apply_control(h, control, "input")
-        for p in patches.get("input_block_patch", []):
-            h = p(h, transformer_options)
-        hs.append(h)
-        for p in patches.get("input_block_patch_after_skip", []):
-            h = p(h, transformer_options)
-
-    transformer_options["block"] = ("middle", 0)
-    if model.middle_block is not None:
-        for j, layer in enumerate(model.middle_block):
-            h = _layer(runner, f"middle_block.{j}", layer, h, c)
-    h = host.apply_control(h, control, "middle")
-
-    pending = None  # the previous output block's upsampler, with the shape it was to produce
-    for i, module in enumerate(model.output_blocks):
-        transformer_options["block"] = ("output", i)
-        hsp = hs.pop()
-        hsp = host.apply_control(hsp, control, "output")
-        if "output_block_patch" in patches:
-            if pending is not None:  # patches see the upsampled tensor, as in the host's loop
-                h = _frames(runner, f"output_blocks.{i - 1}.upsample", lambda xs: pending[0](xs, output_shape=pending[1]), h)
-                pending = None
-            for p in patches["output_block_patch"]:
-                h, hsp = p(h, hsp, transformer_options)
-        output_shape = hs[-1].shape if hs else None
-        layers = list(module)
-        upsampler = layers.pop() if layers and isinstance(layers[-1], host.Upsample) and hs else None
-        h = _fused_first(runner, f"output_blocks.{i}.0", layers[0], h, hsp, pending, c, host)
-        del hsp
-        pending = None
-        for j, layer in enumerate(layers[1:], 1):
-            h = _layer(runner, f"output_blocks.{i}.{j}", layer, h, c, output_shape)
-        if upsampler is not None:
-            pending = (upsampler, output_shape)
-    if pending is not None:
-        h = _frames(runner, "upsample", lambda xs: pending[0](xs, output_shape=pending[1]), h)
-    h = h.type(x.dtype)
-    if model.predict_codebook_ids:
-        return model.id_predictor(h)
-    return _frames(runner, "out", model.out, h, (), c, _group_norms(model.out))
-
-
-def _fused_first(runner, name, layer, h, skip, pending, c, host):
-    """The first layer of an output block with the pending upsampler and the concatenation fused in."""
-
-    def cat(hs, rs):
-        if pending is not None:
-            hs = pending[0](hs, output_shape=pending[1])
-        return torch.cat([hs, rs], dim=1)
-
-    if isinstance(layer, host.VideoResBlock):
-        spatial = lambda hs, rs, es: host.ResBlock.forward(layer, cat(hs, rs), es)  # noqa: E731
-        h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
-        return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
-    if isinstance(layer, host.TimestepBlock):
-        return _frames(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb], c, _group_norms(layer))
-    # an unknown first layer: materialise the concatenation and dispatch as the host does
-    h = slicing.frames_group(runner, f"{name}.concat", cat, [h, skip])
-    return _layer(runner, name, layer, h, c)
+    def _capture(self, name: str, h: torch.Tensor, pending: Pending | None) -> None:
+        cut = self.cuts[name]
+        self.captured[cut.id] = CutState(cut.id, h, list(self.skips), pending).clone()
 
 
 def context_dim(model: nn.Module) -> int:

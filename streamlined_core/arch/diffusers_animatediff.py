@@ -3,8 +3,8 @@
 Groups: ResBlocks, spatial transformers, downsamplers and the output head are spatial groups
 (frame-sliced; in the up path the skip concatenation and the upsampler fuse into the ResBlock's
 group); every motion module is a temporal group (pixel-sliced), its GroupNorm on statistics over
-all frames and pixels of each video, as diffusers defines it. The engine owns the forward, so every
-skip is freed as soon as the up path has consumed it.
+all frames and pixels of each video, as diffusers defines it. The engine runs the forward as stages
+(``stages.py``), so every skip is freed as soon as the up path has consumed it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Pixels, Runner, pixel_view, to_video
+from ..stages import CutState
+from ..stages import run as run_stages
 from . import _diffusers_unet as common
 
 
@@ -26,6 +28,7 @@ def matches(model: nn.Module) -> bool:
 
 skip_layout = common.skip_layout
 skip_sources = common.skip_sources
+cuts = common.cuts
 
 
 def call_shape(arguments: dict) -> tuple[int, int, int, int]:
@@ -40,7 +43,7 @@ def motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, bat
     pixels = height * width
     xv = pixel_view(x, batch, frames)
     stats = slicing.GroupNormStats(mm.norm.num_groups)
-    affine = slicing.norm_affine(mm.norm, x.dtype)
+    affine = slicing.module_affine(mm.norm, x.dtype)
 
     def norm_stats(a: int, b: int, mode) -> None:
         stats.add(to_video(xv[..., a:b]))
@@ -88,7 +91,7 @@ def streamlined_forward(
     mid_block_additional_residual: torch.Tensor | None = None,
     return_dict: bool = True,
 ):
-    """``UNetMotionModel.forward`` with every layer group run by ``runner``."""
+    """``UNetMotionModel.forward`` run as stages, every layer group run by ``runner``."""
     forward_upsample_size = common.needs_upsample_size(unet, sample)
     if attention_mask is not None:
         attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
@@ -112,73 +115,35 @@ def streamlined_forward(
         context = (encoder_hidden_states, image_embeds)
     cak = {"cross_attention_kwargs": cross_attention_kwargs}
 
-    x = sample.permute(0, 2, 1, 3, 4).reshape((batch * frames, -1) + sample.shape[3:])
-    h = unet.conv_in(x)
-    del x
+    def prologue(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(0, 2, 1, 3, 4).reshape((batch * frames, -1) + x.shape[3:])
 
-    skips = [h]
-    for i, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j, (res, mm) in enumerate(zip(block.resnets, block.motion_modules)):
-            h = common.frames_group(runner, f"down_blocks.{i}.resnets.{j}", _resnet(res), h, [emb])
-            if attentions is not None:
-                h = common.frames_group(
-                    runner, f"down_blocks.{i}.attentions.{j}", _attention(attentions[j], cak), h,
-                    [context, attention_mask, None],
-                )
-            h = motion_module(runner, f"down_blocks.{i}.motion_modules.{j}", mm, h, batch, frames)
-            skips.append(h)
-        for d, down in enumerate(block.downsamplers or []):
-            h = common.frames_group(runner, f"down_blocks.{i}.downsamplers.{d}", lambda xs, down=down: down(hidden_states=xs), h)
-        if block.downsamplers:
-            skips.append(h)
-    if down_block_additional_residuals is not None:
-        skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+    def resnet(name: str, res: nn.Module):
+        return lambda h: common.frames(runner, name, _resnet(res), h, [emb])
 
-    mid = unet.mid_block
-    if mid is not None:
-        h = common.frames_group(runner, "mid_block.resnets.0", _resnet(mid.resnets[0]), h, [emb])
-        motion = getattr(mid, "motion_modules", None) or [None] * len(mid.attentions)
-        for j, (attn, res, mm) in enumerate(zip(mid.attentions, mid.resnets[1:], motion)):
-            h = common.frames_group(runner, f"mid_block.attentions.{j}", _attention(attn, cak), h, [context, attention_mask, None])
-            if mm is not None:
-                h = motion_module(runner, f"mid_block.motion_modules.{j}", mm, h, batch, frames)
-            h = common.frames_group(runner, f"mid_block.resnets.{j + 1}", _resnet(res), h, [emb])
-    if mid_block_additional_residual is not None:
-        h = h + mid_block_additional_residual
-
-    pending, upsample_size = None, None
-    for i, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
+    def up_resnet(name: str, res: nn.Module, block: nn.Module):
         freeu = None
         if all(getattr(block, k, None) for k in ("s1", "s2", "b1", "b2")):
             from diffusers.utils.torch_utils import apply_freeu
 
-            def freeu(hs, rs, block=block):
+            def freeu(hs, rs):
                 return apply_freeu(block.resolution_idx, hs, rs, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2)
 
-        for j, (res, mm) in enumerate(zip(block.resnets, block.motion_modules)):
-            skip = skips.pop()
-            if pending is not None and forward_upsample_size:
-                upsample_size = skip.shape[2:]
-            up = None if pending is None else (lambda xs, size, pending=pending: pending(hidden_states=xs, output_size=size))
-            h = common.up_group(
-                runner, f"up_blocks.{i}.resnets.{j}", _resnet(res), h, skip, up, upsample_size, [emb], freeu=freeu
-            )
-            del skip
-            pending = None
-            if attentions is not None:
-                h = common.frames_group(
-                    runner, f"up_blocks.{i}.attentions.{j}", _attention(attentions[j], cak), h,
-                    [context, attention_mask, None],
-                )
-            h = motion_module(runner, f"up_blocks.{i}.motion_modules.{j}", mm, h, batch, frames)
-        if block.upsamplers:
-            (pending,) = block.upsamplers
-    if pending is not None:
-        h = common.frames_group(runner, "upsample", lambda xs: pending(hidden_states=xs, output_size=upsample_size), h)
+        return lambda h, take_skip, upsampler, size: common.up_group(runner, name, _resnet(res), h, take_skip(), upsampler,
+                                                                     size, [emb], freeu=freeu)
 
-    out = common.output_head(runner, unet, h)
+    def attention(name: str, attn: nn.Module):
+        return lambda h: common.frames(runner, name, _attention(attn, cak), h, [context, attention_mask, None])
+
+    def motion(name: str, mm: nn.Module):
+        return lambda h: motion_module(runner, name, mm, h, batch, frames)
+
+    layers = common.Layers(resnet, up_resnet, attention, motion)
+    unet_stages = common.build_stages(unet, runner, layers, prologue, forward_upsample_size,
+                                      down_block_additional_residuals, mid_block_additional_residual)
+    out = run_stages(unet_stages, sample, runner.request, runner.emit)
+    if isinstance(out, CutState):
+        return out
     out = out[None, :].reshape((-1, frames) + out.shape[1:]).permute(0, 2, 1, 3, 4)
     if not return_dict:
         return (out,)

@@ -4,8 +4,9 @@ Groups: each ``SpatioTemporalResBlock`` is a spatial group (its 2-D ResBlock, fr
 temporal group (its 3-D ResBlock and mixer, pixel-sliced, with both video-wide GroupNorms on
 full-extent statistics); each ``TransformerSpatioTemporalModel`` is a spatial group (norm,
 ``proj_in``, spatial block) and a temporal group (temporal block with its per-pixel time context,
-mixer, ``proj_out``, residual). The engine owns the forward so the up path's skip concatenation
-and upsamplers fuse into the spatial group after them and every skip is freed once consumed.
+mixer, ``proj_out``, residual). The engine runs the forward as stages (``stages.py``), so the up
+path's skip concatenation and upsamplers fuse into the spatial group after them and every skip is
+freed once consumed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Pixels, Runner, Tokens, pixel_view
+from ..stages import CutState, UNetStages
+from ..stages import run as run_stages
 from . import _diffusers_unet as common
 
 
@@ -25,6 +28,7 @@ def matches(model: nn.Module) -> bool:
 
 skip_layout = common.skip_layout
 skip_sources = common.skip_sources
+cuts = common.cuts
 
 
 def call_shape(arguments: dict) -> tuple[int, int, int, int]:
@@ -55,7 +59,7 @@ def temporal_resblock(
         second=lambda h: trb.conv2(trb.dropout(trb.nonlinearity(h))),
         shortcut=lambda v: trb.conv_shortcut(v) if trb.conv_shortcut is not None else v,
         whole=lambda v: trb(v, temb3),
-        affine=lambda norm, like: slicing.norm_affine(norm, like.dtype),
+        affine=lambda norm, like: slicing.module_affine(norm, like.dtype),
     )
     mix = lambda v, out: block.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=image_only_indicator)  # noqa: E731
     return slicing.temporal_resblock(runner, name, parts, x, batch, frames, mix)
@@ -63,7 +67,7 @@ def temporal_resblock(
 
 def resblock(runner, name, block, x, temb, batch, frames, ioi) -> torch.Tensor:
     """A whole ``SpatioTemporalResBlock``: its spatial group, then its temporal group."""
-    h = common.frames_group(runner, f"{name}.spatial", block.spatial_res_block, x, [temb])
+    h = common.frames(runner, f"{name}.spatial", block.spatial_res_block, x, [temb])
     return temporal_resblock(runner, f"{name}.temporal", block, h, temb, batch, frames, ioi)
 
 
@@ -92,7 +96,7 @@ def transformer(
             def spatial(hs: torch.Tensor, ctx: torch.Tensor, block=block) -> torch.Tensor:
                 return block(hs, encoder_hidden_states=ctx)
 
-        h = common.frames_group(runner, f"{name}.spatial{suffix}", spatial, h, [context])
+        h = common.frames(runner, f"{name}.spatial{suffix}", spatial, h, [context])
         if emb is None:
             emb = tr.time_pos_embed(tr.time_proj(positions).to(dtype=h.dtype))[:, None, :]
         dim = h.shape[-1]
@@ -116,6 +120,41 @@ def transformer(
     return h
 
 
+def stages(unet: nn.Module, runner: Runner, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+           added_time_ids: torch.Tensor) -> UNetStages:
+    """The stage list of one ``UNetSpatioTemporalConditionModel.forward`` call, every group run by ``runner``."""
+    batch, frames = sample.shape[:2]
+    call: dict[str, torch.Tensor] = {}
+
+    def prologue(x: torch.Tensor) -> torch.Tensor:
+        timesteps = common.time_steps(timestep, x, batch)
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=x.dtype))
+        time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
+        emb = emb + unet.add_embedding(time_embeds)
+        call["emb"] = emb.repeat_interleave(frames, dim=0, output_size=emb.shape[0] * frames)
+        call["context"] = encoder_hidden_states.repeat_interleave(
+            frames, dim=0, output_size=encoder_hidden_states.shape[0] * frames
+        )
+        call["ioi"] = torch.zeros(batch, frames, dtype=x.dtype, device=x.device)
+        return x.flatten(0, 1)
+
+    def resnet(name: str, res: nn.Module):
+        return lambda h: resblock(runner, name, res, h, call["emb"], batch, frames, call["ioi"])
+
+    def up_resnet(name: str, res: nn.Module, block: nn.Module):
+        def fused(h, take_skip, upsampler, size):
+            h = common.up_group(runner, f"{name}.spatial", res.spatial_res_block, h, take_skip(), upsampler, size,
+                                [call["emb"]])  # the skip is freed here, before the temporal group
+            return temporal_resblock(runner, f"{name}.temporal", res, h, call["emb"], batch, frames, call["ioi"])
+        return fused
+
+    def attention(name: str, tr: nn.Module):
+        return lambda h: transformer(runner, name, tr, h, call["context"], batch, frames, call["ioi"])
+
+    layers = common.Layers(resnet, up_resnet, attention)
+    return common.build_stages(unet, runner, layers, prologue, common.needs_upsample_size(unet, sample))
+
+
 def streamlined_forward(
     unet: nn.Module,
     runner: Runner,
@@ -125,59 +164,12 @@ def streamlined_forward(
     added_time_ids: torch.Tensor,
     return_dict: bool = True,
 ):
-    """``UNetSpatioTemporalConditionModel.forward`` with every layer group run by ``runner``."""
-    forward_upsample_size = common.needs_upsample_size(unet, sample)
+    """``UNetSpatioTemporalConditionModel.forward`` run as stages, every layer group run by ``runner``."""
     batch, frames = sample.shape[:2]
-    timesteps = common.time_steps(timestep, sample, batch)
-    emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype=sample.dtype))
-    time_embeds = unet.add_time_proj(added_time_ids.flatten()).reshape((batch, -1)).to(emb.dtype)
-    emb = emb + unet.add_embedding(time_embeds)
-    emb = emb.repeat_interleave(frames, dim=0, output_size=emb.shape[0] * frames)
-    context = encoder_hidden_states.repeat_interleave(
-        frames, dim=0, output_size=encoder_hidden_states.shape[0] * frames
-    )
-    h = unet.conv_in(sample.flatten(0, 1))
-    ioi = torch.zeros(batch, frames, dtype=h.dtype, device=h.device)
-
-    skips = [h]
-    for i, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j, res in enumerate(block.resnets):
-            h = resblock(runner, f"down_blocks.{i}.resnets.{j}", res, h, emb, batch, frames, ioi)
-            if attentions is not None:
-                h = transformer(runner, f"down_blocks.{i}.attentions.{j}", attentions[j], h, context, batch, frames, ioi)
-            skips.append(h)
-        for d, down in enumerate(block.downsamplers or []):
-            h = common.frames_group(runner, f"down_blocks.{i}.downsamplers.{d}", down, h)
-        if block.downsamplers:
-            skips.append(h)
-
-    mid = unet.mid_block
-    h = resblock(runner, "mid_block.resnets.0", mid.resnets[0], h, emb, batch, frames, ioi)
-    for j, (attn, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
-        h = transformer(runner, f"mid_block.attentions.{j}", attn, h, context, batch, frames, ioi)
-        h = resblock(runner, f"mid_block.resnets.{j + 1}", res, h, emb, batch, frames, ioi)
-
-    pending, upsample_size = None, None
-    for i, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j, res in enumerate(block.resnets):
-            skip = skips.pop()
-            if pending is not None and forward_upsample_size:
-                upsample_size = skip.shape[2:]
-            name = f"up_blocks.{i}.resnets.{j}"
-            h = common.up_group(runner, f"{name}.spatial", res.spatial_res_block, h, skip, pending, upsample_size, [emb])
-            del skip
-            pending = None
-            h = temporal_resblock(runner, f"{name}.temporal", res, h, emb, batch, frames, ioi)
-            if attentions is not None:
-                h = transformer(runner, f"up_blocks.{i}.attentions.{j}", attentions[j], h, context, batch, frames, ioi)
-        if block.upsamplers:
-            (pending,) = block.upsamplers
-    if pending is not None:  # an up path ending on an upsampler: run it on its own
-        h = common.frames_group(runner, "upsample", lambda xs: pending(xs, upsample_size), h)
-
-    out = common.output_head(runner, unet, h)
+    out = run_stages(stages(unet, runner, sample, timestep, encoder_hidden_states, added_time_ids), sample,
+                     runner.request, runner.emit)
+    if isinstance(out, CutState):
+        return out
     out = out.reshape(batch, frames, *out.shape[1:])
     if not return_dict:
         return (out,)

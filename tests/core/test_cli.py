@@ -64,7 +64,22 @@ def test_bench_latency_prints_the_ratio_with_the_plan_and_peaks(capsys):
     assert "ratio" in out and "SVD tiny" in out and "->" in out and "Not directly comparable" in out
 
 
-@pytest.mark.parametrize("argv", [["bench"], ["bench", "--latency", "--config", "huge"], ["bench", "--latency", "--repeats", "0"]])
+def test_bench_cuts_prints_every_up_path_cut_with_time_and_flop_shares(capsys):
+    from streamlined_core.bench import cuts
+
+    assert main(["bench", "--cuts", "--config", "tiny", "--warmup", "0", "--repeats", "1", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| up0.0.attn | up_blocks.1.attentions.0 | conv_in, d0.r0, d0.a0 |" in out and "(replay)" in out
+    result = cuts("tiny", warmup=0, repeats=1)
+    flops = [c.tail_flops for c in result.cuts]
+    assert all(a > b for a, b in zip(flops, flops[1:])), "a later cut leaves a smaller tail"
+    assert all(c.tail_flops <= c.shallow_tail_flops < 1 for c in result.cuts)
+    timed = [c for c in result.cuts if c.direct_tail is not None]
+    assert [c.cut for c in timed] == ["up0.0.attn", "up0.1.res"] and all(0 < c.direct_tail < 1.5 for c in timed)
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "--latency", "--config", "huge"], ["bench", "--latency", "--repeats", "0"],
+                                  ["bench", "--latency", "--cuts"]])
 def test_bench_bad_input_exits_with_status_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)

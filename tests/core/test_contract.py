@@ -1,25 +1,20 @@
-"""Sliced equals unsliced on tiny real diffusers models, and the tests prove they tested something.
+"""The contract (tests/contract.py) on tiny real diffusers SVD and AnimateDiff U-Nets.
 
-Each case runs the streamlined forward with every group forced to ``k`` slices (clamped to its
-axis) and compares it to the stock forward of the same model: fp32, max abs difference at most
-1e-5 of the output's max magnitude (BENCHMARKS.md). ``k=1`` is the control. Across the cases every
-group whose axis has length >= 2 must have run with >= 2 slices (checked at the end), and a
-variant with per-slice norm statistics must fail the same comparison.
+Each sliced case runs the streamlined forward with every group forced to ``k`` slices (clamped to its
+axis) against the stock forward of the same model; ``k=1`` is the control. Every cut point is
+captured in one forward and every tail and shallow path run from it. The cases run once per module
+(a fixture), so each check below holds when run alone, under ``-k`` or in any order.
 """
-
-from collections import defaultdict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced
 
 from streamlined_core import configs, slicing
-from streamlined_core.arch import diffusers_animatediff, diffusers_svd
-from streamlined_core.slicing import GroupNormStats, Runner, slice_bounds
-
-TOL = 1e-5
-SLICED: dict[str, dict[str, int]] = defaultdict(dict)  # family -> group -> most slices run (axis length >= 2)
-SEEN: dict[str, set[str]] = defaultdict(set)  # family -> groups whose axis had length >= 2
+from streamlined_core.arch import cut_points, diffusers_animatediff, diffusers_svd
+from streamlined_core.slicing import GroupNormStats, slice_bounds
+from streamlined_core.stages import CutState
 
 
 def seeded(model):
@@ -51,27 +46,16 @@ def family(name):
     return name.split("-")[0]
 
 
-def run(model, name, shape, slices, mode="keep"):
+def subject(model, name, shape) -> Subject:
     fam = family(name)
     torch.manual_seed(1)
     args, kwargs = INPUTS[fam](model, *shape)
 
-    def record(event):
-        if event.kind == "end" and event.length >= 2:
-            SEEN[fam].add(event.name)
-            if event.slices >= 2:
-                SLICED[fam][event.name] = max(SLICED[fam].get(event.name, 0), event.slices)
+    def engine(runner):
+        out = FORWARD[fam].streamlined_forward(model, runner, *args, **kwargs)
+        return out if isinstance(out, CutState) else out[0]
 
-    with torch.no_grad():
-        reference = model(*args, **kwargs)[0]
-        runner = Runner(lambda _n, _a, _l: (slices, mode), [record])
-        out = FORWARD[fam].streamlined_forward(model, runner, *args, **kwargs)[0]
-    assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
-    return out, reference
-
-
-def relative_error(out, reference):
-    return ((out - reference).abs().max() / reference.abs().max()).item()
+    return Subject(lambda: model(*args, **kwargs)[0], engine, cut_points(model))
 
 
 # (batch, frames, height, width) in pixels; latents are /8, the deepest level halves them once.
@@ -82,34 +66,68 @@ SHAPES = [
     (1, 5, 48, 80),    # slices that do not divide 5 frames or 60 pixels
 ]
 SLICES = [1, 2, 3, 7, 10_000]  # 1 is the control; 10_000 clamps to each axis: the most slicing
+CASES = [(name, shape, k) for name in MODELS for shape in SHAPES for k in SLICES]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}_t{}_{}x{}".format(*s))
-@pytest.mark.parametrize("slices", SLICES)
-def test_sliced_equals_unsliced(models, name, shape, slices):
-    out, reference = run(models[name], name, shape, slices)
-    assert out.shape == reference.shape
-    assert relative_error(out, reference) <= TOL
+@pytest.fixture(scope="module")
+def sliced(models):
+    """Every sliced case's error, and per family which groups ran sliced."""
+    coverage = {"svd": Coverage(), "animatediff": Coverage()}
+    errors = {}
+    for name, shape, k in CASES:
+        errors[name, shape, k] = check_sliced(subject(models[name], name, shape), k, coverage[family(name)])
+    return errors, coverage
+
+
+@pytest.mark.parametrize("name, shape, slices", CASES, ids=lambda v: "b{}_t{}_{}x{}".format(*v) if isinstance(v, tuple) else str(v))
+def test_sliced_equals_unsliced(sliced, name, shape, slices):
+    errors, _ = sliced
+    assert errors[name, shape, slices] <= TOL
 
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "b{}_t{}_{}x{}".format(*s))
 @pytest.mark.parametrize("slices", [2, 3, 10_000])
 def test_svd_temporal_resblock_recompute_mode_equals_unsliced(models, shape, slices):
-    out, reference = run(models["svd"], "svd", shape, slices, mode="recompute")
-    assert relative_error(out, reference) <= TOL
-
-
-def per_slice_group_norm(x, stats, eps, affine):
-    """The approximation the paper's released code makes: statistics of the slice alone."""
-    return F.group_norm(x, stats.num_groups, affine[0], affine[1], eps)
+    assert check_sliced(subject(models["svd"], "svd", shape), slices, mode="recompute") <= TOL
 
 
 @pytest.mark.parametrize("name", ["svd", "animatediff"])
 def test_per_slice_norm_statistics_fail_the_same_comparison(models, name, monkeypatch):
-    monkeypatch.setattr(slicing, "group_norm", per_slice_group_norm)
-    out, reference = run(models[name], name, (2, 3, 64, 64), 4)
-    assert relative_error(out, reference) > 10 * TOL  # the equivalence tests above would fail
+    check_per_slice_statistics_fail(subject(models[name], name, (2, 3, 64, 64)), monkeypatch)
+
+
+def test_every_group_with_an_axis_of_two_or_more_ran_with_two_or_more_slices(sliced):
+    _, coverage = sliced
+    for fam, cov in coverage.items():
+        assert cov.seen, f"no {fam} case ran"
+        assert not cov.never_sliced(), f"{fam} groups never sliced: {cov.never_sliced()}"
+    kinds = coverage["svd"].kinds() | coverage["animatediff"].kinds()
+    assert {"spatial", "temporal", "motion_modules", "attentions", "downsamplers", "conv_out"} <= kinds
+
+
+# -- cut points ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["svd", "animatediff"])
+@pytest.mark.parametrize("slices", [1, 3])
+def test_every_cut_captured_in_one_forward_runs_its_tail_and_shallow_path_to_the_same_output(models, name, slices):
+    cuts = cut_points(models[name])
+    report = check_cuts(subject(models[name], name, (2, 3, 40, 56)), slices)  # 5x7 latents: forwarded upsample sizes
+    assert report.tails == report.cuts == len(cuts) >= 20
+    assert report.shallow == sum(c.section in ("mid", "up") for c in cuts) >= 10
+
+
+def test_cut_ids_name_the_host_layers_and_what_each_tail_needs(models):
+    cuts = {c.id: c for c in cut_points(configs.build_diffusers_svd("meta"))}  # the full-size layout
+    assert len(cuts) == 42  # 18 down, 3 middle, 21 up
+    assert cuts["up0.0.attn"].after == "up_blocks.3.attentions.0" and cuts["up0.0.attn"].shallow == (
+        "conv_in", "down_blocks.0.resnets.0", "down_blocks.0.attentions.0")
+    assert cuts["up0.1.res"].shallow == ("conv_in",)
+    assert not cuts["up0.2.attn"].fresh and "replays" in cuts["up0.2.attn"].label
+    assert cuts["up0.1.attn"].fresh and cuts["up0.1.attn"].skips == 1
+    motion = {c.id: c for c in cut_points(models["animatediff"])}  # two levels in the tiny config
+    assert motion["up0.0.motion"].after == "up_blocks.1.motion_modules.0"
+    assert motion["down1.1.motion"].after == "down_blocks.1.motion_modules.1" and motion["mid.0.motion"]
 
 
 def test_group_norm_statistics_merge_stably_across_uneven_slices():
@@ -135,13 +153,3 @@ def test_slice_bounds_cover_the_axis_without_overlap():
             assert all(b0[1] == b1[0] for b0, b1 in zip(bounds, bounds[1:]))
             sizes = [b - a for a, b in bounds]
             assert len(bounds) == min(k, length) and max(sizes) - min(sizes) <= 1
-
-
-def test_every_group_with_an_axis_of_two_or_more_ran_with_two_or_more_slices():
-    # Runs after the equivalence cases above (file order): ask what the runs actually did.
-    for fam in ("svd", "animatediff"):
-        assert SEEN[fam], f"no {fam} case ran"
-        missing = sorted(SEEN[fam] - set(SLICED[fam]))
-        assert not missing, f"{fam} groups never sliced: {missing}"
-    kinds = {part for fam in SLICED for name in SLICED[fam] for part in name.split(".")}
-    assert {"spatial", "temporal", "motion_modules", "attentions", "downsamplers", "conv_out"} <= kinds

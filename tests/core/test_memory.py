@@ -81,6 +81,27 @@ def test_attention_counts_output_and_log_sum_exp_only(device):
     assert out.shape == (2, 4, 512, 16)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_device_peaks_include_the_attention_log_sum_exp(device):
+    q = torch.randn(2, 4, 512, 32, device=device)
+    k = torch.randn(2, 4, 256, 32, device=device)
+    v = torch.randn(2, 4, 256, 16, device=device)
+    with MemoryTracker() as t:
+        F.scaled_dot_product_attention(q, k, v)
+    assert t.peak_bytes == 2 * 4 * 512 * 16 * 4 + attention_lse_bytes(q)
+    assert t.peak_bytes_by_device == {device: t.peak_bytes}
+
+
+def test_the_log_sum_exp_counts_on_the_query_device_only():
+    q, k, v = (torch.randn(1, 2, 64, 8, device="meta") for _ in range(3))
+    with MemoryTracker() as t:
+        on_cpu = torch.ones(1000)  # 4000 bytes on the CPU, alive during the attention call
+        F.scaled_dot_product_attention(q, k, v)
+    out_bytes, lse_bytes = 1 * 2 * 64 * 8 * 4, attention_lse_bytes(q)
+    assert t.peak_bytes_by_device == {"cpu": 4000, "meta": out_bytes + lse_bytes}
+    assert t.peak_bytes == 4000 + out_bytes + lse_bytes and on_cpu.numel() == 1000
+
+
 def test_attention_on_cpu_still_computes_the_real_result():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))

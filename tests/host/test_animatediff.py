@@ -3,13 +3,12 @@ latent size, motion models generated here and injected by ADE while it samples."
 
 import pytest
 import torch
+from contract import ComfyProbe, Coverage
 
 from streamlined_core.arch import comfy_unet
 
 STEP_TOL = 1e-5  # every U-Net call, against the host's own _forward on the same inputs
 LATENT_TOL = 1e-4  # final latents after two euler steps
-SLICED: dict[str, int] = {}
-SEEN: set[str] = set()
 
 
 def rel(a, b):
@@ -48,36 +47,22 @@ def ksample(model, frames, h=8, w=8):
     return out["samples"]
 
 
-class Checked:
-    """Takes the node's object patch: runs the engine, and the host's own ``_forward`` on the same call.
-
-    It sits where the engine sits, inside every wrapper, so ADE's cross-frame norms are active for both.
-    """
-
-    def __init__(self, patched):
-        self.engine = patched.object_patches["diffusion_model._forward"]
-        self.errors, self.cross_frame, self.motion_modules, self.masked = [], [], [], []
-        self.engine.listeners.append(self.record)
-        patched.add_object_patch("diffusion_model._forward", self)
-
-    def record(self, event):
-        if event.kind == "end" and event.length >= 2:
-            SEEN.add(event.name)
-            if event.slices >= 2:
-                SLICED[event.name] = max(SLICED.get(event.name, 0), event.slices)
-
-    def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        unet = self.engine.unet
-        self.cross_frame.append(comfy_unet.cross_frame_norms())
-        modules = comfy_unet.motion_modules(unet)
-        self.motion_modules.append(len(modules))
-        self.masked.append(bool(modules) and all(
+def observe(unet):
+    """What was active in a U-Net call: ADE's norm mode, its injected modules, masks in use."""
+    modules = comfy_unet.comfy_ade.motion_modules(unet)
+    return {
+        "cross_frame": comfy_unet.comfy_ade.cross_frame_norms(),
+        "motion_modules": len(modules),
+        "masked": bool(modules) and all(
             isinstance(m.effect, torch.Tensor) and isinstance(m.temporal_transformer.raw_scale_masks[0], torch.Tensor)
-            for m in modules))
-        reference = type(unet)._forward(unet, x, timesteps, context, y, control, dict(transformer_options), **kwargs)
-        out = self.engine(x, timesteps, context, y, control, transformer_options, **kwargs)
-        self.errors.append(rel(out, reference))
-        return out
+            for m in modules),
+    }
+
+
+def probe(patched, coverage=None, **options):
+    check = ComfyProbe(patched, coverage, **options)
+    check.observe = observe
+    return check
 
 
 def assert_nothing_left(model):
@@ -89,7 +74,7 @@ def assert_nothing_left(model):
     comfy.model_management.unload_all_models()
     unet = model.get_model_object("diffusion_model")
     assert getattr(unet._forward, "__func__", None) is type(unet)._forward
-    assert not comfy_unet.motion_modules(unet), "ADE ejects its motion modules after sampling"
+    assert not comfy_unet.comfy_ade.motion_modules(unet), "ADE ejects its motion modules after sampling"
     assert not [name for name, m in unet.named_modules() if "forward" in m.__dict__]
 
 
@@ -101,40 +86,59 @@ def free_u(model):
 
 
 CASES = {
-    # motion model, frames, context length, where Streamline Model goes, masks as multivals, FreeU
-    "v2_5_frames_freeu": ("v2", 5, None, "after", False, True),
-    "v1_cross_frame_3_frames": ("v1", 3, None, "before", False, False),
-    "v2_7_frames_context_windows_of_4_scale_and_effect_masks": ("v2", 7, 4, "after", True, False),
+    # motion model, frames, context length, where Streamline Model goes, masks as multivals, FreeU, cut contract
+    "v2_5_frames_freeu": ("v2", 5, None, "after", False, True, False),
+    "v1_cross_frame_3_frames": ("v1", 3, None, "before", False, False, True),
+    "v2_7_frames_context_windows_of_4_scale_and_effect_masks": ("v2", 7, 4, "after", True, False, False),
+    "v2_2_frames_freeu": ("v2", 2, None, "after", False, True, True),
 }
 
 
+@pytest.fixture(scope="module")
+def runs(pack, ade, motion_models, sd15_patcher):
+    """Every case once: the plain graph, the graph through Streamline Model under the contract probe."""
+    coverage, results = Coverage(), {}
+    for case, (version, frames, context, order, multivals, freeu, cuts) in CASES.items():
+        base = free_u(sd15_patcher) if freeu else sd15_patcher
+        reference = ksample(evolved(ade, base, motion_models[version], context, multivals), frames)
+        if order == "after":
+            (patched,) = node(pack).patch(evolved(ade, base, motion_models[version], context, multivals), "upper bound", 3, 0.0, "all")
+        else:
+            (streamlined,) = node(pack).patch(base, "upper bound", 3, 0.0, "all")
+            patched = evolved(ade, streamlined, motion_models[version], context, multivals)
+        check = probe(patched, coverage, cuts=cuts)
+        out = ksample(patched, frames)
+        assert_nothing_left(sd15_patcher)
+        again = ksample(evolved(ade, base, motion_models[version], context, multivals), frames)
+        results[case] = (reference, out, check, again)
+    return results, coverage
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_evolved_sampling_through_streamline_model_equals_the_plain_graph(pack, ade, motion_models, sd15_patcher, case):
-    version, frames, context, order, multivals, freeu = CASES[case]
-    base = free_u(sd15_patcher) if freeu else sd15_patcher
-    reference = ksample(evolved(ade, base, motion_models[version], context, multivals), frames)
-    if order == "after":
-        (patched,) = node(pack).patch(evolved(ade, base, motion_models[version], context, multivals), "upper bound", 3, 0.0, "all")
-    else:
-        (streamlined,) = node(pack).patch(base, "upper bound", 3, 0.0, "all")
-        patched = evolved(ade, streamlined, motion_models[version], context, multivals)
-    check = Checked(patched)
-    out = ksample(patched, frames)
+def test_evolved_sampling_through_streamline_model_equals_the_plain_graph(runs, case):
+    version, frames, context, order, multivals, freeu, cuts = CASES[case]
+    reference, out, check, again = runs[0][case]
     assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
     assert len(check.errors) >= 2 and max(check.errors) <= STEP_TOL
     assert rel(out, reference) <= LATENT_TOL
-    assert min(check.motion_modules) == (21 if version == "v2" else 20)  # 8 down, 12 up, a mid block in v2
-    assert all(check.cross_frame) == (version == "v1")
-    assert all(check.masked) == multivals, "scale and effect masks were in use in every call"
-    assert_nothing_left(sd15_patcher)
-    assert torch.equal(ksample(evolved(ade, base, motion_models[version], context, multivals), frames), reference)
+    assert min(c["motion_modules"] for c in check.calls) == (21 if version == "v2" else 20)  # 8 down, 12 up, a mid block in v2
+    assert all(c["cross_frame"] for c in check.calls) == (version == "v1")
+    assert all(c["masked"] for c in check.calls) == multivals, "scale and effect masks were in use in every call"
+    assert torch.equal(again, reference)
 
 
-def test_every_group_of_the_animatediff_model_ran_sliced():
-    assert SEEN, "no case ran"
-    assert not sorted(SEEN - set(SLICED))
-    assert sum(name.endswith(".motion") for name in SLICED) >= 15  # those at 2x2 latents and up
-    assert {"input_blocks", "middle_block", "output_blocks", "out", "motion"} <= {p for n in SLICED for p in n.split(".")}
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][6]])
+def test_every_cut_with_motion_modules_runs_its_tail_and_shallow_path_to_the_same_output(runs, case):
+    (report,) = runs[0][case][2].reports
+    assert report.tails == report.cuts >= 50 and report.shallow >= 30
+
+
+def test_every_group_of_the_animatediff_model_ran_sliced(runs):
+    coverage = runs[1]
+    assert coverage.seen, "no case ran"
+    assert not coverage.never_sliced()
+    assert sum(name.endswith(".motion") for name in coverage.sliced) >= 15  # those at 2x2 latents and up
+    assert {"input_blocks", "middle_block", "output_blocks", "out", "motion"} <= coverage.kinds()
 
 
 def test_a_run_that_raises_inside_a_cross_frame_slice_restores_everything(pack, ade, motion_models, sd15_patcher):
@@ -169,7 +173,8 @@ def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, a
     reference = ksample(evolved(ade, sd15_patcher, motion_models["v2"]), 5)
     (patched,) = node(pack).patch(evolved(ade, sd15_patcher, motion_models["v2"]), "upper bound", 3, 0.0, "all")
     assert patched.object_patches["diffusion_model._forward"].adapter.forward is packs_comfy_unet.module_level_forward
-    check = Checked(patched)
+    check = probe(patched, fallback_captures=True)
     out = ksample(patched, 5)
     assert max(check.errors) <= STEP_TOL and rel(out, reference) <= LATENT_TOL
+    assert check.captures_compared >= 50  # the fallback's captures equal the stage loop's at every cut
     assert_nothing_left(sd15_patcher)

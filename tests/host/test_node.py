@@ -2,23 +2,12 @@
 
 import pytest
 import torch
+from contract import ComfyProbe
 
 from streamlined_core import configs
 
 
-def _server_nodes():
-    """The test-only node pack of the server test, which holds the tiny SVD's configuration."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent / "server_nodes" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("streamline_test_server_nodes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SVD_CONFIG = _server_nodes().SVD_CONFIG  # ComfyUI's unet_config of a tiny SVD_img2vid
+SVD_CONFIG = configs.TINY_COMFY_SVD_CONFIG  # ComfyUI's unet_config of a tiny SVD_img2vid
 
 
 def build_svd(weight_dtype=torch.float32, manual_cast=None):
@@ -57,20 +46,8 @@ def ksample(model, frames=3, h=8, w=12, steps=2):
 
 
 def checked(patcher):
-    """Compare every streamlined U-Net call with the host's own ``_forward`` on the same inputs."""
-    import comfy.patcher_extension as pe
-
-    errors = []
-
-    def wrapper(executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        out = executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        unet = executor.class_obj
-        reference = type(unet)._forward(unet, x, timesteps, context, y, control, dict(transformer_options), **kwargs)
-        errors.append(rel(out, reference))
-        return out
-
-    patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "check", wrapper)
-    return errors
+    """Every streamlined U-Net call against the host's own ``_forward`` on the same inputs (the contract's probe)."""
+    return ComfyProbe(patcher).errors
 
 
 # Sampling from sigma 700 (EDM) scales each call's rounding by up to ~700 in the latent, so final
@@ -132,6 +109,7 @@ def test_memory_estimate_is_restored_after_a_run_that_raises_and_another_packs_e
     import comfy.patcher_extension as pe
 
     base = svd_patcher.model
+    reference = ksample(svd_patcher)
 
     def other_pack_estimate(input_shape, cond_shapes={}):
         return 123.0
@@ -149,7 +127,7 @@ def test_memory_estimate_is_restored_after_a_run_that_raises_and_another_packs_e
         assert base.__dict__["memory_required"] is other_pack_estimate
     finally:
         del base.memory_required
-    assert rel(ksample(svd_patcher), ksample(svd_patcher)) == 0
+    assert torch.equal(ksample(svd_patcher), reference)  # the plain model samples as before the failed run
 
 
 def test_a_second_streamline_model_replaces_the_first(pack, svd_patcher):
@@ -311,3 +289,87 @@ def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, s
     assert patched.object_patches["diffusion_model._forward"].adapter.forward is packs_comfy_unet.module_level_forward
     errors = checked(patched)
     assert rel(ksample(patched, 5), reference) <= LATENT_TOL and max(errors) <= 1e-5
+
+
+# -- per-run context and budgets ----------------------------------------------------------------
+
+
+def pack_module(pack, name):
+    """A module of the engine as the pack loaded it (ComfyUI imports the pack by path: one copy)."""
+    import sys
+
+    return sys.modules[f"{pack.__name__}.streamlined_core.{name}"]
+
+
+def test_two_clones_of_one_streamlined_model_see_only_their_own_runs_events(pack, svd_patcher):
+    import comfy.patcher_extension as pe
+
+    context = pack_module(pack, "context")
+    (streamlined,) = node(pack).patch(svd_patcher, "upper bound", 3, 0.0, "all")
+    engine = streamlined.object_patches["diffusion_model._forward"]
+    assert not hasattr(engine, "listeners") and not hasattr(engine, "last_plan"), "the shared engine holds configuration only"
+    events = {"a": [], "b": []}
+    clones = {}
+    for key in events:
+        clone = streamlined.clone()
+
+        def listening(executor, *args, key=key, **kwargs):
+            with context.listen(events[key].append):
+                return executor(*args, **kwargs)
+
+        clone.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "listen", listening)
+        clones[key] = clone
+    ksample(clones["a"], frames=3)
+    seen_by_a = len(events["a"])
+    ksample(clones["b"], frames=5)
+    assert seen_by_a > 0 and len(events["a"]) == seen_by_a, "b's run reached a's listener"
+    items = lambda evs: {e.length for e in evs if type(e).__name__ == "GroupEvent" and e.axis == "frames"}  # noqa: E731
+    assert items(events["a"]) == {6} and items(events["b"]) == {10}  # 2 conds x frames
+    assert context.current() is None, "each run's context was left when it ended"
+
+
+def calls_counted(patcher):
+    import comfy.patcher_extension as pe
+
+    calls = []
+    patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "count", lambda ex, *a, **k: calls.append(1) or ex(*a, **k))
+    return calls
+
+
+def test_a_typed_budget_this_latent_cannot_meet_is_refused_before_the_first_step(pack, svd_patcher):
+    from streamlined_core.memory import GIB, weights_bytes
+
+    weights = weights_bytes(svd_patcher.get_model_object("diffusion_model"))
+    budget_gb = weights * 1.001 / GIB  # holds the weights, not the least activation peak
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, budget_gb, "all")
+    calls = calls_counted(patched)
+    with pytest.raises(ValueError, match=r"vram_budget_gb=[0-9.e-]+ cannot be met for this latent \(3 frames at 8x12.*"
+                                         r"least budget that works is [0-9.]+ GiB"):
+        ksample(patched, frames=3)
+    assert not calls, "refused before the first step"
+    assert "memory_required" not in svd_patcher.model.__dict__
+
+
+def test_a_typed_budget_below_the_weights_is_refused_when_the_node_runs(pack, svd_patcher):
+    with pytest.raises(ValueError, match=r"vram_budget_gb=1e-06 does not even hold the weights"):
+        node(pack).patch(svd_patcher, "auto", 8, 1e-6, "all")
+
+
+def test_the_default_budget_on_a_card_too_small_plans_the_least_peak_and_warns_once(pack, svd_patcher, monkeypatch, caplog):
+    """vram_budget_gb=0 on a device whose memory is short of weights plus the least reachable peak (SVD-XT on
+    a 4 GB card): the run goes ahead at the least peak, with one warning, as ComfyUI would offload weights."""
+    import logging
+    import sys
+
+    from streamlined_core.memory import weights_bytes
+
+    weights = weights_bytes(svd_patcher.get_model_object("diffusion_model"))
+    node_module = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__]
+    monkeypatch.setattr(node_module, "_device_memory", lambda: weights + 1024)  # the device's total memory
+    reference = ksample(svd_patcher)
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
+    errors = checked(patched)
+    with caplog.at_level(logging.WARNING):
+        out = ksample(patched)
+    short = [r for r in caplog.records if "short of the least reachable peak" in r.getMessage()]
+    assert len(short) == 1 and rel(out, reference) <= LATENT_TOL and max(errors) <= 1e-5

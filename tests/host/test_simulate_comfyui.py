@@ -1,6 +1,10 @@
 """ComfyUI's own SVD UNetModel in the simulator: meta equals CPU, the floor, the reference figures."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +95,29 @@ def test_readme_table_is_the_one_the_command_prints(all_rows):
     match = re.search(r"<!-- simulate:begin -->\n(.*?)<!-- simulate:end -->", readme, re.S)
     assert match, "README.md lost its generated simulate table markers"
     assert match.group(1) == format_markdown(all_rows), "regenerate with: streamline simulate --markdown"
+
+
+def test_simulate_json_prints_only_its_document_while_animatediff_evolved_logs(comfyui):
+    """ADE logs to stdout when imported (no motion models found, for one); the command's stdout stays JSON.
+
+    The command runs ComfyUI with its default attention (sub-quadratic on a CPU, which cannot run on
+    meta), and its rows equal those simulated here under PyTorch attention.
+    """
+    if not (Path(comfyui) / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved" / "__init__.py").is_file():
+        pytest.skip(f"AnimateDiff-Evolved is not in {comfyui}/custom_nodes (HOST.md: commit 90fb133 there)")
+    workload = dict(models=["animatediff"], implementations_wanted=["comfyui"], resolutions=[(64, 64)], frames=2)
+    command = Path(sys.executable).with_name("streamline")
+    argv = [str(command)] if command.is_file() else [sys.executable, "-m", "streamlined_core.cli"]
+    result = subprocess.run(
+        argv + ["simulate", "--json", "--model", "animatediff", "--implementation", "comfyui", "--resolution", "64x64",
+                "--frames", "2"],
+        env={**os.environ, "COMFYUI_PATH": str(comfyui)}, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(result.stdout)
+    assert "[3/3] AnimateDiff (comfyui) 64x64 2 frames" in result.stderr  # progress goes to stderr
+    here = [r.as_dict() for r in simulate(**workload)]
+    assert [r["variant"] for r in rows][0] == "original" and len(rows) == len(here) == 3
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [
+        {k: v for k, v in r.items() if k != "seconds"} for r in here
+    ]

@@ -5,15 +5,7 @@ Never shipped: the server test links this folder into a temporary ``custom_nodes
 
 import torch
 
-SVD_CONFIG = {
-    "image_size": 32, "model_channels": 64, "in_channels": 8, "out_channels": 4, "use_linear_in_transformer": True,
-    "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "channel_mult": [1, 2],
-    "num_res_blocks": [1, 1], "context_dim": 64, "adm_in_channels": 768, "num_classes": "sequential",
-    "use_temporal_attention": True, "use_temporal_resblock": True, "use_spatial_transformer": True,
-    "transformer_depth_middle": 1, "extra_ff_mix_layer": True, "use_spatial_context": True,
-    "merge_strategy": "learned_with_images", "merge_factor": 0.0, "video_kernel_size": [3, 1, 1],
-    "disable_temporal_crossattention": False, "max_ddpm_temb_period": 10000, "num_head_channels": 32,
-}
+from streamlined_core.configs import TINY_COMFY_SVD_CONFIG as SVD_CONFIG  # noqa: E402  the one tiny SVD
 
 
 class TinySVD:

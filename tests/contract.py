@@ -1,0 +1,204 @@
+"""The one contract every adapter and loop is held to, bound to each model by the test files.
+
+For a call of a model (a :class:`Subject`: the host's own forward, and the engine's forward given a
+:class:`~streamlined_core.slicing.Runner`):
+
+* sliced equals unsliced: max abs difference at most ``TOL`` of the output's max magnitude, fp32
+  (BENCHMARKS.md); one slice is the control, and :class:`Coverage` records which groups ran sliced;
+* every cut point, captured in one full forward: the tail from the captured state equals the full
+  forward (bitwise on the CPU in fp32 when nothing is sliced, within ``TOL`` when sliced); for middle
+  and up cuts, the shallow path that recomputes the skips plus the tail, fed that forward's deep
+  feature, equals it too; stopping at a cut returns the state a capture records;
+* per-slice norm statistics (the approximation the paper's released code makes) fail the first check.
+
+Removal (the model exactly as before) is checked where each adapter is patched: ``streamline()``'s
+handle, the node's clone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from streamlined_core import slicing
+from streamlined_core.slicing import GroupEvent, Runner
+from streamlined_core.stages import CutPoint, CutState, StageRequest
+
+TOL = 1e-5
+
+
+def rel(out: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max abs difference relative to the reference's max magnitude."""
+    return ((out - reference).abs().max() / reference.abs().max()).item()
+
+
+@dataclass
+class Coverage:
+    """Which groups with an axis of two or more ran, and which of them ran with two or more slices."""
+
+    seen: set[str] = field(default_factory=set)
+    sliced: dict[str, int] = field(default_factory=dict)
+
+    def record(self, event: Any) -> None:
+        # by name: under ComfyUI the events come from the pack's own copy of the core
+        if type(event).__name__ == GroupEvent.__name__ and event.kind == "end" and event.length >= 2:
+            self.seen.add(event.name)
+            if event.slices >= 2:
+                self.sliced[event.name] = max(self.sliced.get(event.name, 0), event.slices)
+
+    def never_sliced(self) -> list[str]:
+        return sorted(self.seen - set(self.sliced))
+
+    def kinds(self) -> set[str]:
+        return {part for name in self.sliced for part in name.split(".")}
+
+
+@dataclass
+class Subject:
+    """One model call under the contract. Both callables build fresh containers per call (hosts pop
+    control lists and write options in place)."""
+
+    reference: Callable[[], torch.Tensor]  # the host's own forward
+    engine: Callable[[Runner], Any]  # the engine's forward: a tensor, or a CutState when asked to stop
+    cuts: list[CutPoint]
+
+
+def forced(slices: int, mode: str = "keep", listeners=(), request: StageRequest | None = None) -> Runner:
+    """A runner that gives every group ``slices`` slices (clamped to its axis)."""
+    return Runner(lambda _n, _a, _l: (slices, mode), listeners, request)
+
+
+def check_sliced(subject: Subject, slices: int, coverage: Coverage | None = None, mode: str = "keep") -> float:
+    """The engine with every group at ``slices`` slices against the host's own forward: the error."""
+    with torch.no_grad():
+        reference = subject.reference()
+        out = subject.engine(forced(slices, mode, [coverage.record] if coverage else []))
+    assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
+    assert out.shape == reference.shape
+    return rel(out, reference)
+
+
+def check_per_slice_statistics_fail(subject: Subject, monkeypatch, slices: int = 4) -> None:
+    """The same comparison with per-slice norm statistics must fail (so it can fail at all)."""
+    monkeypatch.setattr(slicing, "group_norm", lambda x, stats, eps, affine: F.group_norm(x, stats.num_groups, affine[0], affine[1], eps))
+    assert check_sliced(subject, slices) > 10 * TOL
+
+
+@dataclass
+class CutReport:
+    cuts: int = 0
+    tails: int = 0
+    shallow: int = 0
+    worst: float = 0.0
+
+
+def check_cuts(subject: Subject, slices: int = 1) -> CutReport:
+    """Capture every cut in one full forward, then run each tail (and each shallow path plus tail) from it."""
+    report = CutReport(cuts=len(subject.cuts))
+    ids = [c.id for c in subject.cuts]
+    assert len(set(ids)) == len(ids), "canonical cut ids are unique"
+    with torch.no_grad():
+        request = StageRequest(capture=frozenset(ids))
+        full = subject.engine(forced(slices, request=request))
+        (captured,) = request.captures
+        assert set(captured) == set(ids), f"not captured: {sorted(set(ids) - set(captured))}"
+        expected = full if slices == 1 else subject.reference()
+        if slices > 1:
+            assert rel(full, expected) <= TOL
+
+        def same(out: torch.Tensor, what: str) -> None:
+            if slices == 1:
+                assert torch.equal(out, full), f"{what} differs from the full forward by {rel(out, full):.3g}"
+            else:
+                error = rel(out, expected)
+                report.worst = max(report.worst, error)
+                assert error <= TOL, f"{what}: {error:.3g}"
+
+        for cut in subject.cuts:
+            state = captured[cut.id]
+            assert len(state.skips) == cut.skips
+            same(subject.engine(forced(slices, request=StageRequest(start=state))), f"tail from {cut.id}")
+            report.tails += 1
+            if cut.section in ("mid", "up"):
+                shallow = StageRequest(start=CutState(cut.id, state.h, [], state.pending), recompute_skips=True)
+                same(subject.engine(forced(slices, request=shallow)), f"shallow path + tail at {cut.id}")
+                report.shallow += 1
+        if slices == 1:  # stopping at a cut returns what a capture records there
+            middle = subject.cuts[len(subject.cuts) // 2]
+            stopped = subject.engine(forced(1, request=StageRequest(stop=middle.id)))
+            assert isinstance(stopped, CutState) and same_state(stopped, captured[middle.id])
+    return report
+
+
+def same_state(a: CutState, b: CutState) -> bool:
+    """Bitwise-equal feature and skips, the same pending upsampler and shape."""
+    pending = (a.pending is None and b.pending is None) or (
+        a.pending is not None and b.pending is not None and a.pending.module is b.pending.module
+        and tuple(a.pending.skip_shape or ()) == tuple(b.pending.skip_shape or ()))
+    return (a.cut == b.cut and torch.equal(a.h, b.h) and len(a.skips) == len(b.skips)
+            and all(torch.equal(x, y) for x, y in zip(a.skips, b.skips)) and pending)
+
+
+def _fresh_control(control):
+    return None if control is None else {k: list(v) for k, v in control.items()}
+
+
+class ComfyProbe:
+    """Takes a ComfyUI clone's engine object patch and sits where the engine sits, inside every wrapper
+    (so AnimateDiff-Evolved's injected modules and cross-frame norms are active for both sides): each
+    U-Net call runs the host's own ``_forward`` and the engine on the same inputs and records the error.
+
+    ``cuts``: the first call also runs :func:`check_cuts` on the engine's stage loop, unsliced.
+    ``fallback_captures``: the first call also checks that the module-level fallback's captures equal
+    the stage loop's.
+    """
+
+    def __init__(self, patched, coverage: Coverage | None = None, cuts: bool = False, fallback_captures: bool = False):
+        self.engine = patched.object_patches["diffusion_model._forward"]
+        self.coverage = coverage or Coverage()
+        self.cuts, self.fallback_captures = cuts, fallback_captures
+        self.errors: list[float] = []
+        self.reports: list[CutReport] = []
+        self.captures_compared = 0
+        self.calls: list[dict] = []  # per call: what was active (filled by ``observe``)
+        self.observe: Callable[[Any], dict] | None = None
+        patched.add_object_patch("diffusion_model._forward", self)
+
+    def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        import sys
+
+        from streamlined_core.arch import comfy_unet
+
+        # the engine's own copy of the core (ComfyUI loads the pack by path): its run context
+        listen = sys.modules[type(self.engine).__module__.rsplit(".", 1)[0] + ".context"].listen
+        unet = self.engine.unet
+        if self.observe is not None:
+            self.calls.append(self.observe(unet))
+        with torch.no_grad():
+            reference = type(unet)._forward(unet, x, timesteps, context, y, _fresh_control(control),
+                                            dict(transformer_options), **kwargs)
+        first = not self.errors
+        if first and (self.cuts or self.fallback_captures):
+            def engine_with(forward):
+                return lambda runner: forward(unet, runner, x, timesteps, context, y, _fresh_control(control),
+                                              dict(transformer_options), **kwargs)
+
+            subject = Subject(lambda: reference, engine_with(comfy_unet.streamlined_forward), comfy_unet.cuts(unet))
+            if self.cuts:
+                self.reports.append(check_cuts(subject))
+            if self.fallback_captures:
+                ids = frozenset(c.id for c in subject.cuts)
+                owned, fallback = StageRequest(capture=ids), StageRequest(capture=ids)
+                with torch.no_grad():
+                    subject.engine(forced(1, request=owned))
+                    engine_with(comfy_unet.module_level_forward)(forced(1, request=fallback))
+                for cut in ids:
+                    assert same_state(fallback.captures[0][cut], owned.captures[0][cut]), cut
+                self.captures_compared = len(ids)
+        with listen(self.coverage.record):
+            out = self.engine(x, timesteps, context, y, control, transformer_options, **kwargs)
+        self.errors.append(rel(out, reference))
+        return out

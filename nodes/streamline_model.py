@@ -32,16 +32,23 @@ class StreamlineRun:
 
     def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
         with run_context():
-            self._check_budget(args[1] if len(args) > 1 else kwargs.get("latent_image"))
+            patcher = executor.class_obj.model_patcher
+            self._check_budget(args[1] if len(args) > 1 else kwargs.get("latent_image"), patcher)
             return self._with_estimate(executor, *args, **kwargs)
 
-    def _check_budget(self, latent) -> None:
-        """A budget the user typed that this latent cannot meet is refused before the first step."""
+    def _check_budget(self, latent, patcher) -> None:
+        """A budget the user typed that this latent cannot meet is refused before the first step.
+
+        Where another pack injects modules while the model loads (AnimateDiff-Evolved's motion
+        modules, context windows) the U-Net's calls are not known yet: the first call's plan refuses
+        such a budget instead, naming it the same way.
+        """
         engine = self.engine
-        if engine.budget_bytes is None or latent is None or latent.dim() != 4:
+        if engine.budget_bytes is None or latent is None or latent.dim() != 4 or getattr(patcher, "injections", None):
             return
-        shape = (2 * latent.shape[0], *latent.shape[1:])  # both conds batched: the most the U-Net sees at once
-        least = engine.least_total_bytes(comfy_unet.example_arguments(engine.unet, shape))
+        frames = latent.shape[0]
+        shape = (2 * frames, *latent.shape[1:])  # both conds batched: the most the U-Net sees at once
+        least = engine.least_total_bytes(comfy_unet.example_arguments(engine.unet, shape, frames=frames))
         if least > engine.budget_bytes:
             frames, _, h, w = latent.shape
             raise ValueError(

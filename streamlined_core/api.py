@@ -142,7 +142,9 @@ class Streamliner:
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self._arguments(args, kwargs)
         with run_context() as ctx:
-            ctx.calls += 1
+            if ctx.request is not None and ctx.request.stop is not None:
+                raise ValueError("StageRequest(stop=...) ends a forward at a cut and returns its state, which a host "
+                                 "cannot take as the model's output: call the adapter's forward directly for that")
             if self.slices != "auto" and self.budget_bytes is None:
                 k, axes = self.slices, self.axes
                 decide = lambda _name, axis, length: (min(k, length) if axis in axes else 1, "keep")  # noqa: E731
@@ -197,15 +199,17 @@ class Streamliner:
                      f"weights {planner.weights_bytes / GIB:.2f} GiB + activations {(least - planner.weights_bytes) / GIB:.2f} "
                      f"GiB at the most slicing)")
             if self.budget_bytes is not None:
-                raise ValueError(f"{self.budget_name}={total / self.budget_unit:g} is below the least reachable peak "
-                                 f"for this input: {found}")
+                raise ValueError(f"{self.budget_name}={total / self.budget_unit:g} is below the least reachable peak: "
+                                 f"{found}, for input {tuple(arguments[self.adapter.sample].shape)}")
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
                        f"offload weights")
             if message not in self._warned:  # once, not once per call shape planned (the estimate plans too)
                 self._warned.add(message)
-                log.warning(message)
-                warnings.warn(message, stacklevel=4)
+                if self.budget_name == "budget_bytes":  # the Python API: a warning callers can filter
+                    warnings.warn(message, stacklevel=4)
+                else:  # inside ComfyUI: its log
+                    log.warning(message)
         return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:

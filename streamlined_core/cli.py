@@ -96,6 +96,7 @@ def _stream_handlers() -> list[logging.StreamHandler]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``streamline``."""
+    from .cuda_bench import DEFAULT_DEADLINE_S
     from .simulate import IMPLEMENTATIONS, MODELS
 
     parser = argparse.ArgumentParser(
@@ -128,27 +129,119 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="latency of the streamlined U-Net against the original, and what each cut point costs (CPU, mid-size)",
+        help="latency of the streamlined U-Net against the original, what each cut point costs (CPU, mid-size), "
+        "and every simulated figure measured on a GPU (--cuda)",
         description="--latency: time original and streamlined U-Net calls side by side (alternating, after warm-up; "
         "medians) with the plan that meets the memory target, and print the ratio with both peaks. --cuts: time "
         "every stage inside full streamlined forwards and print, for each cut point of the up path, the tail's and "
-        "the shallow path plus tail's share of a full forward (checked by timing three cuts directly), with FLOP shares.",
+        "the shallow path plus tail's share of a full forward (checked by timing three cuts directly), with FLOP shares. "
+        "--cuda: on a CUDA device, run full-size random-weight U-Nets in fp16, original and streamlined with the plan "
+        "that meets the memory target, and print a Markdown table of max_memory_allocated minus what was allocated "
+        "before, max_memory_reserved, device memory in use and the latency ratio beside the simulator's figures; it "
+        "stops by itself at --deadline and lists the rows it did not reach; exit status 1 when a row failed.",
     )
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--latency", action="store_true", help="measure the latency ratio")
     what.add_argument("--cuts", action="store_true", help="measure what a tail from each up-path cut point costs")
-    bench.add_argument("--config", choices=("mid", "tiny"), default="mid", help="mid (CONFIGS.md, default) or tiny (a quick check)")
+    what.add_argument("--cuda", action="store_true",
+                      help="measure memory and latency of the full-size models on the CUDA device, beside the simulator's figures")
+    bench.add_argument(
+        "--config", choices=("mid", "tiny", "full"), default=None,
+        help="--latency/--cuts: mid (CONFIGS.md, default) or tiny (a quick check); --cuda: full (default) or tiny",
+    )
     bench.add_argument("--warmup", type=_non_negative, default=2, help="untimed calls of each before timing (default: 2)")
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls of each; the median is reported (default: 5)")
-    bench.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
-    bench.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+    bench.add_argument("--threads", type=_positive, default=2, help="torch CPU threads of --latency and --cuts (default: 2)")
+    bench.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds (--cuda always does)")
+    bench.add_argument(
+        "--model", type=_choices(tuple(MODELS)), default=None, metavar="NAMES",
+        help=f"--cuda: comma-separated models among {', '.join(MODELS)} (default: all)",
+    )
+    bench.add_argument(
+        "--implementation", type=_choices(IMPLEMENTATIONS), default=None, metavar="NAMES",
+        help="--cuda: comma-separated among diffusers, comfyui (default: both; ComfyUI rows need a ComfyUI checkout)",
+    )
+    bench.add_argument("--deadline", type=_positive, default=None, metavar="SECONDS",
+                       help="--cuda: stop after this many seconds; rows not reached are listed as not measured "
+                       f"(default: {DEFAULT_DEADLINE_S}, so the run ends within 5 minutes)")
+    bench.add_argument("--json-out", default=None, metavar="PATH", help="--cuda: also write every figure as JSON to PATH")
+    bench.set_defaults(parser=bench)  # errors about bench's options show bench's usage
     return parser
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    """Bench options that belong to one mode only, and the default --config of each mode."""
+    parser = args.parser
+    if args.cuda:
+        from .simulate import IMPLEMENTATIONS, MODELS
+
+        if args.config == "mid":
+            parser.error("argument --config: mid is for --latency and --cuts; --cuda takes full (default) or tiny")
+        args.config = args.config or "full"
+        args.model = args.model or list(MODELS)
+        args.implementation = args.implementation or list(IMPLEMENTATIONS)
+        return
+    mode = "--latency" if args.latency else "--cuts"
+    if args.config == "full":
+        parser.error(f"argument --config: full is for --cuda; {mode} takes mid (default) or tiny")
+    args.config = args.config or "mid"
+    for option, value in (("--model", args.model), ("--implementation", args.implementation),
+                          ("--deadline", args.deadline), ("--json-out", args.json_out)):
+        if value is not None:
+            parser.error(f"argument {option}: only with --cuda")
+
+
+def _check_json_out(path: str) -> str | None:
+    """Why ``--json-out PATH`` could not be written, before the device time is spent; None if it can."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        return f"--json-out {path}: is a directory; give a file path"
+    if not os.path.isdir(folder):
+        return f"--json-out {path}: directory {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        return f"--json-out {path}: not writable"
+    return None
+
+
+def _bench_cuda(args: argparse.Namespace) -> int:
+    """``streamline bench --cuda``: refuse without a CUDA device, else measure, print the table, write JSON."""
+    from . import cuda_bench
+
+    try:
+        probe = cuda_bench.cuda_probe()
+    except cuda_bench.NoCudaDevice as exc:
+        print(f"streamline: bench --cuda measures on a CUDA device and finds none: {exc}. `streamline simulate` "
+              f"prints the simulated figures on any machine", file=sys.stderr)
+        return 2
+    if args.json_out is not None and (why := _check_json_out(args.json_out)) is not None:
+        print(f"streamline: {why}", file=sys.stderr)
+        return 2
+    deadline = args.deadline if args.deadline is not None else cuda_bench.DEFAULT_DEADLINE_S
+    with _stdout_to_stderr():  # whatever ComfyUI prints while loaded and run
+        result = cuda_bench.measure(
+            probe, args.config, models=args.model, implementations_wanted=args.implementation, warmup=args.warmup,
+            repeats=args.repeats, deadline_s=deadline, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
+    print(cuda_bench.format_markdown(result), end="", flush=True)  # first: the table outlives a failed write
+    if args.json_out is not None:
+        try:
+            with open(args.json_out, "w") as f:
+                json.dump(result.as_dict(), f, indent=2)
+        except OSError as exc:
+            print(f"streamline: --json-out {args.json_out}: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 1 if any(r.status == "error" for r in result.rows) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamline`` command."""
     args = build_parser().parse_args(argv)
-    wants_diffusers = args.command == "bench" or "diffusers" in getattr(args, "implementation", ())
+    if args.command == "bench":
+        _check_bench(args)
+    bench_cuda = args.command == "bench" and args.cuda
+    wants_diffusers = (args.command == "bench" and not bench_cuda) or "diffusers" in (args.implementation or ())
     if wants_diffusers and importlib.util.find_spec("diffusers") is None:
         print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
               "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
@@ -171,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_markdown(rows), end="")
         else:
             print(format_text(rows), end="")
+    elif bench_cuda:
+        return _bench_cuda(args)
     elif args.command == "bench":
         from .bench import cuts, format_cuts, format_latency, latency
 

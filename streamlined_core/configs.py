@@ -160,7 +160,7 @@ def comfy_animatediff_inputs(model, batch: int, frames: int, height: int, width:
     from .comfy_host import animatediff_evolved
 
     injection = animatediff_evolved("animatediff.model_injection")
-    for module in comfy_unet.motion_modules(model):
+    for module in comfy_unet.comfy_ade.motion_modules(model):
         module.set_video_length(frames, frames)
     p = next(model.parameters())
     n = batch * frames

@@ -32,7 +32,6 @@ class RunContext:
     listeners: list[Callable[[Any], None]] = field(default_factory=list)
     plans: list[Any] = field(default_factory=list)  # the Plan of every planned call, in order
     request: StageRequest | None = None
-    calls: int = 0  # U-Net calls the engine ran in this run
 
 
 def current() -> RunContext | None:

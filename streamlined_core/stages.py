@@ -39,7 +39,8 @@ class StageSpec:
     push: bool = False  # its output is also pushed as a skip tensor
     consumes: bool = False  # pops a skip tensor; the pending upsampler and the concatenation fuse in
     upsamples: bool = False  # leaves an upsampler pending, fused into the next consuming stage
-    uses_emb: bool = False  # reads the timestep embedding (a fresh input on every step)
+    uses_emb: bool = False  # reads the timestep embedding or other per-step state (a fresh input on every step)
+    takes_feature: bool = False  # the body takes its input from ``StageIO.take_feature()``
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,18 @@ class Pending:
 class StageIO:
     """What a stage's body gets besides the feature: the popped skip (``take_skip()``, so the body
     can let it go as soon as it is consumed), the pending upsampler, and the shape of the skip on top
-    of the stack afterwards (ComfyUI's ``output_shape``)."""
+    of the stack afterwards (ComfyUI's ``output_shape``). A stage whose spec says ``takes_feature``
+    gets its feature here too (``take_feature()``) and None as its first argument, so nothing but
+    its own code holds the input (an up ResBlock frees it between its spatial and temporal halves)."""
 
     def __init__(self, skip: torch.Tensor | None = None, pending: Pending | None = None,
-                 next_skip_shape: tuple[int, ...] | None = None) -> None:
+                 next_skip_shape: tuple[int, ...] | None = None, feature: list[torch.Tensor] | None = None) -> None:
         self._skip, self.pending, self.next_skip_shape = skip, pending, next_skip_shape
+        self._feature = feature if feature is not None else []
+
+    def take_feature(self) -> torch.Tensor:
+        """The stage's input feature; the loop keeps no reference to it afterwards."""
+        return self._feature.pop()
 
     def take_skip(self) -> torch.Tensor | None:
         """The popped skip tensor; the loop keeps no reference to it afterwards."""
@@ -193,7 +201,7 @@ class StageRequest:
     captures: list[dict[str, CutState]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.capture = frozenset(self.capture)
+        self.capture = frozenset([self.capture] if isinstance(self.capture, str) else self.capture)
 
 
 @dataclass(frozen=True)
@@ -227,7 +235,7 @@ def run(unet_stages: UNetStages, x: torch.Tensor, request: StageRequest | None =
     h, skips, pending = x, [], None
     first = 0
     while stages[first].spec.section == "prologue":
-        h = _run_stage(stages[first], h, skips, pending, emit)
+        h = _run_stage(stages[first], [h], skips, pending, emit)
         first += 1
     if request.start is not None:
         cut = find_cut(unet_stages, request.start.cut)
@@ -236,16 +244,15 @@ def run(unet_stages: UNetStages, x: torch.Tensor, request: StageRequest | None =
             if cut.section not in ("mid", "up"):
                 raise ValueError(f"recompute_skips needs a cut in the middle or up path; {cut.id} is in the {cut.section} path")
             while len(skips) < cut.skips:
-                h = _run_stage(stages[begin], h, skips, None, emit)
+                h = _run_stage(stages[begin], [h], skips, None, emit)
                 begin += 1
         for s in stages[begin:cut.index + 1]:
             if s.bypass is not None:
                 s.bypass()
             emit(StageEvent("skipped", s.spec.name))
-        state = request.start.clone()
-        h, pending = state.h, state.pending
+        h, pending = request.start.h.clone(), request.start.pending  # tails may write into their input
         if not request.recompute_skips:
-            skips = state.skips
+            skips = [s.clone() for s in request.start.skips]
         if len(skips) != cut.skips:
             raise ValueError(f"a state at {cut.id} holds {len(skips)} skip tensors; the stack there holds {cut.skips}")
         first = cut.index + 1
@@ -255,7 +262,8 @@ def run(unet_stages: UNetStages, x: torch.Tensor, request: StageRequest | None =
         if pending is not None and not s.spec.consumes:
             h = unet_stages.flush(h, pending)
             pending = None
-        h = _run_stage(s, h, skips, pending, emit)
+        feature, h = [h], None  # the stage alone holds its input
+        h = _run_stage(s, feature, skips, pending, emit)
         if s.spec.consumes:
             pending = None
         if s.spec.upsamples:
@@ -271,13 +279,13 @@ def run(unet_stages: UNetStages, x: torch.Tensor, request: StageRequest | None =
     return h
 
 
-def _run_stage(stage: Stage, h: torch.Tensor, skips: list[torch.Tensor], pending: Pending | None,
+def _run_stage(stage: Stage, feature: list[torch.Tensor], skips: list[torch.Tensor], pending: Pending | None,
                emit: Callable[[Any], None]) -> torch.Tensor:
     spec = stage.spec
     emit(StageEvent("start", spec.name))
     io = StageIO(skips.pop() if spec.consumes else None, pending if spec.consumes else None,
-                 tuple(skips[-1].shape) if skips else None)
-    h = stage.body(h, io)
+                 tuple(skips[-1].shape) if skips else None, feature)
+    h = stage.body(None, io) if spec.takes_feature else stage.body(feature.pop(), io)
     del io
     if spec.push:
         skips.append(h if stage.skip_of is None else stage.skip_of(h))

@@ -10,7 +10,7 @@ group of the unit's resnet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -76,7 +76,11 @@ def build_stages(
         # ControlNet's down residuals are added to the skips only, never to the feature that goes on
         if residuals is None:
             return None
-        r = residuals[sum(s.spec.push for s in stages)]
+        index = sum(s.spec.push for s in stages)
+        if index >= len(residuals):
+            raise ValueError(f"down_block_additional_residuals holds {len(residuals)} tensors; this U-Net hands "
+                             f"{len(skip_layout(unet, 1, 1))} skip tensors to its up path")
+        r = residuals[index]
         return lambda h: h + r
 
     def plain(name: str, section, kind, group: Group, push: bool = False, uses_emb: bool = False) -> None:
@@ -110,9 +114,11 @@ def build_stages(
             if mm is not None and layers.motion is not None:
                 plain(f"mid_block.motion_modules.{j}", "mid", "motion", layers.motion(f"mid_block.motion_modules.{j}", mm))
             plain(f"mid_block.resnets.{j + 1}", "mid", "res", layers.resnet(f"mid_block.resnets.{j + 1}", res), uses_emb=True)
-    if mid_residual is not None:
+    if mid_residual is not None:  # ControlNet's middle residual goes onto the feature after the middle block
+        if mid is None:
+            raise ValueError("mid_block_additional_residual was given but this U-Net has no mid_block")
         last = stages[-1]
-        stages[-1] = Stage(last.spec, lambda h, io, body=last.body: body(h, io) + mid_residual)
+        stages[-1] = replace(last, body=lambda h, io, body=last.body: body(h, io) + mid_residual)
 
     for i, block in enumerate(unet.up_blocks):
         attentions = getattr(block, "attentions", None)
@@ -122,13 +128,13 @@ def build_stages(
             name = f"up_blocks.{i}.resnets.{j}"
             fused = layers.up_resnet(name, res, block)
 
-            def body(h: torch.Tensor, io: StageIO, fused=fused) -> torch.Tensor:
+            def body(_: None, io: StageIO, fused=fused) -> torch.Tensor:
                 size = None
                 if io.pending is not None and forward_upsample_size and io.pending.skip_shape is not None:
                     size = io.pending.skip_shape[2:]
-                return fused(h, io.take_skip, io.pending.module if io.pending is not None else None, size)
+                return fused(io.take_feature(), io.take_skip, io.pending.module if io.pending is not None else None, size)
 
-            unit = [(StageSpec(name, "up", "res", consumes=True, uses_emb=True), body)]
+            unit = [(StageSpec(name, "up", "res", consumes=True, uses_emb=True, takes_feature=True), body)]
             if attentions is not None:
                 group = layers.attention(f"up_blocks.{i}.attentions.{j}", attentions[j])
                 unit.append((StageSpec(f"up_blocks.{i}.attentions.{j}", "up", "attn"), lambda h, io, g=group: g(h)))
@@ -138,8 +144,7 @@ def build_stages(
             for k, (spec, b) in enumerate(unit):
                 last_unit = j == len(block.resnets) - 1 and k == len(unit) - 1
                 if last_unit and upsampler is not None:
-                    spec = StageSpec(spec.name, spec.section, spec.kind, spec.push, spec.consumes, True, spec.uses_emb)
-                    stages.append(Stage(spec, b, upsampler=upsampler))
+                    stages.append(Stage(replace(spec, upsamples=True), b, upsampler=upsampler))
                 else:
                     stages.append(Stage(spec, b))
 

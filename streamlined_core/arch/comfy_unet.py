@@ -316,7 +316,9 @@ def layer_specs(model: nn.Module) -> list[tuple[StageSpec, nn.Module | None, nn.
 
     def spec(name, section, layer, **flags):
         kind = _kind(layer, host, name == "input_blocks.0.0")
-        uses_emb = kind in ("res", "layer")  # an unknown layer may read the embedding
+        # per-step inputs: the embedding (ResBlocks), AnimateDiff-Evolved's scheduled effects and
+        # masks (motion modules), and whatever an unknown layer reads
+        uses_emb = kind in ("res", "motion", "layer")
         return StageSpec(name, section, kind, uses_emb=uses_emb, **flags)
 
     for i, block in enumerate(model.input_blocks):
@@ -545,7 +547,7 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
             else:
                 out = _layer(runner, name, layer, h, c, a.get("output_shape"), count=False)
             if recorder is not None:
-                recorder.left(name, out)
+                recorder.left(name)
             return out
         return run
 
@@ -570,6 +572,8 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
                        Call(None, None, {}, None, 1, h.shape[0], None, cross), _group_norms(head))
 
     install(head, run_head)
+    if recorder is not None:
+        transformer_options = recorder.options(transformer_options)
     try:
         return type(model)._forward(model, x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
@@ -578,51 +582,72 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
 
 
 class _CaptureRecorder:
-    """Captures at cut points under the host's own loop, from what its layers receive and return.
+    """Captures at cut points under the host's own loop, from what its layers and block hooks see.
 
-    The feature at a cut is what the next layer receives (after the block-end hooks the host ran in
-    between), except before an output block's first layer, which receives the concatenation: there
-    it is the last layer's output (in-place hooks such as ``apply_control`` included). A skip is what
-    the layer after an input block receives. Upsamplers are layers here: a cut before one records it
-    as pending, with the shape it upsamples to.
+    Skips are what the host appends to ``hs``: a first ``input_block_patch_after_skip`` entry
+    receives exactly that tensor (kept as a copy while capturing: the host adds an output block's
+    control into its skip in place). The feature at a cut is what the next layer receives (after the
+    block-end hooks the host ran in between), except before an output block, whose first layer
+    receives the concatenation: there a first ``output_block_patch`` entry receives the feature
+    before any other patch (FreeU writes into it in place). Upsamplers are layers here: a cut before
+    one records it as pending, with the shape it upsamples to.
     """
 
     def __init__(self, model: nn.Module, request: StageRequest) -> None:
-        self.specs = [s for s, _, _ in layer_specs(model)]
-        self.upsamplers = {s.name: up for s, _, up in layer_specs(model) if up is not None}
+        specs = layer_specs(model)
+        self.specs = [s for s, _, _ in specs]
+        self.upsamplers = {s.name: up for s, _, up in specs if up is not None}
         self.cuts = {c.after: c for c in cut_points(self.specs)}
-        self.by_id = {c.id: c for c in self.cuts.values()}
-        self.wanted = {(self.by_id.get(w) or self.cuts[w]).after for w in request.capture}
+        by_id = {c.id: c for c in self.cuts.values()}
+        unknown = [w for w in request.capture if w not in by_id and w not in self.cuts]
+        if unknown:
+            raise KeyError(f"no cut point {unknown[0]!r} in this U-Net; cut points: {', '.join(by_id)}")
+        self.wanted = {(by_id.get(w) or self.cuts[w]).after for w in request.capture}
         self.spec_of = {s.name: s for s in self.specs}
         self.captured: dict[str, CutState] = {}
         request.captures.append(self.captured)
         self.skips: list[torch.Tensor] = []
-        self.previous: tuple[str, torch.Tensor] | None = None  # the last stage layer that ran, and its output
+        self.previous: str | None = None  # the last stage layer that ran
+
+    def options(self, transformer_options: dict) -> dict:
+        """A copy of the call's options with the recorder's block hooks first in their lists."""
+        options = dict(transformer_options)
+        patches = dict(options.get("patches", {}))
+        patches["input_block_patch_after_skip"] = [self._pushed, *patches.get("input_block_patch_after_skip", [])]
+        patches["output_block_patch"] = [self._block_start, *patches.get("output_block_patch", [])]
+        options["patches"] = patches
+        return options
+
+    def _pushed(self, h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+        self.skips.append(h.clone())  # the host adds an output block's control into its skip in place
+        return h
+
+    def _block_start(self, h: torch.Tensor, hsp: torch.Tensor, transformer_options: dict):
+        if self.previous is not None and self.previous in self.wanted and not self.spec_of[self.previous].upsamples:
+            self._capture(self.previous, h, None)
+        self.previous = None
+        return h, hsp
 
     def entering(self, name: str, h: torch.Tensor, output_shape=None) -> None:
         spec = self.spec_of.get(name)
-        if self.previous is not None:
-            prev_name, prev_out = self.previous
-            prev = self.spec_of[prev_name]
-            if prev.push:
-                self.skips.append(h)
-            if prev_name in self.wanted:
-                if prev.upsamples:  # ``name`` is the upsampler the stage loop leaves pending
-                    shape = tuple(output_shape) if output_shape is not None else None
-                    self._capture(prev_name, h, Pending(self.upsamplers[prev_name], shape))
-                else:
-                    self._capture(prev_name, prev_out if spec is not None and spec.consumes else h, None)
-            self.previous = None
+        prev = self.previous
+        if prev is not None and prev in self.wanted:
+            if self.spec_of[prev].upsamples:  # ``name`` is the upsampler the stage loop leaves pending
+                shape = tuple(output_shape) if output_shape is not None else None
+                self._capture(prev, h, Pending(self.upsamplers[prev], shape))
+            else:
+                self._capture(prev, h, None)
+        self.previous = None
         if spec is not None and spec.consumes and self.skips:
             self.skips.pop()
 
-    def left(self, name: str, out: torch.Tensor) -> None:
+    def left(self, name: str) -> None:
         if name in self.spec_of:
-            self.previous = (name, out)
+            self.previous = name
 
     def _capture(self, name: str, h: torch.Tensor, pending: Pending | None) -> None:
         cut = self.cuts[name]
-        self.captured[cut.id] = CutState(cut.id, h, list(self.skips), pending).clone()
+        self.captured[cut.id] = CutState(cut.id, h.clone(), [s.clone() for s in self.skips], pending)
 
 
 def context_dim(model: nn.Module) -> int:
@@ -638,8 +663,9 @@ def adm_dim(model: nn.Module) -> int:
     return model.label_emb[0][0].in_features
 
 
-def example_arguments(model: nn.Module, input_shape, device="meta") -> dict[str, Any]:
-    """``_forward`` arguments for a latent batch of ``input_shape`` (one video of all items), for planning."""
+def example_arguments(model: nn.Module, input_shape, device="meta", frames: int | None = None) -> dict[str, Any]:
+    """``_forward`` arguments for a latent batch of ``input_shape``, for planning: videos of ``frames``
+    frames (default: one video of all items, what ComfyUI's memory estimate knows)."""
     n = input_shape[0]
     dtype = getattr(model, "dtype", None) or torch.float32
     arguments: dict[str, Any] = {
@@ -647,7 +673,7 @@ def example_arguments(model: nn.Module, input_shape, device="meta") -> dict[str,
         "timesteps": torch.empty(n, device=device, dtype=dtype),
         "context": torch.empty(n, 1, context_dim(model), device=device, dtype=dtype),
         "transformer_options": {},
-        "num_video_frames": n,
+        "num_video_frames": frames or n,
     }
     if model.num_classes is not None:
         arguments["y"] = torch.empty(n, adm_dim(model), device=device, dtype=dtype)

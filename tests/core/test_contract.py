@@ -117,6 +117,36 @@ def test_every_cut_captured_in_one_forward_runs_its_tail_and_shallow_path_to_the
     assert report.shallow == sum(c.section in ("mid", "up") for c in cuts) >= 10
 
 
+def test_controlnet_residuals_hold_sliced_and_on_every_cut(models):
+    """diffusers' down and middle block residuals (what a ControlNet hands the AnimateDiff U-Net)."""
+    from streamlined_core.arch._diffusers_unet import skip_layout
+    from streamlined_core.slicing import Runner
+
+    model, shape = models["animatediff"], (2, 3, 64, 64)
+    gen = torch.Generator().manual_seed(4)
+    items = shape[0] * shape[1]
+    layout = skip_layout(model, shape[2] // 8, shape[3] // 8)
+    down = tuple(torch.randn(items, t.channels, t.height, t.width, generator=gen) * 0.1 for t in layout)
+    last = layout[-1]
+    mid = torch.randn(items, last.channels, last.height, last.width, generator=gen) * 0.1
+    torch.manual_seed(1)
+    args, kwargs = INPUTS["animatediff"](model, *shape)
+    kwargs = dict(kwargs, down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    def engine(runner):
+        out = diffusers_animatediff.streamlined_forward(model, runner, *args, **kwargs)
+        return out if isinstance(out, CutState) else out[0]
+
+    s = Subject(lambda: model(*args, **kwargs)[0], engine, cut_points(model))
+    assert check_sliced(s, 3) <= TOL
+    assert check_cuts(s).tails == len(s.cuts)
+    with torch.no_grad():
+        plain = model(*args, **{k: v for k, v in kwargs.items() if "additional" not in k})[0]
+    assert (s.reference() - plain).abs().max() > 1e-3, "the residuals change the output"
+    with pytest.raises(ValueError, match="down_block_additional_residuals holds 2 tensors"):
+        diffusers_animatediff.streamlined_forward(model, Runner(), *args, **dict(kwargs, down_block_additional_residuals=down[:2]))
+
+
 def test_cut_ids_name_the_host_layers_and_what_each_tail_needs(models):
     cuts = {c.id: c for c in cut_points(configs.build_diffusers_svd("meta"))}  # the full-size layout
     assert len(cuts) == 42  # 18 down, 3 middle, 21 up

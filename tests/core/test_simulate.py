@@ -49,7 +49,7 @@ def test_analytic_skip_floor_equals_the_traced_skip_tensors(tiny_models, name, s
     args, kwargs = TINY[name][1](model, batch, frames, h, w)
     with traced_skips(model) as skips:
         model(*args, **kwargs)
-    assert len(skips) == len(adapter_for(model).skip_layout(model, h // 8, w // 8))
+    assert len(skips) == len(adapter_for(model).unet.skip_layout(model, h // 8, w // 8))
     assert sum(skips.values()) == skip_floor_bytes(model, batch * frames, h // 8, w // 8, torch.float32)
 
 

@@ -6,7 +6,7 @@ import torch
 from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced, same_state
 
 from streamlined_core import configs, streamline
-from streamlined_core.arch import comfy_unet, cut_points, diffusers_svd
+from streamlined_core.arch import comfy_unet, cut_points
 from streamlined_core.slicing import Runner
 from streamlined_core.stages import StageEvent, StageRequest
 
@@ -151,7 +151,6 @@ def test_skipped_stages_leave_block_indices_and_control_as_the_host_would(model)
         out = s.engine(Runner(listeners=[where], request=request))
         return out, list(seen)
 
-    names = [spec.name for spec, _, _ in comfy_unet.layer_specs(model)]
     full_events = []
 
     def tagged(request):
@@ -176,7 +175,7 @@ def test_skipped_stages_leave_block_indices_and_control_as_the_host_would(model)
             if cut.section in ("mid", "up") and cut.shallow:
                 _, both = recorded(StageRequest(start=state, recompute_skips=True))
                 assert both == full[:ends[cut.shallow[-1]]] + full[ends[cut.after]:], cut.id
-    assert names[0] == "prologue" and len(full) > 0
+    assert {b[0][0] for b in full} == {"input", "middle", "output"}  # attention in every part was recorded
 
 
 def test_cut_ids_match_diffusers_for_the_full_size_svd(comfyui):
@@ -186,15 +185,29 @@ def test_cut_ids_match_diffusers_for_the_full_size_svd(comfyui):
     assert comfy["up0.0.attn"] == "output_blocks.9.1" and diffusers["up0.0.attn"] == "up_blocks.3.attentions.0"
     assert comfy["down0.down"] == "input_blocks.3.0" and comfy["mid.0.attn"] == "middle_block.1"
     assert comfy["up3.2.res"] == "output_blocks.2.0"  # its upsampler (output_blocks.2.1) fuses into the next unit
-    assert diffusers_svd.cuts is not None
 
 
-def test_module_level_fallback_captures_equal_the_stage_loops_and_refuses_to_start_from_a_cut(model):
+@pytest.mark.parametrize("with_hooks", [False, True], ids=["plain", "hooks"])
+def test_module_level_fallback_captures_equal_the_stage_loops_and_refuses_to_start_from_a_cut(model, with_hooks):
+    """Also under the host's hooks: FreeU-style output patches write into the feature, an after-skip
+    patch (Deep Shrink's) changes the feature but not the skip, control adds in place."""
     shape = (2, 3, 64, 64)
     ids = frozenset(c.id for c in comfy_unet.cuts(model))
     owned, fallback = StageRequest(capture=ids), StageRequest(capture=ids)
-    s = subject(model, shape)
-    m = subject(model, shape, forward=comfy_unet.module_level_forward)
+    extras = hooks(shape[0] * shape[1])[0] if with_hooks else no_hooks
+    if with_hooks:
+        plain = extras
+
+        def extras():
+            options, control = plain()
+
+            def in_place(h, hsp, opts):  # FreeU writes into half of the feature's channels
+                h[:, : h.shape[1] // 2] *= 1.2
+                return h, hsp
+            options["patches"]["output_block_patch"] = [in_place, *options["patches"]["output_block_patch"]]
+            return options, control
+    s = subject(model, shape, extras)
+    m = subject(model, shape, extras, forward=comfy_unet.module_level_forward)
     with torch.no_grad():
         out = s.engine(Runner(request=owned))
         assert torch.equal(m.engine(Runner(request=fallback)), out)

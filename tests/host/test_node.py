@@ -319,6 +319,7 @@ def test_two_clones_of_one_streamlined_model_see_only_their_own_runs_events(pack
 
         clone.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "listen", listening)
         clones[key] = clone
+    assert clones["a"].object_patches["diffusion_model._forward"] is clones["b"].object_patches["diffusion_model._forward"]
     ksample(clones["a"], frames=3)
     seen_by_a = len(events["a"])
     ksample(clones["b"], frames=5)

@@ -71,11 +71,16 @@ def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
         raise TypeError(f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts {SUPPORTED}") from None
 
 
+def _amount(nbytes: float, unit: float) -> str:
+    """Bytes as the user typed them: whole bytes, or a number of ``unit`` (GiB for the node)."""
+    return f"{int(nbytes)}" if unit == 1 else f"{nbytes / unit:g}"
+
+
 def check_weights(budget_bytes: int | None, weights: int, name: str = "budget_bytes", unit: float = 1) -> None:
     """Refuse a budget that does not even hold the weights (``name`` and ``unit`` as the user typed it)."""
     if budget_bytes is not None and budget_bytes <= weights:
         raise ValueError(
-            f"{name}={budget_bytes / unit:g} does not even hold the weights ({weights / unit:g}"
+            f"{name}={_amount(budget_bytes, unit)} does not even hold the weights ({_amount(weights, unit)}"
             f"{' bytes' if unit == 1 else ''}, {weights / GIB:.2f} GiB): the budget is total device memory, weights included"
         )
 
@@ -195,11 +200,11 @@ class Streamliner:
         if not plan.fits:
             least = planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
             total = budget + planner.weights_bytes
-            found = (f"{least / self.budget_unit:g}{' bytes' if self.budget_unit == 1 else ''} ({least / GIB:.2f} GiB = "
+            found = (f"{_amount(least, self.budget_unit)}{' bytes' if self.budget_unit == 1 else ''} ({least / GIB:.2f} GiB = "
                      f"weights {planner.weights_bytes / GIB:.2f} GiB + activations {(least - planner.weights_bytes) / GIB:.2f} "
                      f"GiB at the most slicing)")
             if self.budget_bytes is not None:
-                raise ValueError(f"{self.budget_name}={total / self.budget_unit:g} is below the least reachable peak: "
+                raise ValueError(f"{self.budget_name}={_amount(total, self.budget_unit)} is below the least reachable peak: "
                                  f"{found}, for input {tuple(arguments[self.adapter.sample].shape)}")
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "

@@ -142,44 +142,36 @@ class CutsResult:
 OUTSIDE_ESTIMATES = {"up0.0.res": 0.39, "up0.0.attn": 0.25, "up0.1.res": 0.15}
 
 
-def _stage_times(run: Callable[[list], object]) -> dict[str, float]:
-    """Seconds per stage of one call, from the stage events of ``run(listeners)``."""
+def _per_stage(run: Callable[[list], object], reading: Callable[[], float]) -> dict[str, float]:
+    """How much a cumulative ``reading`` (seconds, FLOPs) grows inside each stage of ``run(listeners)``."""
     from .stages import StageEvent
 
-    times: dict[str, float] = {}
+    grown: dict[str, float] = {}
     started: dict[str, float] = {}
 
     def listen(event) -> None:
         if isinstance(event, StageEvent):
             if event.kind == "start":
-                started[event.name] = time.perf_counter()
+                started[event.name] = reading()
             elif event.kind == "end":
-                times[event.name] = times.get(event.name, 0.0) + time.perf_counter() - started.pop(event.name)
+                grown[event.name] = grown.get(event.name, 0) + reading() - started.pop(event.name)
 
     run([listen])
-    return times
+    return grown
+
+
+def _stage_times(run: Callable[[list], object]) -> dict[str, float]:
+    """Seconds per stage of one call (the CPU runs synchronously)."""
+    return _per_stage(run, time.perf_counter)
 
 
 def _stage_flops(run: Callable[[list], object]) -> dict[str, float]:
     """FLOPs per stage of one call (``torch.utils.flop_counter``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .stages import StageEvent
-
-    flops: dict[str, float] = {}
     mode = FlopCounterMode(display=False)
-    mark: dict[str, int] = {}
-
-    def listen(event) -> None:
-        if isinstance(event, StageEvent):
-            if event.kind == "start":
-                mark[event.name] = mode.get_total_flops()
-            elif event.kind == "end":
-                flops[event.name] = flops.get(event.name, 0) + mode.get_total_flops() - mark.pop(event.name)
-
     with mode:
-        run([listen])
-    return flops
+        return _per_stage(run, mode.get_total_flops)
 
 
 def cuts(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2, direct: tuple[str, ...] = (),

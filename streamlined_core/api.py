@@ -128,7 +128,7 @@ class Streamliner:
         check_weights(budget_bytes, weights_bytes(unet), budget_name, budget_unit)
         self._plans: dict[tuple, Plan] = {}
         self._planners: dict[tuple, Planner] = {}
-        self._warned: set[str] = set()
+        self._warned = False  # whether the device's memory was reported short
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -209,8 +209,8 @@ class Streamliner:
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
                        f"offload weights")
-            if message not in self._warned:  # once, not once per call shape planned (the estimate plans too)
-                self._warned.add(message)
+            if not self._warned:  # once, not once per call shape planned (ComfyUI's estimate plans too)
+                self._warned = True
                 if self.budget_name == "budget_bytes":  # the Python API: a warning callers can filter
                     warnings.warn(message, stacklevel=4)
                 else:  # inside ComfyUI: its log

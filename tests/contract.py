@@ -17,6 +17,7 @@ handle, the node's clone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -87,16 +88,22 @@ def check_per_slice_statistics_fail(subject: Subject, monkeypatch, slices: int =
     assert check_sliced(subject, slices) > 10 * TOL
 
 
+# Every cut check of this test session, for the summary the suite prints (tests/conftest.py).
+CUT_CHECKS: list[CutReport] = []
+
+
 @dataclass
 class CutReport:
     cuts: int = 0
     tails: int = 0
     shallow: int = 0
     worst: float = 0.0
+    seconds: float = 0.0  # wall time of the whole check (the contract's share of CI)
 
 
 def check_cuts(subject: Subject, slices: int = 1) -> CutReport:
     """Capture every cut in one full forward, then run each tail (and each shallow path plus tail) from it."""
+    start = time.perf_counter()
     report = CutReport(cuts=len(subject.cuts))
     ids = [c.id for c in subject.cuts]
     assert len(set(ids)) == len(ids), "canonical cut ids are unique"
@@ -130,6 +137,8 @@ def check_cuts(subject: Subject, slices: int = 1) -> CutReport:
             middle = subject.cuts[len(subject.cuts) // 2]
             stopped = subject.engine(forced(1, request=StageRequest(stop=middle.id)))
             assert isinstance(stopped, CutState) and same_state(stopped, captured[middle.id])
+    report.seconds = time.perf_counter() - start
+    CUT_CHECKS.append(report)
     return report
 
 

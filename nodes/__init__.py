@@ -5,9 +5,23 @@ ComfyUI process holds a single copy of it.
 """
 
 from ..streamlined_core import __version__
+from .demo import StreamlineDemoFrames, StreamlineDemoLoader
 from .streamline_model import StreamlineModel
+from .vram_profiler import VRAMProfiler, register_routes
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {"StreamlineModel": StreamlineModel}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {"StreamlineModel": "Streamline Model"}
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "StreamlineModel": StreamlineModel,
+    "StreamlineDemoLoader": StreamlineDemoLoader,
+    "StreamlineDemoFrames": StreamlineDemoFrames,
+    "VRAMProfiler": VRAMProfiler,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "StreamlineModel": "Streamline Model",
+    "StreamlineDemoLoader": "Streamline Demo Model",
+    "StreamlineDemoFrames": "Streamline Demo Frames",
+    "VRAMProfiler": "VRAM Profiler",
+}
+
+register_routes()  # GET /streamline/timelines[/{prompt_id}] on ComfyUI's server, when one runs
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

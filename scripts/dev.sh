@@ -51,6 +51,11 @@ run_tests() {
   if "$py" -m pytest tests/core -q; then r=passed; else r=FAILED; status=1; fi
   summary+=("core: $r in $((SECONDS - t0)) s")
 
+  t0=$SECONDS
+  echo "== the VRAM profiler's overhead per step (streamline profile --overhead, mid-size; printed, not asserted)"
+  if "$venv/bin/streamline" profile --overhead --repeats 2; then r=printed; else r=FAILED; status=1; fi
+  summary+=("profiler overhead: $r in $((SECONDS - t0)) s")
+
   local roots
   roots=$(comfy_roots || true)
   if [ -z "$roots" ]; then

@@ -138,13 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda: on a CUDA device, run full-size random-weight U-Nets in fp16, original and streamlined with the plan "
         "that meets the memory target, and print a Markdown table of max_memory_allocated minus what was allocated "
         "before, max_memory_reserved, device memory in use and the latency ratio beside the simulator's figures; it "
-        "stops by itself at --deadline and lists the rows it did not reach; exit status 1 when a row failed.",
+        "stops by itself at --deadline and lists the rows it did not reach; exit status 1 when a row failed. "
+        "--fixture: sample held-out clips with the shipped fixture model (a small SVD-layout model trained on "
+        "synthetic clips) and print its quality bar: MSE and tracked-centroid error against the true clips beside "
+        "the trivial baselines, and the motion ratio; exit status 1 when the bar is not met.",
     )
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--latency", action="store_true", help="measure the latency ratio")
     what.add_argument("--cuts", action="store_true", help="measure what a tail from each up-path cut point costs")
     what.add_argument("--cuda", action="store_true",
                       help="measure memory and latency of the full-size models on the CUDA device, beside the simulator's figures")
+    what.add_argument("--fixture", action="store_true", help="measure what the shipped fixture model learned (CPU)")
     bench.add_argument(
         "--config", choices=("mid", "tiny", "full"), default=None,
         help="--latency/--cuts: mid (CONFIGS.md, default) or tiny (a quick check); --cuda: full (default) or tiny",
@@ -164,14 +168,64 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--deadline", type=_positive, default=None, metavar="SECONDS",
                        help="--cuda: stop after this many seconds; rows not reached are listed as not measured "
                        f"(default: {DEFAULT_DEADLINE_S}, so the run ends within 5 minutes)")
-    bench.add_argument("--json-out", default=None, metavar="PATH", help="--cuda: also write every figure as JSON to PATH")
+    bench.add_argument("--json-out", default=None, metavar="PATH",
+                       help="--cuda, --fixture: also write every figure as JSON to PATH")
+    bench.add_argument("--clips", type=_positive, default=None,
+                       help="--fixture: held-out clips to sample (default: 16; 25 steps of 16 clips take minutes)")
+    bench.add_argument("--steps", type=_positive, default=None, help="--fixture: sampling steps (default: 25)")
+    bench.add_argument("--frames", type=_positive, default=None, help="--fixture: frames per clip (default: 14)")
+    bench.add_argument("--weights", default=None, metavar="PATH",
+                       help="--fixture: a fixture safetensors file (default: the one the package ships)")
+    bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips")
     bench.set_defaults(parser=bench)  # errors about bench's options show bench's usage
+
+    prof = sub.add_parser(
+        "profile",
+        help="record the memory timeline of a sampling run (per step and per group) as JSON and a PNG chart",
+        description="Sample one held-out clip with the fixture model (25-step SVD sampler loop, shortened by --steps) "
+        "under the VRAM profiler's recorder and write its timeline as JSON (schema streamline.timeline/1) and a PNG "
+        "chart: memory over time with step markers and the peak named, and each group's peak beside Streamline's "
+        "prediction. --compare records the original and the streamlined model in one chart. --overhead instead "
+        "prints the recorder's cost per step on the mid-size configuration. On a CPU memory is counted by the "
+        "project's tracker, on CUDA by the allocator.",
+    )
+    prof.add_argument("--model", choices=("fixture", "tiny"), default="fixture",
+                      help="fixture: the shipped trained model (default); tiny: its layout with random weights")
+    prof.add_argument("--weights", default=None, metavar="PATH", help="a fixture safetensors file (default: shipped)")
+    mode = prof.add_mutually_exclusive_group()
+    mode.add_argument("--streamline", action="store_true", help="record the streamlined model only")
+    mode.add_argument("--compare", action="store_true", help="record the original, then the streamlined model")
+    mode.add_argument("--overhead", action="store_true",
+                      help="print the recorder's overhead per step on the mid-size configuration (no files)")
+    prof.add_argument("--granularity", choices=("step", "group"), default="group", help="default: group")
+    prof.add_argument("--steps", type=_positive, default=6, help="sampling steps (default: 6)")
+    prof.add_argument("--frames", type=_positive, default=14, help="frames (default: 14)")
+    prof.add_argument("--json-out", default="timeline.json", metavar="PATH", help="default: timeline.json")
+    prof.add_argument("--png", default="timeline.png", metavar="PATH", help="default: timeline.png")
+    prof.add_argument("--config", choices=("mid", "tiny"), default="mid", help="--overhead: the configuration")
+    prof.add_argument("--repeats", type=_positive, default=3, help="--overhead: timed calls of each (default: 3)")
+    prof.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
     return parser
 
 
 def _check_bench(args: argparse.Namespace) -> None:
     """Bench options that belong to one mode only, and the default --config of each mode."""
     parser = args.parser
+    fixture_only = (("--clips", args.clips), ("--steps", args.steps), ("--frames", args.frames),
+                    ("--weights", args.weights), ("--grid", args.grid))
+    if args.fixture:
+        for option, value in (("--config", args.config), ("--model", args.model),
+                              ("--implementation", args.implementation), ("--deadline", args.deadline)):
+            if value is not None:
+                parser.error(f"argument {option}: not with --fixture")
+        from .fixture import data
+
+        if args.frames is not None and not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
+            parser.error(f"argument --frames: {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}")
+        return
+    for option, value in fixture_only:
+        if value is not None:
+            parser.error(f"argument {option}: only with --fixture")
     if args.cuda:
         from .simulate import IMPLEMENTATIONS, MODELS
 
@@ -182,11 +236,13 @@ def _check_bench(args: argparse.Namespace) -> None:
         args.implementation = args.implementation or list(IMPLEMENTATIONS)
         return
     mode = "--latency" if args.latency else "--cuts"
+    if args.json_out is not None:
+        parser.error("argument --json-out: only with --cuda or --fixture")
     if args.config == "full":
         parser.error(f"argument --config: full is for --cuda; {mode} takes mid (default) or tiny")
     args.config = args.config or "mid"
     for option, value in (("--model", args.model), ("--implementation", args.implementation),
-                          ("--deadline", args.deadline), ("--json-out", args.json_out)):
+                          ("--deadline", args.deadline)):
         if value is not None:
             parser.error(f"argument {option}: only with --cuda")
 
@@ -235,17 +291,106 @@ def _bench_cuda(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "error" for r in result.rows) else 0
 
 
+def _bench_fixture(args: argparse.Namespace) -> int:
+    """``streamline bench --fixture``: sample held-out clips, print the quality bar, write JSON and a grid."""
+    import torch
+
+    from .fixture import data, quality
+    from .fixture.model import load_unet
+
+    for option, path in (("--json-out", args.json_out), ("--grid", args.grid)):
+        if path is not None and (why := _check_json_out(path)) is not None:
+            print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
+            return 2
+    torch.set_num_threads(args.threads)
+    try:
+        model = load_unet(args.weights)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
+        return 2
+    clips = args.clips or quality.DEFAULT_CLIPS
+    steps = args.steps or 25
+    frames = args.frames or data.DEFAULT_FRAMES
+    print(f"sampling {clips} held-out clips of {frames} frames, {steps} steps, on {args.threads} CPU threads",
+          file=sys.stderr, flush=True)
+    report, true, got = quality.evaluate(model, clips=clips, frames=frames, steps=steps,
+                                         progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    report.weights = args.weights or "shipped"
+    print(quality.format_report(report), flush=True)
+    if args.grid is not None:
+        print(f"wrote {quality.save_grid(true, got, args.grid)}", file=sys.stderr)
+    if args.json_out is not None:
+        with open(args.json_out, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """``streamline profile``: record sampling runs, write the JSON and the chart; or print the overhead."""
+    import torch
+
+    from . import profile_run
+
+    torch.set_num_threads(args.threads)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.overhead:
+        with _stdout_to_stderr():
+            result = profile_run.overhead(args.config, repeats=args.repeats, threads=args.threads, progress=say)
+        print(profile_run.format_overhead(result), end="")
+        return 0
+    from .fixture import data
+
+    if not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
+        print(f"streamline: --frames {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}", file=sys.stderr)
+        return 2
+    for option, path in (("--json-out", args.json_out), ("--png", args.png)):
+        if (why := _check_json_out(path)) is not None:
+            print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
+            return 2
+    runs = [False, True] if args.compare else [args.streamline]
+    timelines = []
+    try:
+        for streamlined in runs:
+            say(f"recording the {'streamlined' if streamlined else 'original'} {args.model} model: {args.steps} steps, "
+                f"{args.frames} frames, {args.granularity} granularity")
+            tl = profile_run.sampling_run(args.model, streamlined, args.granularity, args.steps, args.frames, args.weights)
+            print(f"{tl.label}: {tl.summary()}")
+            timelines.append(tl)
+    except FileNotFoundError as exc:
+        print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
+        return 2
+    from .profile_chart import plot
+
+    doc = timelines[0].to_json() if len(timelines) == 1 else {"runs": [t.to_json() for t in timelines]}
+    with open(args.json_out, "w") as f:
+        json.dump(doc, f, indent=2)
+    plot(timelines, args.png, title=f"{args.model} model, {args.frames} frames, {args.steps} steps "
+         f"({'measured on the fixture model' if args.model == 'fixture' else 'random weights'})")
+    say(f"wrote {args.json_out} and {args.png}")
+    if len(timelines) == 2 and timelines[0].activation_peak_bytes:
+        a, b = (t.activation_peak_bytes for t in timelines)
+        print(f"saving: {(a - b) / 2**20:.1f} MiB of activations ({1 - b / a:.0%})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``streamline`` command."""
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         _check_bench(args)
     bench_cuda = args.command == "bench" and args.cuda
-    wants_diffusers = (args.command == "bench" and not bench_cuda) or "diffusers" in (args.implementation or ())
+    bench_fixture = args.command == "bench" and args.fixture
+    wants_diffusers = (args.command == "bench" and not bench_cuda) or "diffusers" in (getattr(args, "implementation", None) or ())
     if wants_diffusers and importlib.util.find_spec("diffusers") is None:
         print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
               "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
         return 2
+    if args.command == "profile":
+        if importlib.util.find_spec("diffusers") is None:
+            print("streamline: profile needs diffusers: pip install 'comfyui-streamline[diffusers]'", file=sys.stderr)
+            return 2
+        return _profile(args)
     if args.command == "simulate":
         from .simulate import RESOLUTIONS, format_markdown, format_text, simulate
 
@@ -266,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(format_text(rows), end="")
     elif bench_cuda:
         return _bench_cuda(args)
+    elif bench_fixture:
+        return _bench_fixture(args)
     elif args.command == "bench":
         from .bench import cuts, format_cuts, format_latency, latency
 

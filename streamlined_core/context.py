@@ -32,6 +32,7 @@ class RunContext:
     listeners: list[Callable[[Any], None]] = field(default_factory=list)
     plans: list[Any] = field(default_factory=list)  # the Plan of every planned call, in order
     request: StageRequest | None = None
+    recorder: Any = None  # the VRAM profiler's recording of this run, when one is profiled
 
 
 def current() -> RunContext | None:

@@ -85,3 +85,47 @@ def test_bench_bad_input_exits_with_status_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--latency", "--clips", "3"], "argument --clips: only with --fixture"),
+    (["bench", "--fixture", "--frames", "30"], "argument --frames: 30: expected 8 to 16"),
+    (["bench", "--fixture", "--config", "mid"], "argument --config: not with --fixture"),
+    (["bench", "--cuts", "--json-out", "x.json"], "argument --json-out: only with --cuda or --fixture"),
+    (["profile", "--granularity", "layer"], "argument --granularity"),
+    (["profile", "--compare", "--streamline"], "not allowed with argument"),
+])
+def test_fixture_and_profile_options_are_checked(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_fixture_names_missing_weights_with_exit_status_2(capsys, tmp_path):
+    assert main(["bench", "--fixture", "--weights", str(tmp_path / "none.safetensors"), "--clips", "1"]) == 2
+    assert "none.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
+    """Random weights of the fixture's layout, 2 steps, 8 frames: the streamlined run's peak is below the
+    original's and both timelines are in the JSON; the PNG is a real image."""
+    out, png = tmp_path / "t.json", tmp_path / "t.png"
+    assert main(["profile", "--model", "tiny", "--compare", "--steps", "2", "--frames", "8", "--threads", "1",
+                 "--json-out", str(out), "--png", str(png)]) == 0
+    doc = json.loads(out.read_text())
+    original, streamlined = doc["runs"]
+    assert original["label"] == "original" and streamlined["label"] == "streamlined"
+    assert len(original["steps"]) == len(streamlined["steps"]) == 2
+    assert streamlined["activation_peak_bytes"] < original["activation_peak_bytes"]
+    assert streamlined["predicted_peak_bytes"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "saving:" in printed and "original: peak" in printed
+
+
+def test_profile_overhead_prints_both_granularities(capsys):
+    """The recorder's cost per step: printed (on the mid-size configuration by `streamline profile
+    --overhead`; here the tiny one), not asserted."""
+    assert main(["profile", "--overhead", "--config", "tiny", "--repeats", "1", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "step granularity" in printed and "group granularity" in printed

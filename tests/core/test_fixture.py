@@ -183,3 +183,51 @@ def test_training_draws_are_a_function_of_seed_and_step():
     a = torch.randn(4, generator=train.step_generator(0, 5))
     assert torch.equal(a, torch.randn(4, generator=train.step_generator(0, 5)))
     assert not torch.equal(a, torch.randn(4, generator=train.step_generator(0, 6)))
+
+
+# -- the quality bar's measurements -------------------------------------------------------------------
+
+
+def test_tracking_finds_every_shape_where_it_is_drawn():
+    from streamlined_core.fixture import quality
+
+    spec = data.sample_clip_spec(data.EVAL_SEEDS[3], FRAMES)
+    clip = data.render(spec, SIZE)
+    colors = [s.color for s in spec.shapes]
+    tracked = quality.track(clip.frames, colors)
+    assert tracked.shape == (FRAMES, len(colors), 2)
+    # Where a shape is whole and in frame, its tracked centroid is its drawn centre (sub-pixel).
+    drawn = clip.centroids[:, :len(colors)]
+    near = (tracked - drawn).norm(dim=-1)
+    assert float(near.nan_to_num(0).median()) < 1.0
+    # The true clip against itself: no error, every shape shown.
+    d, n, s = quality.centroid_errors(clip.frames, clip.frames, colors)
+    assert d == 0 and n == s > 0
+
+
+def test_centroid_error_counts_a_shift_and_a_missing_shape():
+    from streamlined_core.fixture import quality
+
+    frames = torch.full((3, 3, 16, 16), 0.5)
+    red = (0.95, 0.15, 0.15)
+    for t in range(3):
+        frames[t, :, 4:6, 2 + 2 * t:4 + 2 * t] = torch.tensor(red).view(3, 1, 1)
+    shifted = torch.roll(frames, shifts=3, dims=-1)
+    d, n, s = quality.centroid_errors(frames, shifted, [red])
+    assert n == s == 2 and d == pytest.approx(2 * 3.0)
+    blank = torch.full_like(frames, 0.5)
+    d, n, s = quality.centroid_errors(frames, blank, [red])
+    centre = torch.tensor([7.5, 7.5])
+    expected = sum(float((centre - torch.tensor([2.5 + 2 * t, 4.5])).norm()) for t in (1, 2))
+    assert (n, s) == (2, 0) and d == pytest.approx(expected)
+
+
+def test_the_bar_fails_a_model_that_did_not_learn(unet):
+    """Random weights: sampled clips are noise, so every check of the bar fails (it can fail)."""
+    from streamlined_core.fixture import quality
+
+    report, true, got = quality.evaluate(unet, clips=1, frames=FRAMES, steps=2)
+    assert not any(report.checks().values())
+    assert report.mse["first_frame_repeated"] > 0 and report.centroid_px["first_frame_repeated"] > 0
+    text = quality.format_report(report)
+    assert "not a property of SVD" in text and text.count("FAIL") == 3

@@ -193,7 +193,18 @@ def test_example_workflows_are_served_and_valid_for_the_server(server, name):
     if any(n["type"].startswith("ADE_") for n in workflow["nodes"]) and "ADE_UseEvolvedSampling" not in info:
         pytest.skip("AnimateDiff-Evolved is not in this ComfyUI's custom_nodes")
     assert any(n["type"] == "StreamlineModel" for n in workflow["nodes"])
-    status, answer = server.post("/prompt", {"prompt": api_prompt(workflow, info)})
+    prompt = api_prompt(workflow, info)
+    if any(n["type"] == "StreamlineDemoLoader" for n in workflow["nodes"]):
+        # Needs no files: it runs, here with 2 steps instead of its 25.
+        for node in prompt.values():
+            if node["class_type"] == "KSampler":
+                node["inputs"]["steps"] = 2
+        result = server.run(prompt)
+        assert result["status"]["status_str"] == "success", result["status"]
+        saved = [o for o in result["outputs"].values() if o.get("images")]
+        assert saved, result["outputs"]
+        return
+    status, answer = server.post("/prompt", {"prompt": prompt})
     # No model files here: the server's validation may object to nothing but the missing files.
     assert status == 400, answer
     errors = [e for node in answer["node_errors"].values() for e in node["errors"]]
@@ -204,3 +215,47 @@ def test_example_workflows_are_served_and_valid_for_the_server(server, name):
         return e["type"] == "custom_validation_failed" and e["details"].startswith("image - Invalid image file")
 
     assert errors and all(missing_file(e) for e in errors), errors
+
+
+def profiled_graph(label: str) -> dict:
+    prompt = graph(streamline=True, frames=3)
+    prompt["2"]["inputs"]["slicing"] = "auto"  # planned: each group's predicted peak beside the measured one
+    prompt["6"] = {"class_type": "VRAMProfiler", "inputs": {
+        "model": ["2", 0], "granularity": "group", "snapshot_steps": 0, "label": label}}
+    prompt["3"]["inputs"]["model"] = ["6", 0]
+    return prompt
+
+
+def get_status(server, path: str) -> tuple[int, object]:
+    try:
+        return 200, server.get(path)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_vram_profiler_keeps_each_runs_timeline_behind_its_routes(server):
+    status, answer = server.post("/prompt", {"prompt": profiled_graph("server"), "client_id": "streamline-test"})
+    assert status == 200, answer
+    prompt_id = answer["prompt_id"]
+    deadline = time.time() + 300
+    while prompt_id not in server.get("/history/" + prompt_id):
+        assert time.time() < deadline, server.log.read_text()[-4000:]
+        time.sleep(0.5)
+    listed = server.get("/streamline/timelines")
+    assert listed[0]["prompt_id"] == prompt_id and listed[0]["label"] == "server" and listed[0]["steps"] == 2
+    doc = server.get(f"/api/streamline/timelines/{prompt_id}")
+    assert doc["schema"] == "streamline.timeline/1" and doc["prompt_id"] == prompt_id
+    assert [s["step"] for s in doc["steps"]] == [0, 1] and doc["predicted_peak_bytes"] > 0
+    assert any(e["kind"] == "group" and e["predicted"] is not None for e in doc["events"])
+    assert "VRAM Profiler [server]: peak" in server.log.read_text()
+
+
+@pytest.mark.parametrize("path, code", [
+    ("/streamline/timelines?limit=abc", 400), ("/streamline/timelines?limit=0", 400),
+    ("/streamline/timelines?limit=100000", 400), ("/streamline/timelines/bad%20id%3B", 400),
+    ("/streamline/timelines/" + "x" * 200, 400), ("/streamline/timelines/no-such-prompt", 404),
+])
+def test_malformed_route_parameters_get_a_clear_error_and_the_server_keeps_serving(server, path, code):
+    status, answer = get_status(server, path)
+    assert status == code and answer["error"], answer
+    assert server.get("/system_stats")["system"]

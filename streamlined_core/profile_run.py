@@ -1,0 +1,107 @@
+"""What ``streamline profile`` runs: a recorded sampling run of the fixture model (or a tiny random one),
+with and without Streamline, and the recorder's own cost on the mid-size configuration."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import configs
+from .api import streamline
+from .profiler import Timeline, profile
+
+MODELS = ("fixture", "tiny")
+
+
+def sampling_run(model: str = "fixture", streamlined: bool = False, granularity: str = "group", steps: int = 6,
+                 frames: int = 14, weights: str | None = None, label: str | None = None) -> Timeline:
+    """Sample one held-out clip with the fixture sampler loop (SVD's, classifier-free guidance batched)
+    under the recorder; ``model="tiny"`` takes random weights of the fixture's layout (no file needed)."""
+    from .fixture import data
+    from .fixture.model import SAMPLE_NOISE_AUG, Conditioning, build_fixture_unet, load_unet, sample
+
+    if model not in MODELS:
+        raise ValueError(f"model={model!r}: expected one of {', '.join(MODELS)}")
+    unet = load_unet(weights) if model == "fixture" else build_fixture_unet(seed=0).eval()
+    b = data.make_batch([data.EVAL_SEEDS[0]], frames, data.DEFAULT_SIZE, noise_aug_strength=SAMPLE_NOISE_AUG)
+    handle = streamline(unet) if streamlined else None
+    name = label or ("streamlined" if streamlined else "original")
+    try:
+        with profile(unet, granularity=granularity, label=name) as rec:
+            sample(unet, b.first_frame, Conditioning(b.embedding, b.time_ids), steps=steps, frames=frames,
+                   generator=torch.Generator().manual_seed(0))
+    finally:
+        if handle is not None:
+            handle.remove()
+    return rec.timeline
+
+
+@dataclass
+class OverheadResult:
+    """Median seconds per U-Net call without the recorder, and with it at step and group granularity."""
+
+    config: str
+    plain_s: float
+    step_s: float
+    group_s: float
+    repeats: int
+    threads: int
+    source: str
+
+    @property
+    def step_overhead(self) -> float:
+        return self.step_s / self.plain_s - 1
+
+    @property
+    def group_overhead(self) -> float:
+        return self.group_s / self.plain_s - 1
+
+
+def overhead(config: str = "mid", warmup: int = 1, repeats: int = 3, threads: int = 2,
+             progress: Callable[[str], None] | None = None) -> OverheadResult:
+    """Time streamlined U-Net calls of the bench configuration ``config`` (each call one step) without the
+    recorder and inside it at step and at group granularity, alternating, after warm-up; medians."""
+    from .bench import BENCH_CONFIGS
+
+    say = progress or (lambda _m: None)
+    build, (batch, frames, height, width) = BENCH_CONFIGS[config]
+    torch.set_num_threads(threads)
+    model = configs.seed_weights(build(), std=0.02)
+    args, kwargs = configs.diffusers_svd_inputs(model, batch, frames, height, width)
+    handle = streamline(model)
+    handle.plan_for(*args, **kwargs)
+    times: dict[str, list[float]] = {"plain": [], "step": [], "group": []}
+    source = ""
+    try:
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                for name in times:
+                    start = time.perf_counter()
+                    if name == "plain":
+                        model(*args, **kwargs)
+                    else:
+                        with profile(model, granularity=name) as rec:
+                            model(*args, **kwargs)
+                        source = rec.timeline.source
+                    if i >= warmup:
+                        times[name].append(time.perf_counter() - start)
+                say(f"{'warm-up' if i < warmup else 'run'} {i + 1}/{warmup + repeats}")
+    finally:
+        handle.remove()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return OverheadResult(config, med["plain"], med["step"], med["group"], repeats, threads, source)
+
+
+def format_overhead(r: OverheadResult) -> str:
+    """The overhead table (Markdown)."""
+    return (
+        f"| SVD {r.config}, streamlined (CPU fp32, {r.threads} threads, median of {r.repeats}) | seconds per step | "
+        "overhead |\n|---|---|---|\n"
+        f"| no recorder | {r.plain_s:.3f} | |\n"
+        f"| recorder, step granularity ({r.source}) | {r.step_s:.3f} | {r.step_overhead:+.1%} |\n"
+        f"| recorder, group granularity ({r.source}) | {r.group_s:.3f} | {r.group_overhead:+.1%} |\n"
+    )

@@ -3,6 +3,9 @@
     .venv/bin/python scripts/readme_tables.py            # streamline simulate --markdown
     .venv/bin/python scripts/readme_tables.py --bench    # also streamline bench --latency --markdown
     .venv/bin/python scripts/readme_tables.py --cuts     # also streamline bench --cuts --markdown
+    .venv/bin/python scripts/readme_tables.py --profile  # also streamline profile --compare (docs/profile.png)
+    .venv/bin/python scripts/readme_tables.py --overhead # also streamline profile --overhead
+    .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -27,6 +30,32 @@ def replace(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def profile_block(say) -> str:
+    """The original and the streamlined fixture model recorded (4 steps, 14 frames), charted in docs/."""
+    from streamlined_core.profile_chart import plot
+    from streamlined_core.profile_run import sampling_run
+
+    runs = [sampling_run("fixture", streamlined, "group", steps=4, frames=14) for streamlined in (False, True)]
+    plot(runs, README.parent / "docs" / "profile.png",
+         title="fixture model, 14 frames at 32x32, 4 steps (measured on the fixture model, CPU tracker)")
+    a, b = (r.activation_peak_bytes for r in runs)
+    lines = [f"- {r.label}: {r.summary()}" for r in runs]
+    lines.append(f"- saving: {(a - b) / 2**20:.1f} MiB of activations ({1 - b / a:.0%})")
+    return ("`streamline profile --compare --steps 4` (measured on the fixture model, CPU):\n\n" + "\n".join(lines)
+            + "\n\n![original and streamlined fixture runs](docs/profile.png)\n")
+
+
+def fixture_block(say) -> str:
+    """The fixture's quality bar on 16 held-out clips, with the grid of true and sampled clips."""
+    from streamlined_core.fixture import quality
+    from streamlined_core.fixture.model import load_unet
+
+    report, true, got = quality.evaluate(load_unet(), progress=say)
+    quality.save_grid(true, got, README.parent / "docs" / "fixture_grid.png")
+    return (quality.format_report(report) + "\n\n![true (upper) and sampled (lower) held-out clips]"
+            "(docs/fixture_grid.png)\n")
+
+
 def main() -> None:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     text = README.read_text()
@@ -34,6 +63,14 @@ def main() -> None:
         text = replace(text, "bench", format_latency(latency(progress=say), markdown=True))
     if "--cuts" in sys.argv[1:]:
         text = replace(text, "cuts", format_cuts(cuts(progress=say), markdown=True))
+    if "--profile" in sys.argv[1:]:
+        text = replace(text, "profile", profile_block(say))
+    if "--overhead" in sys.argv[1:]:
+        from streamlined_core.profile_run import format_overhead, overhead
+
+        text = replace(text, "overhead", format_overhead(overhead("mid", progress=say)))
+    if "--fixture" in sys.argv[1:]:
+        text = replace(text, "fixture", fixture_block(say))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

@@ -189,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prints the recorder's cost per step on the mid-size configuration. On a CPU memory is counted by the "
         "project's tracker, on CUDA by the allocator.",
     )
-    prof.add_argument("--model", choices=("fixture", "tiny"), default="fixture",
-                      help="fixture: the shipped trained model (default); tiny: its layout with random weights")
+    prof.add_argument("--model", choices=("fixture", "tiny", "svd"), default="fixture",
+                      help="fixture: the shipped trained model (default); tiny: its layout with random weights; "
+                      "svd: full-size SVD with random weights in fp16 on a CUDA device (576x1024)")
     prof.add_argument("--weights", default=None, metavar="PATH", help="a fixture safetensors file (default: shipped)")
     mode = prof.add_mutually_exclusive_group()
     mode.add_argument("--streamline", action="store_true", help="record the streamlined model only")
@@ -348,13 +349,21 @@ def _profile(args: argparse.Namespace) -> int:
         if (why := _check_json_out(path)) is not None:
             print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
             return 2
+    if args.model in profile_run.FULL_MODELS and not torch.cuda.is_available():
+        print(f"streamline: profile --model {args.model} runs the full-size model with random weights on a CUDA device "
+              "and finds none; --model fixture or tiny run on a CPU", file=sys.stderr)
+        return 2
     runs = [False, True] if args.compare else [args.streamline]
     timelines = []
     try:
         for streamlined in runs:
             say(f"recording the {'streamlined' if streamlined else 'original'} {args.model} model: {args.steps} steps, "
                 f"{args.frames} frames, {args.granularity} granularity")
-            tl = profile_run.sampling_run(args.model, streamlined, args.granularity, args.steps, args.frames, args.weights)
+            if args.model in profile_run.FULL_MODELS:
+                tl = profile_run.full_size_run(streamlined, args.granularity, args.steps, args.frames)
+            else:
+                tl = profile_run.sampling_run(args.model, streamlined, args.granularity, args.steps, args.frames,
+                                              args.weights)
             print(f"{tl.label}: {tl.summary()}")
             timelines.append(tl)
     except FileNotFoundError as exc:
@@ -365,8 +374,8 @@ def _profile(args: argparse.Namespace) -> int:
     doc = timelines[0].to_json() if len(timelines) == 1 else {"runs": [t.to_json() for t in timelines]}
     with open(args.json_out, "w") as f:
         json.dump(doc, f, indent=2)
-    plot(timelines, args.png, title=f"{args.model} model, {args.frames} frames, {args.steps} steps "
-         f"({'measured on the fixture model' if args.model == 'fixture' else 'random weights'})")
+    what = {"fixture": "measured on the fixture model", "tiny": "random weights", "svd": "full size, random weights"}
+    plot(timelines, args.png, title=f"{args.model} model, {args.frames} frames, {args.steps} steps ({what[args.model]})")
     say(f"wrote {args.json_out} and {args.png}")
     if len(timelines) == 2 and timelines[0].activation_peak_bytes:
         a, b = (t.activation_peak_bytes for t in timelines)

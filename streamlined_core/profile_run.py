@@ -15,6 +15,7 @@ from .api import streamline
 from .profiler import Timeline, profile
 
 MODELS = ("fixture", "tiny")
+FULL_MODELS = ("svd",)  # full size, random weights, CUDA only
 
 
 def sampling_run(model: str = "fixture", streamlined: bool = False, granularity: str = "group", steps: int = 6,
@@ -37,6 +38,28 @@ def sampling_run(model: str = "fixture", streamlined: bool = False, granularity:
     finally:
         if handle is not None:
             handle.remove()
+    return rec.timeline
+
+
+def full_size_run(streamlined: bool = False, granularity: str = "group", steps: int = 4, frames: int = 14,
+                  height: int = 576, width: int = 1024, label: str | None = None) -> Timeline:
+    """Full-size SVD with random weights in fp16 on the CUDA device: ``steps`` U-Net calls (classifier-free
+    guidance batched) at falling noise levels, recorded by the allocator."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the full-size model runs on a CUDA device and none is available")
+    model = configs.seed_weights(configs.build_diffusers_svd("cuda", torch.float16), std=0.02)
+    args, kwargs = configs.diffusers_svd_inputs(model, 2, frames, height, width)
+    handle = streamline(model) if streamlined else None
+    try:
+        with torch.no_grad(), profile(model, granularity=granularity,
+                                      label=label or ("streamlined" if streamlined else "original")) as rec:
+            for t in torch.linspace(1.6, -1.5, steps):  # 0.25 * ln(sigma) from about 600 down to 0.0025
+                model(args[0], t.to(args[0].device), *args[2:], **kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+        del model
+        torch.cuda.empty_cache()
     return rec.timeline
 
 
@@ -64,7 +87,8 @@ class OverheadResult:
 def overhead(config: str = "mid", warmup: int = 1, repeats: int = 3, threads: int = 2,
              progress: Callable[[str], None] | None = None) -> OverheadResult:
     """Time streamlined U-Net calls of the bench configuration ``config`` (each call one step) without the
-    recorder and inside it at step and at group granularity, alternating, after warm-up; medians."""
+    recorder and inside it at step and at group granularity, alternating (in rotated order), after
+    warm-up; medians."""
     from .bench import BENCH_CONFIGS
 
     say = progress or (lambda _m: None)
@@ -78,8 +102,9 @@ def overhead(config: str = "mid", warmup: int = 1, repeats: int = 3, threads: in
     source = ""
     try:
         with torch.no_grad():
+            names = list(times)
             for i in range(warmup + repeats):
-                for name in times:
+                for name in names[i % 3:] + names[:i % 3]:  # rotated: no variant always runs first
                     start = time.perf_counter()
                     if name == "plain":
                         model(*args, **kwargs)

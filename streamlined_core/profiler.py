@@ -14,8 +14,9 @@ Where memory is read:
   event, and ``torch.cuda.reset_peak_memory_stats`` resets torch's one global counter for everyone:
   while a recorder runs, ``max_memory_allocated`` read by other code covers only the time since the
   recorder's last event. Device memory in use by every process comes from ``torch.cuda.mem_get_info``
-  at step boundaries. Times come from a synchronisation at each step boundary and from CUDA events
-  at group boundaries, resolved when the run ends; never from launch times.
+  at step boundaries (from NVML instead where ``nvidia-ml-py`` happens to be installed). Times come
+  from a synchronisation at each step boundary and from CUDA events at group boundaries, resolved
+  when the run ends; never from launch times.
 - **CPU and meta**: the project's tracker (:class:`~streamlined_core.memory.MemoryTracker`), a
   dispatch mode counting live tensor storage as a GPU allocator would hold it. A dispatch mode is
   per thread: the recorder must be entered on the thread that runs the model.
@@ -188,10 +189,12 @@ class _CudaSource(_Source):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._nvml: Any = None
 
     def start(self) -> None:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self._nvml = _nvml_handle(self.device)
 
     def read(self, boundary: bool) -> tuple[int, int, int, int | None]:
         if boundary:
@@ -202,8 +205,13 @@ class _CudaSource(_Source):
         torch.cuda.reset_peak_memory_stats(d)
         used = None
         if boundary:
-            free, total = torch.cuda.mem_get_info(d)
-            used = total - free
+            if self._nvml is not None:
+                import pynvml
+
+                used = int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml).used)
+            else:
+                free, total = torch.cuda.mem_get_info(d)
+                used = total - free
         return allocated, reserved, peak, used
 
     def clock(self, boundary: bool) -> Any:
@@ -214,6 +222,18 @@ class _CudaSource(_Source):
     def resolve(self, marks: Sequence[Any], origin: Any) -> list[float]:
         torch.cuda.synchronize(self.device)
         return [origin.elapsed_time(m) / 1000 for m in marks]
+
+
+def _nvml_handle(device: torch.device) -> Any:
+    """NVML's handle of ``device`` where nvidia-ml-py is installed (it is no requirement), else None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+    except Exception:  # noqa: BLE001 - not installed, no driver library, an unknown UUID: mem_get_info instead
+        return None
 
 
 class _TrackerSource(_Source):
@@ -454,7 +474,8 @@ def step_index(sigma: float, schedule: Sequence[float]) -> int | None:
 def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
             device: torch.device | str | None = None, max_events: int = DEFAULT_MAX_EVENTS) -> Iterator[Recorder]:
     """Record the memory timeline of every call of ``model`` (a diffusers U-Net) inside the block; each
-    call is one step. Group events come from Streamline's groups when the U-Net is streamlined.
+    call is one step (its sigma recorded for SVD's U-Net, whose timestep is ln(sigma) / 4). Group events
+    come from Streamline's groups when the U-Net is streamlined, else from its own blocks.
 
         with profile(pipe.unet, granularity="group") as rec:
             pipe(image, num_inference_steps=25)
@@ -467,10 +488,15 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     recorder = Recorder(device, granularity, label, max_events, weights=model)
     calls = [0]
 
+    # SVD's U-Net takes EDM's c_noise = ln(sigma) / 4 as its timestep; other U-Nets' timesteps are no sigma.
+    edm = type(model).__name__ == "UNetSpatioTemporalConditionModel"
+
     def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        sigma = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else (
-            float(timestep) if timestep is not None else None)
+        sigma = None
+        if edm and timestep is not None:
+            t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+            sigma = math.exp(4 * t)
         recorder.call(calls[0], sigma, None)
         calls[0] += 1
 

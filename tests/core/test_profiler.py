@@ -2,6 +2,7 @@
 step indices from sigmas, and the diffusers context manager on a streamlined tiny U-Net."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -138,7 +139,7 @@ def test_profile_a_streamlined_diffusers_unet_with_predicted_group_peaks():
             for t in (0.8, 0.4):
                 unet(x, torch.tensor(t), ehs, ids)
     tl = rec.timeline
-    assert [s.step for s in tl.steps] == [0, 1] and tl.steps[0].sigma == pytest.approx(0.8)
+    assert [s.step for s in tl.steps] == [0, 1] and tl.steps[0].sigma == pytest.approx(math.exp(4 * 0.8))
     groups = tl.group_peaks()
     assert groups and all(g["measured"] > 0 for g in groups.values())
     assert any(g["predicted"] for g in groups.values()), "Streamline's plan is beside the measurement"

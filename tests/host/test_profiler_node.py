@@ -169,3 +169,20 @@ def test_bad_inputs_get_clear_errors(pack, svd_patcher, comfyui):
     info = pack.NODE_CLASS_MAPPINGS["VRAMProfiler"].INPUT_TYPES()["required"]
     assert all(spec[1].get("tooltip") for spec in info.values())
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["VRAMProfiler"] == "VRAM Profiler"
+
+
+def test_an_sd15_image_model_is_recorded_by_its_blocks(pack, sd15_patcher):
+    """Any UNetModel, not only video ones: SD1.5 images at group granularity, the host's blocks as groups."""
+    import nodes
+
+    gen = torch.Generator().manual_seed(3)
+    positive = [[torch.randn(1, 2, 768, generator=gen), {}]]
+    negative = [[torch.zeros(1, 2, 768), {}]]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    model = profiled(pack, sd15_patcher, "group", label="sd15")
+    nodes.KSampler().sample(model, 1, 2, 7.0, "euler", "normal", positive, negative, latent, denoise=1.0)
+    doc = latest(pack)
+    assert doc["label"] == "sd15" and len(doc["steps"]) == 2
+    names = {e["name"] for e in doc["events"] if e["kind"] == "group"}
+    assert {"input_blocks.0", "middle_block", "output_blocks.11"} <= names
+    assert_restored(pack, sd15_patcher)

@@ -35,9 +35,9 @@ def profile_block(say) -> str:
     from streamlined_core.profile_chart import plot
     from streamlined_core.profile_run import sampling_run
 
-    runs = [sampling_run("fixture", streamlined, "group", steps=4, frames=14) for streamlined in (False, True)]
+    runs = [sampling_run("fixture", streamlined, "group", steps=4, frames=8) for streamlined in (False, True)]
     plot(runs, README.parent / "docs" / "profile.png",
-         title="fixture model, 14 frames at 32x32, 4 steps (measured on the fixture model, CPU tracker)")
+         title="fixture model, 8 frames at 32x32, 4 steps (measured on the fixture model, CPU tracker)")
     a, b = (r.activation_peak_bytes for r in runs)
     lines = [f"- {r.label}: {r.summary()}" for r in runs]
     lines.append(f"- saving: {(a - b) / 2**20:.1f} MiB of activations ({1 - b / a:.0%})")

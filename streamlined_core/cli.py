@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--clips", type=_positive, default=None,
                        help="--fixture: held-out clips to sample (default: 16; 25 steps of 16 clips take minutes)")
     bench.add_argument("--steps", type=_positive, default=None, help="--fixture: sampling steps (default: 25)")
-    bench.add_argument("--frames", type=_positive, default=None, help="--fixture: frames per clip (default: 14)")
+    bench.add_argument("--frames", type=_positive, default=None, help="--fixture: frames per clip (default: 8, what the fixture was trained on)")
     bench.add_argument("--weights", default=None, metavar="PATH",
                        help="--fixture: a fixture safetensors file (default: the one the package ships)")
     bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips")
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the recorder's overhead per step on the mid-size configuration (no files)")
     prof.add_argument("--granularity", choices=("step", "group"), default="group", help="default: group")
     prof.add_argument("--steps", type=_positive, default=6, help="sampling steps (default: 6)")
-    prof.add_argument("--frames", type=_positive, default=14, help="frames (default: 14)")
+    prof.add_argument("--frames", type=_positive, default=None,
+                      help="frames (default: the fixture's 8; 14 for --model svd)")
     prof.add_argument("--json-out", default="timeline.json", metavar="PATH", help="default: timeline.json")
     prof.add_argument("--png", default="timeline.png", metavar="PATH", help="default: timeline.png")
     prof.add_argument("--config", choices=("mid", "tiny"), default="mid", help="--overhead: the configuration")
@@ -342,6 +343,8 @@ def _profile(args: argparse.Namespace) -> int:
         return 0
     from .fixture import data
 
+    if args.frames is None:
+        args.frames = 14 if args.model in profile_run.FULL_MODELS else data.DEFAULT_FRAMES
     if not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
         print(f"streamline: --frames {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ FULL_MODELS = ("svd",)  # full size, random weights, CUDA only
 
 
 def sampling_run(model: str = "fixture", streamlined: bool = False, granularity: str = "group", steps: int = 6,
-                 frames: int = 14, weights: str | None = None, label: str | None = None) -> Timeline:
+                 frames: int = 8, weights: str | None = None, label: str | None = None) -> Timeline:
     """Sample one held-out clip with the fixture sampler loop (SVD's, classifier-free guidance batched)
     under the recorder; ``model="tiny"`` takes random weights of the fixture's layout (no file needed)."""
     from .fixture import data

@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="frames (default: the fixture's 8; 14 for --model svd)")
     prof.add_argument("--json-out", default="timeline.json", metavar="PATH", help="default: timeline.json")
     prof.add_argument("--png", default="timeline.png", metavar="PATH", help="default: timeline.png")
+    prof.add_argument("--html", default=None, metavar="PATH",
+                      help="also write a self-contained HTML page with the ComfyUI panel's charts of the runs")
     prof.add_argument("--config", choices=("mid", "tiny"), default="mid", help="--overhead: the configuration")
     prof.add_argument("--repeats", type=_positive, default=3, help="--overhead: timed calls of each (default: 3)")
     prof.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
@@ -348,8 +350,8 @@ def _profile(args: argparse.Namespace) -> int:
     if not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
         print(f"streamline: --frames {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}", file=sys.stderr)
         return 2
-    for option, path in (("--json-out", args.json_out), ("--png", args.png)):
-        if (why := _check_json_out(path)) is not None:
+    for option, path in (("--json-out", args.json_out), ("--png", args.png), ("--html", args.html)):
+        if path is not None and (why := _check_json_out(path)) is not None:
             print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
             return 2
     if args.model in profile_run.FULL_MODELS and not torch.cuda.is_available():
@@ -380,6 +382,16 @@ def _profile(args: argparse.Namespace) -> int:
     what = {"fixture": "measured on the fixture model", "tiny": "random weights", "svd": "full size, random weights"}
     plot(timelines, args.png, title=f"{args.model} model, {args.frames} frames, {args.steps} steps ({what[args.model]})")
     say(f"wrote {args.json_out} and {args.png}")
+    if args.html is not None:
+        from .profile_html import write_html
+
+        try:
+            write_html([t.to_json() for t in timelines], args.html, title=f"{args.model} model, {args.frames} frames, "
+                       f"{args.steps} steps ({what[args.model]})")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"streamline: --html {args.html}: {exc}", file=sys.stderr)
+            return 2
+        say(f"wrote {args.html}")
     if len(timelines) == 2 and timelines[0].activation_peak_bytes:
         a, b = (t.activation_peak_bytes for t in timelines)
         print(f"saving: {(a - b) / 2**20:.1f} MiB of activations ({1 - b / a:.0%})")

@@ -110,8 +110,9 @@ def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
     """Random weights of the fixture's layout, 2 steps, 8 frames: the streamlined run's peak is below the
     original's and both timelines are in the JSON; the PNG is a real image."""
     out, png = tmp_path / "t.json", tmp_path / "t.png"
+    html = tmp_path / "t.html"
     assert main(["profile", "--model", "tiny", "--compare", "--steps", "2", "--frames", "8", "--threads", "1",
-                 "--json-out", str(out), "--png", str(png)]) == 0
+                 "--json-out", str(out), "--png", str(png), "--html", str(html)]) == 0
     doc = json.loads(out.read_text())
     original, streamlined = doc["runs"]
     assert original["label"] == "original" and streamlined["label"] == "streamlined"
@@ -119,6 +120,8 @@ def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
     assert streamlined["activation_peak_bytes"] < original["activation_peak_bytes"]
     assert streamlined["predicted_peak_bytes"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = html.read_text()
+    assert "uPlot" in page and '"label": "streamlined"' in page.replace('"label":"streamlined"', '"label": "streamlined"')
     printed = capsys.readouterr().out
     assert "saving:" in printed and "original: peak" in printed
 

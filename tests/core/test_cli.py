@@ -124,11 +124,3 @@ def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
     assert "uPlot" in page and '"label": "streamlined"' in page.replace('"label":"streamlined"', '"label": "streamlined"')
     printed = capsys.readouterr().out
     assert "saving:" in printed and "original: peak" in printed
-
-
-def test_profile_overhead_prints_both_granularities(capsys):
-    """The recorder's cost per step: printed (on the mid-size configuration by `streamline profile
-    --overhead`; here the tiny one), not asserted."""
-    assert main(["profile", "--overhead", "--config", "tiny", "--repeats", "1", "--threads", "1"]) == 0
-    printed = capsys.readouterr().out
-    assert "step granularity" in printed and "group granularity" in printed

@@ -28,14 +28,13 @@ from collections import OrderedDict
 from typing import Any
 
 from ..streamlined_core.context import current, listen, run_context
-from ..streamlined_core.profiler import GRANULARITIES, Recorder, Timeline, predicted_bytes, step_index
+from ..streamlined_core.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
 from ..streamlined_core.slicing import GroupEvent
 
 KEY = "streamline.profiler"
 EVENT = "streamline.timeline"
 HISTORY_LIMIT = 32
 PROMPT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-GIB = 1024**3
 log = logging.getLogger(__name__)
 
 _HISTORY: OrderedDict[str, dict] = OrderedDict()  # prompt id -> timeline document, newest last
@@ -234,7 +233,7 @@ def _publish(timeline: Timeline) -> None:
     line = f"VRAM Profiler{f' [{timeline.label}]' if timeline.label else ''}: {timeline.summary()}"
     if previous:
         saved = previous - timeline.peak_bytes
-        line += (f"; {abs(saved) / GIB:.2f} GiB {'less' if saved >= 0 else 'more'} than the previous run with this "
+        line += (f"; {format_bytes(abs(saved))} {'less' if saved >= 0 else 'more'} than the previous run with this "
                  f"label ({saved / previous:+.0%})")
     if timeline.dropped_events:
         line += f"; {timeline.dropped_events} older group events dropped to stay within the event limit"

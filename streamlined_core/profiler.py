@@ -155,12 +155,16 @@ class Timeline:
         where = f"step {self.peak_step}" if self.peak_step is not None else "outside the steps"
         if self.peak_name and self.peak_name != "step":
             where += f", {self.peak_name}"
-        gib = 1024**3
-        text = (f"peak {self.peak_bytes / gib:.2f} GiB at {where} ({self.activation_peak_bytes / gib:.2f} GiB above "
-                f"the {self.baseline_bytes / gib:.2f} GiB resident at the start)")
+        text = (f"peak {format_bytes(self.peak_bytes)} at {where} ({format_bytes(self.activation_peak_bytes)} above the "
+                f"{format_bytes(self.baseline_bytes)} resident at the start)")
         if self.predicted_peak_bytes is not None:
-            text += f"; Streamline predicted {self.predicted_peak_bytes / gib:.2f} GiB of activations"
+            text += f"; Streamline predicted {format_bytes(self.predicted_peak_bytes)} of activations"
         return text
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in GiB from 1 GiB up, else in MiB."""
+    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 class _Source:
@@ -526,4 +530,4 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
             h.remove()
 
 
-__all__ = ["Event", "GRANULARITIES", "Recorder", "SCHEMA", "StepSummary", "Timeline", "profile", "step_index"]
+__all__ = ["Event", "GRANULARITIES", "Recorder", "SCHEMA", "StepSummary", "Timeline", "format_bytes", "profile", "step_index"]

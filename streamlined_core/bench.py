@@ -49,14 +49,20 @@ class LatencyResult:
         return self.streamlined_s / self.original_s
 
 
-def latency(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2,
-            progress: Callable[[str], None] | None = None) -> LatencyResult:
-    """Time original and streamlined calls of ``config``, alternating, and measure both peaks."""
-    say = progress or (lambda _m: None)
+def bench_model(config: str, threads: int) -> tuple[torch.nn.Module, tuple, dict]:
+    """The seeded U-Net of bench configuration ``config`` and its call's inputs, on ``threads`` CPU threads."""
     build, (batch, frames, height, width) = BENCH_CONFIGS[config]
     torch.set_num_threads(threads)
     model = configs.seed_weights(build(), std=0.02)
     args, kwargs = configs.diffusers_svd_inputs(model, batch, frames, height, width)
+    return model, args, kwargs
+
+
+def latency(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2,
+            progress: Callable[[str], None] | None = None) -> LatencyResult:
+    """Time original and streamlined calls of ``config``, alternating, and measure both peaks."""
+    say = progress or (lambda _m: None)
+    model, args, kwargs = bench_model(config, threads)
     handle = streamline(model)
     original = lambda: type(model).forward(model, *args, **kwargs)  # noqa: E731 - the unpatched forward
     streamlined = lambda: model(*args, **kwargs)  # noqa: E731

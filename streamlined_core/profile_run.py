@@ -89,13 +89,10 @@ def overhead(config: str = "mid", warmup: int = 1, repeats: int = 3, threads: in
     """Time streamlined U-Net calls of the bench configuration ``config`` (each call one step) without the
     recorder and inside it at step and at group granularity, alternating (in rotated order), after
     warm-up; medians."""
-    from .bench import BENCH_CONFIGS
+    from .bench import bench_model
 
     say = progress or (lambda _m: None)
-    build, (batch, frames, height, width) = BENCH_CONFIGS[config]
-    torch.set_num_threads(threads)
-    model = configs.seed_weights(build(), std=0.02)
-    args, kwargs = configs.diffusers_svd_inputs(model, batch, frames, height, width)
+    model, args, kwargs = bench_model(config, threads)
     handle = streamline(model)
     handle.plan_for(*args, **kwargs)
     times: dict[str, list[float]] = {"plain": [], "step": [], "group": []}

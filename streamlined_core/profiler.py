@@ -407,7 +407,6 @@ class Recorder:
         if e.peak > tl.peak_bytes or not tl.events and not tl.dropped_events:
             tl.peak_bytes, tl.peak_step, tl.peak_t = e.peak, e.step, e.t
             tl.peak_name = e.name if e.kind == "group" else "step" if e.step is not None else e.kind
-            self._peak_index = len(tl.events)
         tl.events.append(e)
         self._marks.append(mark)
         if len(tl.events) > self.max_events:

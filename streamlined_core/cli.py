@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--html", default=None, metavar="PATH",
                       help="also write a self-contained HTML page with the ComfyUI panel's charts of the runs")
     prof.add_argument("--config", choices=("mid", "tiny"), default="mid", help="--overhead: the configuration")
-    prof.add_argument("--repeats", type=_positive, default=3, help="--overhead: timed calls of each (default: 3)")
+    prof.add_argument("--repeats", type=_positive, default=5, help="--overhead: timed calls of each after 2 warm-ups; the median is reported (default: 5)")
     prof.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
     return parser
 

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 GIB = 1024**3
+LEVELS = ("op", "call")
 
 _ACTIVE: list["MemoryTracker"] = []  # trackers whose regions are open, outermost first
 
@@ -57,9 +58,30 @@ def _storage(t: torch.Tensor):
         return None
 
 
-def _tensors(tree: Any) -> Iterable[torch.Tensor]:
-    leaves, _ = tree_flatten(tree)
-    return (x for x in leaves if isinstance(x, torch.Tensor))
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or results: tensors, and lists, tuples and dicts of them."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    found: list[torch.Tensor] = []
+    _collect(tree, found)
+    return found
+
+
+def _collect(tree: Any, found: list[torch.Tensor]) -> None:
+    # aten ops take and return tensors, scalars and (nested) lists and tuples of them; pytree's general
+    # flatten costs several times this per op, and the tracker runs it twice for every op.
+    if isinstance(tree, torch.Tensor):
+        found.append(tree)
+    elif isinstance(tree, (list, tuple)):
+        for x in tree:
+            _collect(x, found)
+    elif isinstance(tree, dict):
+        for x in tree.values():
+            _collect(x, found)
+    elif not isinstance(tree, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                               torch.memory_format, slice)):
+        leaves, _ = tree_flatten(tree)  # anything else pytree knows
+        found.extend(x for x in leaves if isinstance(x, torch.Tensor))
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -87,25 +109,40 @@ class MemoryTracker:
     ``devices`` limits counting to device types (``{"cuda"}``, ``{"meta"}``...); by default every
     device counts: ``peak_bytes`` is the peak of their sum, ``peak_bytes_by_device`` each device's own peak.
     ``mark(label)`` records a timeline event; ``on_event`` is called with each one.
+
+    ``level`` is where storage is counted. ``"op"`` (the default, and what the planner and
+    ``streamline simulate`` use) sees every aten op, including the temporaries a composite function
+    makes and frees inside itself. ``"call"`` sees each torch function and tensor method called from
+    Python (a function mode) and counts what it returns: several times cheaper per op, it misses only
+    temporaries that live and die inside one call (a norm's per-group statistics, for one), and it
+    sees what op level does not: a tensor made from Python data (``torch.tensor(0.5)``), whose storage
+    exists before its first op. The profiler uses it on the CPU.
     """
 
     def __init__(
         self,
         devices: Iterable[str] | None = None,
         on_event: Callable[[MemoryEvent], None] | None = None,
+        level: str = "op",
     ) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"level={level!r}: expected one of {', '.join(LEVELS)}")
+        self.level = level
         self.devices = set(devices) if devices is not None else None
         self.on_event = on_event
         self._paused = False
         self._live: dict[int, _Live] = {}
+        self._swept_size = 0
         self.reset()
 
     # -- state -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything counted so far (storages already tracked stay tracked)."""
-        self.current_bytes = sum(v.nbytes for v in self._live.values())
-        self.peak_bytes = self.current_bytes
-        self._mark_peak = self.current_bytes
+        for key in [k for k, v in self._live.items() if v.ref.expired()]:
+            del self._live[key]
+        self._current = sum(v.nbytes for v in self._live.values())
+        self.peak_bytes = self._current
+        self._mark_peak = self._current
         self.current_by_device: dict[str, int] = {}
         self.peak_bytes_by_device: dict[str, int] = {}
         for v in self._live.values():
@@ -113,11 +150,17 @@ class MemoryTracker:
         self.peak_bytes_by_device = dict(self.current_by_device)
         self.events = []
 
+    @property
+    def current_bytes(self) -> int:
+        """Bytes of the storages counted and still alive now."""
+        self._sweep()
+        return self._current
+
     def mark(self, label: str) -> MemoryEvent:
         """Record an event: live bytes now and the peak since the previous mark."""
         self._sweep()
-        event = MemoryEvent(label, self.current_bytes, self._mark_peak)
-        self._mark_peak = self.current_bytes
+        event = MemoryEvent(label, self._current, self._mark_peak)
+        self._mark_peak = self._current
         self.events.append(event)
         if self.on_event is not None:
             self.on_event(event)
@@ -128,14 +171,30 @@ class MemoryTracker:
         dead = [k for k, v in self._live.items() if v.ref.expired()]
         for k in dead:
             v = self._live.pop(k)
-            self.current_bytes -= v.nbytes
+            self._current -= v.nbytes
             self.current_by_device[v.device] -= v.nbytes
+        self._swept_size = len(self._live)
+
+    # Sweeping (asking every tracked storage whether it is still alive) is put off until it matters.
+    # Between sweeps ``current_bytes`` still counts storages freed since the last one, so it is at
+    # least the live bytes: while it stays at or below the peaks nothing can raise them, and when it
+    # goes above, a sweep gives the exact figure before any peak moves. Expired entries cannot alias a
+    # new storage: the weak reference keeps the storage's address taken until the entry is dropped.
+    def _raises_peak(self, transient: int, transient_device: str | None) -> bool:
+        if self._current + transient > self._mark_peak:
+            return True
+        peaks = self.peak_bytes_by_device
+        for dev, b in self.current_by_device.items():
+            if b + (transient if dev == transient_device else 0) > peaks.get(dev, 0):
+                return True
+        return bool(transient) and transient_device not in self.current_by_device
 
     def _counts(self, device: torch.device) -> bool:
         return self.devices is None or device.type in self.devices
 
-    def _record_outputs(self, out: Any, input_keys: set[int], transient: int = 0,
+    def _record_outputs(self, out: Any, inputs: Any, transient: int = 0,
                         transient_device: str | None = None) -> None:
+        input_keys: set[int] | None = None  # built only when an output's storage is not tracked yet
         for t in _tensors(out):
             if not self._counts(t.device):
                 continue
@@ -148,21 +207,27 @@ class MemoryTracker:
                 grown = s.nbytes() - live.nbytes  # an out= op may resize its storage
                 if grown > 0:
                     live.nbytes += grown
-                    self.current_bytes += grown
+                    self._current += grown
                     self.current_by_device[live.device] += grown
                 continue
+            if input_keys is None:
+                input_keys = self._input_keys(inputs)
             if key in input_keys:
                 continue  # a view of, or an in-place op on, a storage older than the region
             nbytes = s.nbytes()
             dev = t.device.type
             self._live[key] = _Live(StorageWeakRef(s), nbytes, dev)
-            self.current_bytes += nbytes
+            self._current += nbytes
             self.current_by_device[dev] = self.current_by_device.get(dev, 0) + nbytes
-        self._bump(transient, transient_device)
+        if self._raises_peak(transient, transient_device):
+            self._sweep()
+            self._bump(transient, transient_device)
+        elif len(self._live) > 2 * self._swept_size + 256:
+            self._sweep()  # keeps the table of tracked storages from growing with freed ones
 
     def _bump(self, transient: int = 0, transient_device: str | None = None) -> None:
         """Raise the peaks to the live bytes plus ``transient`` bytes held now on ``transient_device``."""
-        now = self.current_bytes + transient
+        now = self._current + transient
         if now > self.peak_bytes:
             self.peak_bytes = now
         if now > self._mark_peak:
@@ -173,9 +238,17 @@ class MemoryTracker:
                 self.peak_bytes_by_device[dev] = b
 
     @staticmethod
-    def _input_keys(args: Any, kwargs: Any) -> set[int]:
+    def _input_keys(inputs: tuple[Any, dict]) -> set[int]:
+        """Storage keys of the tensors among an op's ``(args, kwargs)``."""
+        args, kwargs = inputs
         keys = set()
-        for t in _tensors((args, kwargs)):
+        for t in (*args, *kwargs.values()):
+            if not isinstance(t, torch.Tensor):
+                if isinstance(t, (list, tuple)) and t and not isinstance(t[0], (int, float, bool)):
+                    keys |= MemoryTracker._input_keys((t, {}))
+                elif isinstance(t, dict):
+                    keys |= MemoryTracker._input_keys(((), t))
+                continue
             s = _storage(t)
             if s is not None:
                 keys.add(s._cdata)
@@ -194,7 +267,7 @@ class MemoryTracker:
         finally:
             self._paused = False
         lse = attention_lse_bytes(query) if self._counts(query.device) else 0
-        self._record_outputs(out, self._input_keys(args, kwargs), transient=lse, transient_device=query.device.type)
+        self._record_outputs(out, (args, kwargs), transient=lse, transient_device=query.device.type)
         return out
 
     # -- region ----------------------------------------------------------------------------
@@ -203,14 +276,20 @@ class MemoryTracker:
         _ACTIVE.append(self)
         self._no_grad = torch.no_grad()
         self._no_grad.__enter__()
-        self._function_mode = _AttentionMode(self)
-        self._dispatch_mode = _CountingMode(self)
+        if self.level == "call":
+            self._function_mode = _CallCountingMode(self)
+            self._dispatch_mode = None
+        else:
+            self._function_mode = _AttentionMode(self)
+            self._dispatch_mode = _CountingMode(self)
         self._function_mode.__enter__()
-        self._dispatch_mode.__enter__()
+        if self._dispatch_mode is not None:
+            self._dispatch_mode.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._dispatch_mode.__exit__(*exc)
+        if self._dispatch_mode is not None:
+            self._dispatch_mode.__exit__(*exc)
         self._function_mode.__exit__(*exc)
         self._no_grad.__exit__(*exc)
         _ACTIVE.remove(self)
@@ -240,9 +319,8 @@ class _CountingMode(TorchDispatchMode):
         t = self.tracker
         if t._paused:
             return func(*args, **kwargs)
-        t._sweep()
         out = func(*args, **kwargs)
-        t._record_outputs(out, t._input_keys(args, kwargs))
+        t._record_outputs(out, (args, kwargs))
         return out
 
 
@@ -257,3 +335,28 @@ class _AttentionMode(TorchFunctionMode):
             return self.tracker._attention(func, args, kwargs)
         return func(*args, **kwargs)
 
+
+
+class _CallCountingMode(TorchFunctionMode):
+    """``level="call"``: count what each torch function or tensor method called from Python returns."""
+
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t = self.tracker
+        if t._paused:
+            return func(*args, **kwargs)
+        if func in _SDPA_FUNCTIONS:
+            return t._attention(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            # An op that returns one of its arguments (in place, or a no-op ``.to``) made nothing. (A view
+            # is not skipped: ``F.linear`` on 3-d input returns a view of a storage it just made.)
+            if not any(out is a for a in args):
+                t._record_outputs(out, (args, kwargs))
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            t._record_outputs(out, (args, kwargs))
+        return out

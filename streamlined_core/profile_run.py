@@ -84,7 +84,7 @@ class OverheadResult:
         return self.group_s / self.plain_s - 1
 
 
-def overhead(config: str = "mid", warmup: int = 1, repeats: int = 3, threads: int = 2,
+def overhead(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: int = 2,
              progress: Callable[[str], None] | None = None) -> OverheadResult:
     """Time streamlined U-Net calls of the bench configuration ``config`` (each call one step) without the
     recorder and inside it at step and at group granularity, alternating (in rotated order), after

@@ -17,9 +17,11 @@ Where memory is read:
   at step boundaries (from NVML instead where ``nvidia-ml-py`` happens to be installed). Times come
   from a synchronisation at each step boundary and from CUDA events at group boundaries, resolved
   when the run ends; never from launch times.
-- **CPU and meta**: the project's tracker (:class:`~streamlined_core.memory.MemoryTracker`), a
-  dispatch mode counting live tensor storage as a GPU allocator would hold it. A dispatch mode is
-  per thread: the recorder must be entered on the thread that runs the model.
+- **CPU and meta**: the project's tracker (:class:`~streamlined_core.memory.MemoryTracker`) at its
+  ``"call"`` level: a function mode counting the live tensor storage each torch call returns, as a
+  GPU allocator would hold it. It misses only temporaries made and freed inside one call (the op
+  level the planner uses sees those), for a fraction of the op level's cost per op. A mode is per
+  thread: the recorder must be entered on the thread that runs the model.
 
 ``allocated`` on CUDA includes the weights and everything else resident; the tracker counts only
 storage created inside the run. ``baseline_bytes`` (allocated when the first step started, after the
@@ -52,6 +54,7 @@ SCHEMA = "streamline.timeline/1"
 Granularity = Literal["step", "group"]
 GRANULARITIES: tuple[str, ...] = ("step", "group")
 DEFAULT_MAX_EVENTS = 20_000
+TRACKER_LEVEL = "call"  # the tracker's level off CUDA (memory.MemoryTracker): a fraction of "op"'s cost per op
 
 
 @dataclass
@@ -243,8 +246,8 @@ def _nvml_handle(device: torch.device) -> Any:
 class _TrackerSource(_Source):
     name = "tracker"
 
-    def __init__(self, device: torch.device) -> None:
-        self.tracker = MemoryTracker(devices={device.type})
+    def __init__(self, device: torch.device, level: str) -> None:
+        self.tracker = MemoryTracker(devices={device.type}, level=level)
 
     def start(self) -> None:
         self.tracker.__enter__()
@@ -258,8 +261,8 @@ class _TrackerSource(_Source):
         self.tracker.__exit__(None, None, None)
 
 
-def _source(device: torch.device) -> _Source:
-    return _CudaSource(device) if device.type == "cuda" else _TrackerSource(device)
+def _source(device: torch.device, tracker_level: str) -> _Source:
+    return _CudaSource(device) if device.type == "cuda" else _TrackerSource(device, tracker_level)
 
 
 class Recorder:
@@ -267,7 +270,8 @@ class Recorder:
 
     ``granularity``: ``"step"`` records step boundaries and model calls; ``"group"`` adds one event per
     group (Streamline's groups, or the host's blocks). ``predicted``: the plan's predicted peak per
-    group name, where Streamline planned the run.
+    group name, where Streamline planned the run. ``tracker_level``: off CUDA, the tracker's counting
+    level (:class:`~streamlined_core.memory.MemoryTracker`); ``"op"`` sees temporaries inside one call too.
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class Recorder:
         max_events: int = DEFAULT_MAX_EVENTS,
         weights: torch.nn.Module | None = None,
         partial_load: bool = False,
+        tracker_level: str = TRACKER_LEVEL,
     ) -> None:
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)}")
@@ -288,7 +293,7 @@ class Recorder:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.granularity = granularity
         self.max_events = max_events
-        self.source = _source(self.device)
+        self.source = _source(self.device, tracker_level)
         self.timeline = Timeline(label=label, device=str(self.device), source=self.source.name,
                                  granularity=granularity, started_at="")
         self._weights = weights
@@ -475,7 +480,8 @@ def step_index(sigma: float, schedule: Sequence[float]) -> int | None:
 
 @contextmanager
 def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
-            device: torch.device | str | None = None, max_events: int = DEFAULT_MAX_EVENTS) -> Iterator[Recorder]:
+            device: torch.device | str | None = None, max_events: int = DEFAULT_MAX_EVENTS,
+            tracker_level: str = TRACKER_LEVEL) -> Iterator[Recorder]:
     """Record the memory timeline of every call of ``model`` (a diffusers U-Net) inside the block; each
     call is one step (its sigma recorded for SVD's U-Net, whose timestep is ln(sigma) / 4). Group events
     come from Streamline's groups when the U-Net is streamlined, else from its own blocks.
@@ -488,7 +494,7 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     from .slicing import GroupEvent
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    recorder = Recorder(device, granularity, label, max_events, weights=model)
+    recorder = Recorder(device, granularity, label, max_events, weights=model, tracker_level=tracker_level)
     calls = [0]
 
     # SVD's U-Net takes EDM's c_noise = ln(sigma) / 4 as its timestep; other U-Nets' timesteps are no sigma.

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamlined_core.memory import MemoryTracker, attention_lse_bytes
+from streamlined_core.memory import LEVELS, MemoryTracker, attention_lse_bytes
 
 DEVICES = ["cpu", "meta"]
 
@@ -141,3 +141,34 @@ def test_marks_record_a_timeline_of_live_bytes_and_peaks():
         t.mark("second")
     assert [(e.label, e.live_bytes, e.peak_bytes) for e in t.events] == [("first", 400, 400), ("second", 400, 1600)]
     assert seen == t.events and a.numel() == 100
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_both_levels_count_new_storage_and_skip_views_inplace_ops_and_old_storage(device, level):
+    weight = torch.ones(64, 32, device=device)
+    with MemoryTracker(level=level) as t:
+        x = torch.ones(2, 5, 64, device=device)  # 2560 bytes
+        y = F.linear(x, weight.t())  # 3-d input: a view of a storage made inside the call; 1280 bytes
+        y.mul_(2)
+        z = y.to(torch.float32).view(-1)[:3]
+        w = weight.t().contiguous()  # a copy of an old storage: new, 8192 bytes
+        del w
+    assert t.peak_bytes == 2560 + 1280 + 8192
+    assert t.current_bytes == 2560 + 1280 and z.numel() == 3
+
+
+def test_the_call_level_misses_only_temporaries_inside_one_call():
+    x = torch.randn(4, 32, 8, 8)
+    with MemoryTracker(level="op") as op:
+        F.group_norm(x, 8)
+    with MemoryTracker(level="call") as call:
+        F.group_norm(x, 8)
+    out = 4 * 32 * 8 * 8 * 4
+    assert call.peak_bytes == out
+    assert op.peak_bytes == out + 2 * 4 * 8 * 4  # native_group_norm's mean and rstd, one per group
+
+
+def test_an_unknown_level_is_named():
+    with pytest.raises(ValueError, match="level='fast'.*op, call"):
+        MemoryTracker(level="fast")

@@ -144,3 +144,32 @@ def test_profile_a_streamlined_diffusers_unet_with_predicted_group_peaks():
     assert groups and all(g["measured"] > 0 for g in groups.values())
     assert any(g["predicted"] for g in groups.values()), "Streamline's plan is beside the measurement"
     assert tl.peak_bytes == max(s.peak for s in tl.steps) > 0
+
+
+@pytest.mark.parametrize("streamlined", [False, True])
+def test_the_call_level_tracker_records_the_op_level_peaks_of_a_unet(streamlined):
+    """The profiler's tracker counts per torch call; on the U-Net its step and group peaks are the op level's."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from streamlined_core import configs, streamline
+
+    torch.manual_seed(0)
+    unet = UNetSpatioTemporalConditionModel(**configs.TINY_SVD_KWARGS).eval()
+    x = torch.randn(2, 5, 8, 12, 16)
+    ehs = torch.randn(2, 1, configs.TINY_SVD_KWARGS["cross_attention_dim"])
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
+    timesteps = [torch.tensor(t) for t in (0.8, 0.4)]  # torch.tensor's storage is seen by the call level only
+    peaks = {}
+    handle = streamline(unet) if streamlined else None
+    try:
+        for level in ("op", "call"):
+            with torch.no_grad(), profiler.profile(unet, granularity="group", tracker_level=level) as rec:
+                for t in timesteps:
+                    unet(x, t, ehs, ids)
+            peaks[level] = ([s.peak for s in rec.timeline.steps],
+                            {k: g["measured"] for k, g in rec.timeline.group_peaks().items()})
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert len(peaks["op"][1]) >= 4
+    assert peaks["call"] == peaks["op"]

@@ -7,6 +7,7 @@ ComfyUI process holds a single copy of it.
 from ..streamlined_core import __version__
 from .demo import StreamlineDemoFrames, StreamlineDemoLoader
 from .streamline_model import StreamlineModel
+from .vae_decode import StreamlineVAEDecode
 from .vram_profiler import VRAMProfiler, register_routes
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
@@ -14,12 +15,14 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StreamlineDemoLoader": StreamlineDemoLoader,
     "StreamlineDemoFrames": StreamlineDemoFrames,
     "VRAMProfiler": VRAMProfiler,
+    "StreamlineVAEDecode": StreamlineVAEDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamlineModel": "Streamline Model",
     "StreamlineDemoLoader": "Streamline Demo Model",
     "StreamlineDemoFrames": "Streamline Demo Frames",
     "VRAMProfiler": "VRAM Profiler",
+    "StreamlineVAEDecode": "Streamline VAE Decode",
 }
 
 register_routes()  # GET /streamline/timelines[/{prompt_id}] on ComfyUI's server, when one runs

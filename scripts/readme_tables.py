@@ -6,6 +6,7 @@
     .venv/bin/python scripts/readme_tables.py --profile  # also streamline profile --compare (docs/profile.png)
     .venv/bin/python scripts/readme_tables.py --overhead # also streamline profile --overhead
     .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
+    .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -71,6 +72,11 @@ def main() -> None:
         text = replace(text, "overhead", format_overhead(overhead("mid", progress=say)))
     if "--fixture" in sys.argv[1:]:
         text = replace(text, "fixture", fixture_block(say))
+    if "--decode" in sys.argv[1:]:
+        from streamlined_core.decode_sim import decode_rows
+        from streamlined_core.decode_sim import format_markdown as decode_markdown
+
+        text = replace(text, "decode", decode_markdown(decode_rows(((512, 512), (576, 1024)), progress=say)))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

@@ -57,18 +57,21 @@ def _check_budget(budget_bytes: Any) -> int | None:
 
 
 SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff), "
-             "and ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved)")
+             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved), and SVD's VAE "
+             "(AutoencoderKLTemporalDecoder: its temporal decoder)")
 
 
 def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
+    if type(unet).__name__ == "AutoencoderKLTemporalDecoder":
+        unet = unet.decoder  # pipe.vae: the decoder is what runs by groups
     if not isinstance(unet, nn.Module):
-        raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet ({SUPPORTED}), "
+        raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet, or SVD's VAE ({SUPPORTED}), "
                         f"got {type(target).__name__}")
     try:
         return unet, engine_adapter(unet)
     except TypeError:
-        raise TypeError(f"target {type(unet).__name__} is not a supported U-Net: streamline() accepts {SUPPORTED}") from None
+        raise TypeError(f"target {type(unet).__name__} is not a supported model: streamline() accepts {SUPPORTED}") from None
 
 
 def _amount(nbytes: float, unit: float) -> str:
@@ -224,12 +227,15 @@ class Streamliner:
             meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count
             batch, frames, h, w = self.adapter.call_shape(arguments)
             weights = weights_bytes(self.unet)
-            floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
+            if self.adapter.floor is not None:
+                floor = self.adapter.floor(self.unet, arguments)
+            else:
+                floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
             def run(runner: Runner) -> Any:
                 with sdpa_on_meta(replica):  # never a host's attention backend on meta
                     return self.adapter.forward(replica, runner, **fresh_containers(meta_arguments))
 
-            self._planners[key] = Planner(run, weights, floor)
+            self._planners[key] = Planner(run, weights, floor, self.adapter.floor_name)
         return self._planners[key]
 
     def _activation_budget(self, device: torch.device) -> int | None:

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--frames", type=_positive, default=None, help="frames per video (default: 14 SVD, 25 SVD-XT, 16 AnimateDiff)")
     sim.add_argument("--batch", type=_positive, default=2, help="videos per U-Net call; 2 is classifier-free guidance (default: 2)")
+    sim.add_argument("--decode", action="store_true",
+                     help="instead: SVD's VAE decode (SVD 14 frames, SVD-XT 25), the stock decoder against the decoder "
+                          "run by groups (default resolution: 576x1024)")
     out = sim.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
     out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
@@ -415,7 +418,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("streamline: profile needs diffusers: pip install 'comfyui-streamline[diffusers]'", file=sys.stderr)
             return 2
         return _profile(args)
-    if args.command == "simulate":
+    if args.command == "simulate" and args.decode:
+        from .decode_sim import decode_rows
+        from .decode_sim import format_markdown as decode_markdown
+
+        rows = decode_rows(args.resolution or ((576, 1024),), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else decode_markdown(rows), end="\n" if args.json else "")
+    elif args.command == "simulate":
         from .simulate import RESOLUTIONS, format_markdown, format_text, simulate
 
         with _stdout_to_stderr():  # whatever ComfyUI and its custom nodes print while loaded and run

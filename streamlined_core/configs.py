@@ -72,6 +72,28 @@ def build_diffusers_svd(device: str | torch.device = "meta", dtype: torch.dtype 
     return _place(model, device, dtype)
 
 
+SVD_VAE_KWARGS = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                      layers_per_block=2, latent_channels=4)
+# Two levels of 32 and 64 channels (the GroupNorms' 32 groups need 32 channels at least); SVD's two
+# layers per block, so the middle block runs its attention between two ResBlocks.
+TINY_SVD_VAE_KWARGS = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                           layers_per_block=2, latent_channels=4)
+
+
+def build_svd_vae(device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, **overrides: Any):
+    """diffusers ``AutoencoderKLTemporalDecoder``, SVD's VAE (its ``decoder`` is the temporal decoder)."""
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    with torch.device(device):
+        model = AutoencoderKLTemporalDecoder(**{**SVD_VAE_KWARGS, **overrides})
+    return _place(model, device, dtype)
+
+
+def build_tiny_svd_vae(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny SVD VAE: SVD's layout at two levels of 32 and 64 channels."""
+    return build_svd_vae(device, dtype, **{**TINY_SVD_VAE_KWARGS, **overrides})
+
+
 def build_diffusers_animatediff(
     device: str | torch.device = "meta",
     dtype: torch.dtype = torch.float16,

@@ -4,27 +4,31 @@ The planner runs the streamlined forward on a weightless ``meta`` replica of the
 call's shapes, under the tracker, a few times (every group whole; two slices; four slices; two
 slices recomputing instead of keeping), and records each group's peak. A group's peak with ``k``
 slices is the memory alive around it plus what one slice needs, linear in the slice's length:
-``base + per_item * ceil(length / k)``. Each group then gets the least slicing (keeping before
-recomputing) whose predicted peak fits the activation budget.
+``base + per_item * length of the slice that sets the peak``. Each group then gets the least
+slicing (keeping before recomputing) whose predicted peak fits the activation budget. The chosen
+plan is then measured once more, and each group's prediction is its measured peak; a group over
+the target is sliced further and the plan measured again (``VERIFY_ROUNDS``).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .memory import GIB, MemoryTracker
-from .slicing import Axis, GroupEvent, Mode, Runner, ceil_div
+from .slicing import Axis, GroupEvent, Mode, Runner, ceil_div, governing_slice
 
 # The default memory target where no device budget exists (CPU, meta): 1.5x the skip floor.
 TARGET_X_FLOOR = 1.5
 # Where a budget is below the least reachable peak: how close to that peak the plan goes.
 UNREACHABLE_SLACK = 0.02
+# How many times a plan whose measurement exceeds its target is sliced further and measured again.
+VERIFY_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Plan:
     weights_bytes: int
     skip_floor_bytes: int
     fits: bool = True
+    floor_name: str = "skip floor"  # a U-Net's skip floor; a VAE decoder's output-level floor
     _by_name: dict[str, GroupPlan] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,7 +93,7 @@ class Plan:
             )
         lines.append(
             f"predicted activation peak {self.predicted_peak_bytes / GIB:.3f} GiB "
-            f"({self.predicted_peak_bytes / self.skip_floor_bytes:.2f}x the skip floor), "
+            f"({self.predicted_peak_bytes / self.skip_floor_bytes:.2f}x the {self.floor_name}), "
             f"weights {self.weights_bytes / GIB:.3f} GiB"
         )
         return "\n".join(lines)
@@ -99,6 +104,7 @@ class _Measured:
     axis: Axis
     length: int
     modes: tuple[Mode, ...]
+    in_place: bool = False
     peaks: dict[tuple[int, Mode], int] = field(default_factory=dict)
 
 
@@ -116,7 +122,7 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
         if event.kind == "start":
             outside = max(outside, mark.peak_bytes)
             return
-        m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes))
+        m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes, event.in_place))
         key = (event.slices, event.mode)
         m.peaks[key] = max(m.peaks.get(key, 0), mark.peak_bytes)
 
@@ -129,16 +135,19 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
 class Planner:
     """Plans one call shape from measurements of ``run(runner)`` on a meta replica."""
 
-    def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int) -> None:
+    def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int,
+                 floor_name: str = "skip floor") -> None:
+        self.run = run
         self.weights_bytes = weights_bytes
         self.skip_floor_bytes = skip_floor_bytes
+        self.floor_name = floor_name
         self.groups: dict[str, _Measured] = {}
         self.outside = 0
         for k, mode in ((1, "keep"), (2, "keep"), (4, "keep"), (2, "recompute")):
             measured, outside, _ = measure_groups(run, lambda _n, _a, _l, k=k, mode=mode: (k, mode))
             self.outside = max(self.outside, outside)
             for name, m in measured.items():
-                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes)).peaks.update(m.peaks)
+                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes, m.in_place)).peaks.update(m.peaks)
 
     def predict(self, name: str, slices: int, mode: Mode) -> int:
         """Predicted peak of group ``name`` with ``slices`` slices in ``mode``."""
@@ -148,11 +157,12 @@ class Planner:
         if slices == 1:
             return m.peaks[(1, m.modes[0])]
         per_item, bases = self._fit(m)
-        return int(bases[mode] + per_item * ceil_div(m.length, slices))
+        return int(bases[mode] + per_item * governing_slice(m.length, slices, m.in_place))
 
     @staticmethod
     def _fit(m: _Measured) -> tuple[float, dict[Mode, float]]:
-        s2, s4 = ceil_div(m.length, min(2, m.length)), ceil_div(m.length, min(4, m.length))
+        s2 = governing_slice(m.length, min(2, m.length), m.in_place)
+        s4 = governing_slice(m.length, min(4, m.length), m.in_place)
         p2, p4 = m.peaks[(min(2, m.length), "keep")], m.peaks[(min(4, m.length), "keep")]
         per_item = max(0.0, (p2 - p4) / (s2 - s4)) if s2 != s4 else 0.0
         bases = {mode: m.peaks[(min(2, m.length), mode)] - per_item * s2 for mode in m.modes}
@@ -199,10 +209,44 @@ class Planner:
                 fits = False
                 best = min(((kk, mode) for kk in {1, kmax} for mode in m.modes), key=lambda o: (self.predict(name, *o), o[0]))
             chosen.append(GroupPlan(name, m.axis, m.length, best[0], best[1], self.predict(name, *best)))
-        peak = max([self.outside] + [g.predicted_bytes for g in chosen])
-        if activation_budget is not None and self.outside > activation_budget:
-            fits = False
-        return Plan(chosen, peak, self.weights_bytes, self.skip_floor_bytes, fits=fits)
+        chosen, outside = self._verified(chosen, target, max_slices, axes)
+        peak = max([outside] + [g.predicted_bytes for g in chosen])
+        if activation_budget is not None:
+            fits = fits and peak <= max(activation_budget, target or 0)
+        return Plan(chosen, peak, self.weights_bytes, self.skip_floor_bytes, fits=fits, floor_name=self.floor_name)
+
+    def _verified(self, chosen: list[GroupPlan], target: int | None, max_slices: int | None,
+                  axes: Iterable[str], rounds: int = VERIFY_ROUNDS) -> tuple[list[GroupPlan], int]:
+        """Measure the chosen plan once more and give every group its measured peak. A group's peak is
+        linear in its slice length only piecewise (the statistics pass or the body may hold the most),
+        so a group measured above ``target`` gets more slices (recomputing before keeping more) and the
+        plan is measured again, at most ``rounds`` times."""
+        axes = set(axes)
+        outside = self.outside
+        for round_ in range(rounds + 1):
+            plan = Plan(chosen, 0, self.weights_bytes, self.skip_floor_bytes)
+            measured, outside, _ = measure_groups(self.run, plan.decide)
+            chosen = [replace(g, predicted_bytes=max(measured[g.name].peaks.values())) if g.name in measured else g
+                      for g in chosen]
+            if target is None or round_ == rounds:
+                break
+            bumped = False
+            for i, g in enumerate(chosen):
+                if g.predicted_bytes <= target:
+                    continue
+                m = self.groups[g.name]
+                kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
+                kmax = kmax if m.axis in axes else 1
+                if g.mode == "keep" and "recompute" in m.modes and g.slices > 1:
+                    chosen[i] = replace(g, mode="recompute")
+                elif g.slices < kmax:
+                    chosen[i] = replace(g, slices=min(kmax, max(g.slices + 1, math.ceil(g.slices * 1.25))))
+                else:
+                    continue
+                bumped = True
+            if not bumped:
+                break
+        return chosen, outside
 
     def _options(self, name: str, m: _Measured, budget: int, kmax: int) -> Iterable[tuple[int, Mode]]:
         yield 1, m.modes[0]

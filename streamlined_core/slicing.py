@@ -116,6 +116,15 @@ class GroupEvent:
     slices: int
     mode: Mode
     modes: tuple[Mode, ...] = ("keep",)
+    in_place: bool = False  # slices overwrite the input; otherwise the output is allocated at the first slice
+
+
+def governing_slice(length: int, slices: int, in_place: bool) -> int:
+    """The length of the slice that sets a group's peak: the first (the longest) for an in-place group;
+    otherwise the second, the first that runs while the whole output is allocated."""
+    bounds = slice_bounds(length, slices)
+    a, b = bounds[0] if in_place or len(bounds) == 1 else bounds[1]
+    return b - a
 
 
 Decide = Callable[[str, Axis, int], tuple[int, Mode]]
@@ -166,7 +175,8 @@ class Runner:
         slices = max(1, min(int(slices), length))
         if mode not in modes:
             mode = modes[0]
-        self.emit(GroupEvent("start", name, axis, length, slices, mode, modes))
+        in_place = isinstance(merge, InPlace)
+        self.emit(GroupEvent("start", name, axis, length, slices, mode, modes, in_place))
         bounds = slice_bounds(length, slices)
         if slices > 1:
             for pass_ in passes:
@@ -183,7 +193,7 @@ class Runner:
                 merge.write(out, start, stop, part)
                 del part
             out = merge.finish(out)
-        self.emit(GroupEvent("end", name, axis, length, slices, mode, modes))
+        self.emit(GroupEvent("end", name, axis, length, slices, mode, modes, in_place))
         return out
 
 
@@ -235,6 +245,38 @@ class Pixels(Merge):
         out.view(b, t, c, self.height * self.width)[..., start:stop].copy_(part)
 
 
+class InPlace(Merge):
+    """Each slice's result overwrites the same slice of the group's input, so the group allocates no output.
+
+    Exact when a slice's result depends only on the same slice of the input (and on statistics passes,
+    which all run before the first write): true of frame-sliced spatial layers and of pixel-sliced
+    temporal layers whose output has the input's shape. ``target`` must belong to the caller alone.
+    Row parts are (rows, ...) along dim 0; with ``pixels=(batch, frames)`` parts are (B, T, C, P)
+    pixel slices of the (B*T, C, H, W) target. With one slice the host's module runs whole and its
+    output is copied over the input.
+    """
+
+    def __init__(self, target: torch.Tensor, pixels: tuple[int, int] | None = None) -> None:
+        self.target, self.pixels = target, pixels
+
+    def whole(self, part: torch.Tensor) -> torch.Tensor:
+        # One slice: the host's module ran whole; its output goes over the input like a slice's would,
+        # so after the group only one tensor of its size is alive whatever the slice count.
+        self.write(self.allocate(part), 0, part.shape[-1] if self.pixels else part.shape[0], part)
+        return self.target
+
+    def allocate(self, part: torch.Tensor) -> torch.Tensor:
+        if part.dtype != self.target.dtype:
+            raise ValueError(f"an in-place group got a {part.dtype} part for a {self.target.dtype} input")
+        return self.target
+
+    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
+        if self.pixels is None:
+            out[start:stop].copy_(part)
+        else:
+            pixel_view(out, *self.pixels)[..., start:stop].copy_(part)
+
+
 class Tokens(Merge):
     """Slices along the token axis of (B*T, HW, D) hidden states. Parts are (B*T, P, D)."""
 
@@ -263,14 +305,18 @@ def frames_group(
     call: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
     per_item: Sequence = (),
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """A spatial group: ``call(*input_slices, *per_item_slices)`` over batch-x-frame slices."""
+    """A spatial group: ``call(*input_slices, *per_item_slices)`` over batch-x-frame slices.
+
+    ``in_place``: each slice's result overwrites the slice of ``inputs[0]`` it came from (the result
+    must have its shape and dtype, and the input must belong to the caller alone)."""
     n = inputs[0].shape[0]
 
     def body(a: int, b: int) -> torch.Tensor:
         return call(*[x[a:b] for x in inputs], *[rows_of(t, a, b, n) for t in per_item])
 
-    return runner.run(name, "frames", n, body, Rows(n))
+    return runner.run(name, "frames", n, body, InPlace(inputs[0]) if in_place else Rows(n))
 
 
 def pixel_view(x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
@@ -314,11 +360,14 @@ def temporal_resblock(
     batch: int,
     frames: int,
     mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    in_place: bool = False,
 ) -> torch.Tensor:
     """A temporal ResBlock and its mixer ``mix(spatial, temporal)`` over pixel slices of ``x``.
 
     Two statistics passes: the first norm's over the input; the second norm's over the
     intermediate, which ``mode == "keep"`` stores for the body and ``"recompute"`` computes again.
+    ``in_place``: each pixel slice's result overwrites that slice of ``x`` (same channels; ``x``
+    belongs to the caller alone). Both passes read ``x`` before the first write.
     """
     n, c, height, width = x.shape
     pixels = height * width
@@ -352,12 +401,15 @@ def temporal_resblock(
             out = block.whole(v)  # one slice: the host's module, whole
         else:
             h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first(v)
+            if b == pixels:
+                kept.clear()  # the last slice: the kept intermediate goes before the group ends
             h = block.second(group_norm(h, stats2, block.norm2.eps, affine(block.norm2, h)))
             out = block.shortcut(v) + h
         return from_video(mix(v, out))
 
+    merge = InPlace(x, (batch, frames)) if in_place else Pixels(batch, frames, height, width)
     return runner.run(
-        name, "pixels", pixels, body, Pixels(batch, frames, height, width),
+        name, "pixels", pixels, body, merge,
         passes=[norm1_stats, norm2_stats], modes=("keep", "recompute"),
     )
 
@@ -367,7 +419,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "Axis", "GroupEvent", "GroupNormStats", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
+    "Axis", "GroupEvent", "GroupNormStats", "InPlace", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
     "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view", "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..stages import CutPoint
-from . import comfy_unet, diffusers_animatediff, diffusers_svd
+from . import comfy_unet, comfy_vae, diffusers_animatediff, diffusers_svd, diffusers_vae
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class Adapter:
     variant: Callable[[nn.Module], object] = lambda model: None  # run-time state a plan depends on (injected modules)
     fallback: Callable | None = None  # the forward for host versions ``supports`` rejects (module-level slicing)
     unet: UNetLayout | None = None
+    floor: Callable[[nn.Module, dict], int] | None = None  # a model that is no U-Net: its floor for a call
+    floor_name: str = "skip floor"  # what the floor is called in plans and tables
 
 
 def _module_adapter(name: str, module) -> Adapter:
@@ -78,6 +80,23 @@ ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("diffusers-svd", diffusers_svd),
     _module_adapter("diffusers-animatediff", diffusers_animatediff),
     _module_adapter("comfyui-unet", comfy_unet),
+    Adapter(
+        name="diffusers-svd-vae-decoder",
+        matches=diffusers_vae.matches,
+        forward=diffusers_vae.streamlined_forward,
+        call_shape=diffusers_vae.call_shape,
+        floor=diffusers_vae.floor_bytes,
+        floor_name="output-level floor",
+    ),
+    Adapter(
+        name="comfyui-svd-vae-decoder",
+        matches=comfy_vae.matches,
+        forward=comfy_vae.streamlined_forward,
+        call_shape=comfy_vae.call_shape,
+        sample=comfy_vae.SAMPLE,
+        floor=comfy_vae.floor_bytes,
+        floor_name="output-level floor",
+    ),
 )
 
 
@@ -104,7 +123,7 @@ def adapter_for(model: object) -> Adapter:
             if adapter.matches(model):
                 return adapter
     names = ", ".join(a.name for a in ADAPTERS)
-    raise TypeError(f"unsupported model {type(model).__name__}: supported U-Nets are {names}")
+    raise TypeError(f"unsupported model {type(model).__name__}: supported models are {names}")
 
 
 def cut_points(model: nn.Module) -> list[CutPoint]:

@@ -39,9 +39,10 @@ def call_shape(arguments: dict) -> tuple[int, int, int, int]:
 
 def temporal_resblock(
     runner: Runner, name: str, block: nn.Module, x: torch.Tensor, temb: torch.Tensor | None,
-    batch: int, frames: int, image_only_indicator: torch.Tensor,
+    batch: int, frames: int, image_only_indicator: torch.Tensor, in_place: bool = False,
 ) -> torch.Tensor:
-    """``SpatioTemporalResBlock``'s temporal half on pixel slices: 3-D ResBlock, then the mixer."""
+    """``SpatioTemporalResBlock``'s temporal half on pixel slices: 3-D ResBlock, then the mixer
+    (``in_place``: written over ``x``, which must belong to the caller alone)."""
     trb = block.temporal_res_block
     temb3 = temb.reshape(batch, frames, -1) if temb is not None else None
     temb_term = None
@@ -62,7 +63,7 @@ def temporal_resblock(
         affine=lambda norm, like: slicing.module_affine(norm, like.dtype),
     )
     mix = lambda v, out: block.time_mixer(x_spatial=v, x_temporal=out, image_only_indicator=image_only_indicator)  # noqa: E731
-    return slicing.temporal_resblock(runner, name, parts, x, batch, frames, mix)
+    return slicing.temporal_resblock(runner, name, parts, x, batch, frames, mix, in_place=in_place)
 
 
 def resblock(runner, name, block, x, temb, batch, frames, ioi) -> torch.Tensor:

@@ -268,7 +268,7 @@ def test_unsupported_dit_is_refused():
     from diffusers import DiTTransformer2DModel
 
     dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8, patch_size=2, norm_num_groups=4)
-    with pytest.raises(TypeError, match="not a supported U-Net"):
+    with pytest.raises(TypeError, match="not a supported model"):
         streamline(dit)
 
 

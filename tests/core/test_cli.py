@@ -124,3 +124,17 @@ def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
     assert "uPlot" in page and '"label": "streamlined"' in page.replace('"label":"streamlined"', '"label": "streamlined"')
     printed = capsys.readouterr().out
     assert "saving:" in printed and "original: peak" in printed
+
+
+def test_simulate_decode_measures_the_stock_and_the_grouped_decode(capsys):
+    assert main(["simulate", "--decode", "--resolution", "64x128", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert [(r["model"], r["frames"], r["height"], r["width"]) for r in rows] == [("SVD", 14, 64, 128), ("SVD-XT", 25, 64, 128)]
+    for r in rows:
+        assert r["peak_bytes"] == r["predicted_peak_bytes"]  # the plan predicts what the tracker measures
+        assert r["floor_bytes"] < r["peak_bytes"] < r["original_peak_bytes"] / 3
+        assert r["weights_bytes"] > 0 and "frames" in r["plan"]
+    assert "decode SVD-XT 64x128 25 frames" in captured.err
+    assert main(["simulate", "--decode", "--resolution", "64x128", "--markdown"]) == 0
+    assert "| SVD-XT | 64x128 | 25 |" in capsys.readouterr().out

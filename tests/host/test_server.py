@@ -103,6 +103,11 @@ def test_object_info_shows_the_node_and_its_inputs(server):
     assert required["slicing"][0] == ["auto", "upper bound"] and required["groups"][0] == ["all", "spatial", "temporal"]
     assert all(spec[1]["tooltip"] for spec in required.values())
     assert info["output"] == ["MODEL"] and info["description"]
+    decode = server.get("/object_info/StreamlineVAEDecode")["StreamlineVAEDecode"]
+    assert decode["display_name"] == "Streamline VAE Decode" and decode["category"] == "Streamline"
+    assert list(decode["input"]["required"]) == ["samples", "vae", "vram_budget_gb"]
+    assert all(spec[1]["tooltip"] for spec in decode["input"]["required"].values())
+    assert decode["output"] == ["IMAGE"] and decode["description"]
 
 
 def graph(streamline: bool, frames: int = 5) -> dict:

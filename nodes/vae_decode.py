@@ -1,0 +1,95 @@
+"""The "Streamline VAE Decode" node: SVD's VAE decode of every frame as one clip, by groups, exactly.
+
+ComfyUI's VAE Decode cuts the latent batch by free memory and decodes each part as a clip of its
+own, so SVD's temporal decoder sees a cut at every part border (its time convolutions) and takes its
+video-wide GroupNorm statistics over the part only. This node decodes the whole batch as one clip,
+as the decoder was trained, through the engine's groups (``streamlined_core/arch/comfy_vae.py``):
+loaded with ComfyUI's ``load_models_gpu`` under the plan's own memory estimate, in the VAE's dtype,
+on its device, with its output device and output processing, as the host's decode does. The
+decoder's ``forward`` is replaced only for the call and restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..streamlined_core.api import Streamliner
+from ..streamlined_core.arch import comfy_vae, engine_adapter
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+class StreamlineVAEDecode:
+    """VAE Decode for SVD's temporal VAE: every frame as one clip, in a fraction of the memory."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "samples": ("LATENT", {"tooltip": "The latent frames to decode (an SVD / SVD-XT sampler's output)."}),
+                "vae": ("VAE", {"tooltip": "SVD's VAE (its temporal decoder runs by groups). Any other VAE is decoded "
+                                           "by ComfyUI's own VAE Decode, and the node says so."}),
+                "vram_budget_gb": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
+                    "tooltip": "Total device memory the decode may use, the decoder's weights included, in GiB; a "
+                               "budget this latent cannot meet is refused before decoding. 0 (auto): plan for the "
+                               "device's memory, or where even the most slicing exceeds it, for the least "
+                               "reachable peak; on the CPU: 1.5x one tensor of the output level.",
+                }),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("The decoded frames: equal to decoding every frame as one clip, within rounding.",)
+    FUNCTION = "decode"
+    CATEGORY = "Streamline"
+    DESCRIPTION = (
+        "Decodes SVD latents with every frame in one clip, as the temporal decoder was trained (ComfyUI's VAE "
+        "Decode cuts the clip by free memory), running each layer group on slices: frames for spatial layers, "
+        "pixels for temporal ones, norms on whole-video statistics, so a 25-frame 576x1024 decode needs about "
+        "6 GiB of activations instead of 28."
+    )
+
+    def decode(self, samples: dict, vae, vram_budget_gb: float):
+        import comfy.model_management as mm
+
+        if not isinstance(vram_budget_gb, (int, float)) or vram_budget_gb < 0:
+            raise ValueError(f"vram_budget_gb={vram_budget_gb!r}: expected 0 (auto) or a positive number of GiB")
+        latent = samples["samples"]
+        decoder = getattr(getattr(vae, "first_stage_model", None), "decoder", None)
+        if decoder is None or not comfy_vae.matches(decoder):
+            kind = type(decoder).__name__ if decoder is not None else type(getattr(vae, "first_stage_model", vae)).__name__
+            text = (f"Streamline VAE Decode: this VAE's decoder ({kind}) is not SVD's temporal decoder; decoded by "
+                    f"ComfyUI's own VAE Decode, unchanged")
+            log.info(text)
+            return {"ui": {"text": [text]}, "result": (vae.decode(latent),)}
+        if latent.dim() != 4:
+            raise ValueError(f"samples: SVD latents are (frames, 4, height, width), got shape {tuple(latent.shape)}")
+        if hasattr(vae, "throw_exception_if_invalid"):
+            vae.throw_exception_if_invalid()
+        if "forward" in decoder.__dict__:
+            raise ValueError("this VAE's decoder.forward is already replaced by another node or library; Streamline "
+                             "VAE Decode would hide it. Use ComfyUI's VAE Decode for it")
+
+        device = vae.device
+        budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
+        total = mm.get_total_memory(device) if device.type != "cpu" else None
+        engine = Streamliner(decoder, engine_adapter(decoder), "auto", budget, device_budget_bytes=total,
+                             budget_name="vram_budget_gb", budget_unit=GIB)
+        z = latent.to(vae.vae_dtype).to(device)
+        arguments = {"z": z}
+        plan = engine._plan(arguments)  # raises, naming vram_budget_gb, when the budget cannot be met
+        stock = engine._planner(arguments).unsliced_peak()
+        mm.load_models_gpu([vae.patcher], memory_required=plan.predicted_peak_bytes,
+                           force_full_load=getattr(vae, "disable_offload", False))
+        decoder.forward = engine
+        try:
+            out = vae.first_stage_model.decode(z)
+        finally:
+            decoder.__dict__.pop("forward", None)
+        images = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
+        text = (f"Streamline VAE Decode: {latent.shape[0]} frames as one clip, {plan.describe()}; predicted activation "
+                f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB (the stock decoder in one call: {stock / GIB:.2f} GiB)")
+        log.info(text)
+        return {"ui": {"text": [text]}, "result": (images,)}

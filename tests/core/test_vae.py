@@ -1,0 +1,142 @@
+"""SVD's temporal VAE decoder run by groups (``arch/diffusers_vae.py``): the contract on tiny real decoders,
+and what the groups hold on a full-size one (meta device)."""
+
+import pytest
+import torch
+from contract import TOL, Coverage, Subject, check_per_slice_statistics_fail, check_sliced, forced
+
+from streamlined_core import configs
+from streamlined_core.arch import diffusers_vae
+from streamlined_core.memory import MemoryTracker
+from streamlined_core.slicing import GroupEvent, Runner
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return configs.seed_weights(configs.build_tiny_svd_vae(), std=0.1)
+
+
+def subject(decoder, batch, frames, height, width, dtype=torch.float32) -> Subject:
+    torch.manual_seed(1)
+    z = torch.randn(batch * frames, 4, height, width, dtype=dtype)
+    ioi = torch.zeros(batch, frames, dtype=dtype)
+
+    def engine(runner):
+        before = z.clone()
+        out = diffusers_vae.streamlined_forward(decoder, runner, z, ioi, num_frames=frames)
+        assert torch.equal(z, before), "the caller's latents are never written"
+        return out
+
+    return Subject(lambda: decoder(z, image_only_indicator=ioi, num_frames=frames), engine, [])
+
+
+SHAPES = {  # (batch, frames, latent height, latent width)
+    "odd frames, non-square": (1, 5, 6, 10),
+    "one frame": (1, 1, 8, 8),
+    "two videos": (2, 3, 5, 7),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("slices", [1, 2, 3, 64])
+def test_sliced_decode_equals_the_decoder(vae, shape, slices):
+    err = check_sliced(subject(vae.decoder, *shape), slices)
+    assert err <= TOL, f"{slices} slices: {err:.2e}"
+
+
+def test_every_group_ran_sliced_in_both_modes(vae):
+    coverage = Coverage()
+    for mode in ("keep", "recompute"):
+        for slices in (2, 3):
+            assert check_sliced(subject(vae.decoder, 1, 5, 6, 10), slices, coverage, mode) <= TOL
+    assert not coverage.never_sliced(), coverage.never_sliced()
+    kinds = coverage.kinds()
+    assert {"conv_in", "attentions", "spatial", "temporal", "conv_out", "time_conv_out"} <= kinds, kinds
+    # the upsampler is fused into the first spatial group of the block after it
+    assert "up_blocks.1.resnets.0.spatial" in coverage.sliced
+
+
+def test_per_slice_statistics_fail(vae, monkeypatch):
+    check_per_slice_statistics_fail(subject(vae.decoder, 1, 5, 6, 10), monkeypatch)
+
+
+def test_half_precision_stays_within_the_fp32_reference_error(vae):
+    """fp16 (BENCHMARKS.md): the sliced decode's error against fp32 is at most 1.5x the stock decode's plus 1e-3."""
+    half = configs.build_tiny_svd_vae(dtype=torch.bfloat16)
+    half.load_state_dict(vae.state_dict())
+    reference = subject(vae.decoder, 1, 5, 6, 10).reference().float()
+    low = subject(half.decoder, 1, 5, 6, 10, torch.bfloat16)
+    with torch.no_grad():
+        stock = low.reference().float()
+        ours = low.engine(forced(3)).float()
+    scale = reference.abs().max()
+    assert (ours - reference).abs().max() <= 1.5 * (stock - reference).abs().max() + 1e-3 * scale
+
+
+def test_bad_arguments_are_named(vae):
+    z = torch.randn(6, 4, 4, 4)
+    with pytest.raises(ValueError, match="num_frames=4 does not divide the 6 latent frames"):
+        diffusers_vae.streamlined_forward(vae.decoder, forced(1), z, torch.zeros(1, 4), num_frames=4)
+    with pytest.raises(ValueError, match=r"sample must be \(batch x frames"):
+        diffusers_vae.streamlined_forward(vae.decoder, forced(1), z[None], torch.zeros(1, 6), num_frames=6)
+
+
+def test_a_sliced_resblock_holds_one_tensor_of_its_level():
+    """On the meta device at a size where activations dwarf everything else: a same-width ResBlock
+    written in place holds its input and one slice; the upsampler fused into the next group never
+    exists whole; the decode's peak is a fraction of the stock decoder's."""
+    decoder = configs.build_svd_vae(block_out_channels=(64, 128), down_block_types=("DownEncoderBlock2D",) * 2).decoder
+    frames, h, w = 6, 32, 48
+    z = torch.empty(frames, 4, h, w, device="meta", dtype=torch.float16)
+    ioi = torch.zeros(1, frames, device="meta", dtype=torch.float16)
+    with MemoryTracker() as stock:
+        decoder(z, image_only_indicator=ioi, num_frames=frames)
+    peaks = {}
+
+    def listen(event):
+        if isinstance(event, GroupEvent):
+            peaks[event.name] = tracker.mark(event.name).peak_bytes if event.kind == "end" else tracker.mark("")
+
+    with MemoryTracker() as tracker:
+        runner = Runner(lambda _n, axis, _l: (frames if axis == "frames" else 48, "recompute"), [listen])
+        out = diffusers_vae.streamlined_forward(decoder, runner, z, ioi, num_frames=frames)
+    assert out.shape == (frames, 3, 2 * h, 2 * w)
+    top = frames * 64 * (2 * h) * (2 * w) * 2  # one 64-channel tensor of every frame at full size, fp16
+    frame = top // frames
+    last = "up_blocks.1.resnets.1"  # same width (64 -> 64), full size
+    assert top < peaks[f"{last}.spatial"] <= top + 4 * frame < 2 * top  # not in place: 2 * top and more
+    assert top < peaks[f"{last}.temporal"] <= top + frame  # 48 pixel slices
+    upsampled = frames * 128 * (2 * h) * (2 * w) * 2  # what an unfused upsampler would allocate
+    fused = peaks["up_blocks.1.resnets.0.spatial"]
+    assert fused < upsampled + top
+    assert tracker.peak_bytes < stock.peak_bytes / 3
+
+
+def test_streamline_the_vae_decodes_the_same_and_removes_exactly(vae):
+    from streamlined_core import streamline
+
+    z = torch.randn(5, 4, 6, 10)
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    with torch.no_grad():
+        reference = vae.decode(z, num_frames=5).sample
+        with streamline(vae, slices=3) as handle:  # pipe.vae: its decoder runs by groups
+            out = vae.decode(z, num_frames=5).sample
+            assert "forward" in vae.decoder.__dict__
+        assert (out - reference).abs().max() <= TOL * reference.abs().max()
+        assert "forward" not in vae.decoder.__dict__ and not hasattr(vae.decoder, "_streamline_handle")
+        assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
+        handle = streamline(vae)  # planned: the least slicing that reaches 1.5x the output-level floor
+        out = vae.decode(z, num_frames=5).sample
+        handle.remove()
+    assert (out - reference).abs().max() <= TOL * reference.abs().max()
+    assert "output-level floor" in handle.last_plan.table()
+    assert handle.last_plan.sliced_groups
+
+
+def test_streamline_names_what_it_accepts():
+    from diffusers import AutoencoderKL
+
+    from streamlined_core import streamline
+
+    with pytest.raises(TypeError, match="is not a supported model.*AutoencoderKLTemporalDecoder"):
+        streamline(AutoencoderKL(block_out_channels=(32,), norm_num_groups=8))

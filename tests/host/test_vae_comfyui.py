@@ -1,0 +1,156 @@
+"""SVD's VAE decoder on ComfyUI's own classes (``arch/comfy_vae.py``): the contract against the host's
+``VideoDecoder.forward`` on tiny real decoders, and ``streamline()`` on one."""
+
+import pytest
+import torch
+from contract import TOL, Coverage, Subject, check_per_slice_statistics_fail, check_sliced
+
+from streamlined_core import configs, streamline
+from streamlined_core.arch import adapter_for, comfy_vae
+
+
+@pytest.fixture(scope="module")
+def decoder(comfyui):
+    from comfy.ldm.modules.temporal_ae import VideoDecoder
+
+    torch.manual_seed(0)
+    # SVD's decoder config (comfy/sd.py) at two levels of 32 and 64 channels
+    d = VideoDecoder(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=2, attn_resolutions=[], in_channels=3,
+                     resolution=64, z_channels=4, dropout=0.0, video_kernel_size=[3, 1, 1], alpha=0.0).eval()
+    return configs.seed_weights(d, std=0.1)  # ComfyUI leaves weights uninitialised
+
+
+def subject(decoder, n, height, width, timesteps=None) -> Subject:
+    torch.manual_seed(1)
+    z = torch.randn(n, 4, height, width)
+    extra = {} if timesteps is None else {"timesteps": timesteps}
+
+    def engine(runner):
+        before = z.clone()
+        out = comfy_vae.streamlined_forward(decoder, runner, z, **extra)
+        assert torch.equal(z, before), "the caller's latents are never written"
+        return out
+
+    return Subject(lambda: decoder(z, **extra), engine, [])
+
+
+SHAPES = {  # (latent frames, height, width, timesteps)
+    "one clip, odd frames, non-square": (5, 6, 10, None),
+    "one frame": (1, 8, 8, None),
+    "seven frames, odd sizes": (7, 5, 7, None),
+}
+# (ComfyUI decodes a batch as one clip: its Decoder hands ``timesteps`` to the middle AttnBlock too,
+# which takes no such argument, so the host has no multi-clip decode to compare with.)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("slices", [1, 2, 3, 64])
+def test_sliced_decode_equals_the_hosts_decoder(decoder, shape, slices):
+    err = check_sliced(subject(decoder, *shape), slices)
+    assert err <= TOL, f"{slices} slices: {err:.2e}"
+
+
+def test_every_group_ran_sliced_and_statistics_per_slice_fail(decoder, monkeypatch):
+    coverage = Coverage()
+    for mode in ("keep", "recompute"):
+        assert check_sliced(subject(decoder, 5, 6, 10), 3, coverage, mode) <= TOL
+    assert not coverage.never_sliced(), coverage.never_sliced()
+    assert {"conv_in", "attn_1", "spatial", "temporal", "conv_out", "time_mix_conv"} <= coverage.kinds()
+    assert "up.0.block.0.spatial" in coverage.sliced  # the level-1 upsampler fused into it
+    check_per_slice_statistics_fail(subject(decoder, 5, 6, 10), monkeypatch)
+
+
+def test_streamline_the_decoder_and_remove_it(decoder):
+    assert adapter_for(decoder).name == "comfyui-svd-vae-decoder"
+    z = torch.randn(5, 4, 6, 10)
+    with torch.no_grad():
+        reference = decoder(z)
+        with streamline(decoder) as handle:
+            out = decoder(z)
+        assert "forward" not in decoder.__dict__
+    assert (out - reference).abs().max() <= TOL * reference.abs().max()
+    assert handle.last_plan.sliced_groups and "output-level floor" in handle.last_plan.table()
+
+
+def test_bad_timesteps_are_named(decoder):
+    with pytest.raises(ValueError, match="timesteps=4 does not divide the 6 latent frames"):
+        comfy_vae.streamlined_forward(decoder, None, torch.randn(6, 4, 4, 4), timesteps=4)
+
+
+@pytest.fixture(scope="module")
+def svd_vae(comfyui):
+    """ComfyUI's own VAE object for SVD's VAE (comfy/sd.py picks VideoDecoder from the keys), seeded weights."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    config = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+              'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    torch.manual_seed(0)
+    engine = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+        decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
+                        "params": {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}},
+    )
+    configs.seed_weights(engine, std=0.02)
+    vae = comfy.sd.VAE(sd=engine.state_dict())
+    assert type(vae.first_stage_model.decoder).__name__ == "VideoDecoder"
+    return vae
+
+
+def decode_node(pack):
+    return pack.NODE_CLASS_MAPPINGS["StreamlineVAEDecode"]()
+
+
+def test_the_node_decodes_every_frame_as_one_clip_like_the_hosts_whole_decode(pack, svd_vae, caplog):
+    import logging
+
+    torch.manual_seed(2)
+    latent = {"samples": torch.randn(5, 4, 6, 10)}
+    decoder = svd_vae.first_stage_model.decoder
+    with torch.no_grad():  # the host's decode of the whole batch at once, as ComfyUI does when it fits
+        whole = svd_vae.process_output(svd_vae.first_stage_model.decode(
+            latent["samples"].to(svd_vae.vae_dtype).to(svd_vae.device)).to(svd_vae.output_device).float()).movedim(1, -1)
+    with caplog.at_level(logging.INFO):
+        out = decode_node(pack).decode(latent, svd_vae, 0.0)
+    (images,) = out["result"]
+    assert images.shape == (5, 48, 80, 3) and images.dtype == torch.float32
+    assert (images - whole).abs().max() <= 1e-5
+    assert "forward" not in decoder.__dict__, "the VAE's decoder is restored"
+    (text,) = out["ui"]["text"]
+    assert "5 frames as one clip" in text and "predicted activation peak" in text
+    assert any("Streamline VAE Decode: 5 frames" in r.getMessage() for r in caplog.records)
+
+
+def test_the_hosts_batched_decode_cuts_the_clip_where_the_node_does_not(pack, svd_vae):
+    """ComfyUI's VAE Decode in two parts (what a small card gets) differs from the whole-clip decode; the node does not."""
+    torch.manual_seed(3)
+    latent = torch.randn(6, 4, 6, 10)
+    z = latent.to(svd_vae.vae_dtype)
+    with torch.no_grad():
+        whole = svd_vae.first_stage_model.decode(z)
+        parts = torch.cat([svd_vae.first_stage_model.decode(z[:3]), svd_vae.first_stage_model.decode(z[3:])])
+    (images,) = decode_node(pack).decode({"samples": latent}, svd_vae, 0.0)["result"]
+    ours = images.movedim(-1, 1) * 2 - 1  # undo process_output (no value here reaches its clamp at these weights)
+    assert (parts - whole).abs().max() > 100 * (ours - whole.clamp(-1, 1)).abs().max()
+
+
+def test_the_node_refuses_a_budget_below_the_least_peak_and_names_it(pack, svd_vae):
+    with pytest.raises(ValueError, match="vram_budget_gb=0.01 does not even hold the weights|vram_budget_gb=.*least reachable"):
+        decode_node(pack).decode({"samples": torch.randn(3, 4, 6, 10)}, svd_vae, 0.01)
+    assert "forward" not in svd_vae.first_stage_model.decoder.__dict__
+
+
+def test_the_node_decodes_other_vaes_with_the_hosts_decode_and_says_so(pack, comfyui):
+    import comfy.sd
+
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    # the SD VAE (AnimateDiff's), at the size comfy/sd.py builds from its keys
+    config = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+              'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    model = configs.seed_weights(AutoencoderKL(ddconfig=config, embed_dim=4), std=0.02)
+    vae = comfy.sd.VAE(sd=model.state_dict())
+    out = decode_node(pack).decode({"samples": torch.randn(2, 4, 8, 8)}, vae, 0.0)
+    assert "not SVD's temporal decoder" in out["ui"]["text"][0]
+    assert out["result"][0].shape[0] == 2

@@ -6,7 +6,7 @@
     .venv/bin/python scripts/readme_tables.py --profile  # also streamline profile --compare (docs/profile.png)
     .venv/bin/python scripts/readme_tables.py --overhead # also streamline profile --overhead
     .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
-    .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode
+    .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -77,6 +77,12 @@ def main() -> None:
         from streamlined_core.decode_sim import format_markdown as decode_markdown
 
         text = replace(text, "decode", decode_markdown(decode_rows(((512, 512), (576, 1024)), progress=say)))
+        from streamlined_core.decode_bench import decode_errors, plot
+        from streamlined_core.decode_bench import format_markdown as errors_markdown
+
+        rows, clips = decode_errors(progress=say)
+        plot(clips, README.parent / "docs" / "decode_cuts.png")
+        text = replace(text, "decode-cuts", errors_markdown(rows))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

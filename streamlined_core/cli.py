@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--cuda", action="store_true",
                       help="measure memory and latency of the full-size models on the CUDA device, beside the simulator's figures")
     what.add_argument("--fixture", action="store_true", help="measure what the shipped fixture model learned (CPU)")
+    what.add_argument("--decode", action="store_true",
+                      help="how far the hosts' chunked decodes of SVD's VAE are from decoding the whole clip, beside "
+                           "the decode by groups (a tiny seeded decoder, CPU)")
     bench.add_argument(
         "--config", choices=("mid", "tiny", "full"), default=None,
         help="--latency/--cuts: mid (CONFIGS.md, default) or tiny (a quick check); --cuda: full (default) or tiny",
@@ -179,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=_positive, default=None, help="--fixture: frames per clip (default: 8, what the fixture was trained on)")
     bench.add_argument("--weights", default=None, metavar="PATH",
                        help="--fixture: a fixture safetensors file (default: the one the package ships)")
-    bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips")
+    bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips; "
+                       "--decode: a PNG of each decode's difference from the whole decode")
     bench.set_defaults(parser=bench)  # errors about bench's options show bench's usage
 
     prof = sub.add_parser(
@@ -218,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_bench(args: argparse.Namespace) -> None:
     """Bench options that belong to one mode only, and the default --config of each mode."""
     parser = args.parser
+    if args.decode:
+        for option, value in (("--config", args.config), ("--model", args.model), ("--implementation", args.implementation),
+                              ("--deadline", args.deadline), ("--clips", args.clips), ("--steps", args.steps),
+                              ("--frames", args.frames), ("--weights", args.weights)):
+            if value is not None:
+                parser.error(f"argument {option}: not with --decode")
+        return
     fixture_only = (("--clips", args.clips), ("--steps", args.steps), ("--frames", args.frames),
                     ("--weights", args.weights), ("--grid", args.grid))
     if args.fixture:
@@ -296,6 +307,26 @@ def _bench_cuda(args: argparse.Namespace) -> int:
             return 1
         print(f"wrote {args.json_out}", file=sys.stderr)
     return 1 if any(r.status == "error" for r in result.rows) else 0
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    """``streamline bench --decode``: the hosts' chunked decodes against the whole decode, and ours."""
+    from .decode_bench import decode_errors, format_markdown, plot
+
+    for option, path in (("--json-out", args.json_out), ("--grid", args.grid)):
+        if path is not None and (why := _check_json_out(path)) is not None:
+            print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
+            return 2
+    rows, clips = decode_errors(progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(format_markdown(rows), end="")
+    if args.grid is not None:
+        plot(clips, args.grid)
+        print(f"wrote {args.grid}", file=sys.stderr)
+    if args.json_out is not None:
+        with open(args.json_out, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+        print(f"wrote {args.json_out}", file=sys.stderr)
+    return 0
 
 
 def _bench_fixture(args: argparse.Namespace) -> int:
@@ -446,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_cuda(args)
     elif bench_fixture:
         return _bench_fixture(args)
+    elif args.command == "bench" and args.decode:
+        return _bench_decode(args)
     elif args.command == "bench":
         from .bench import cuts, format_cuts, format_latency, latency
 

@@ -138,3 +138,18 @@ def test_simulate_decode_measures_the_stock_and_the_grouped_decode(capsys):
     assert "decode SVD-XT 64x128 25 frames" in captured.err
     assert main(["simulate", "--decode", "--resolution", "64x128", "--markdown"]) == 0
     assert "| SVD-XT | 64x128 | 25 |" in capsys.readouterr().out
+
+
+def test_bench_decode_puts_the_error_at_the_cuts_and_none_in_the_groups(capsys, tmp_path):
+    png, out = tmp_path / "cuts.png", tmp_path / "cuts.json"
+    assert main(["bench", "--decode", "--grid", str(png), "--json-out", str(out)]) == 0
+    assert "| Streamline, by groups" in capsys.readouterr().out
+    rows = {r["method"].split(" (")[0]: r for r in json.loads(out.read_text())}
+    ours = rows["Streamline, by groups"]
+    assert ours["max_abs"] < 1e-5 and not ours["cuts"]
+    chunked = rows["diffusers decode_chunk_size=4"]
+    assert chunked["cuts"] == [4, 8, 12] and chunked["max_abs"] > 1000 * ours["max_abs"]
+    assert chunked["border_mean_abs"] > 3 * chunked["other_mean_abs"]  # the error sits at the cuts
+    assert png.stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["bench", "--decode", "--frames", "3"])

@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--html", default=None, metavar="PATH",
                       help="also write a self-contained HTML page with the ComfyUI panel's charts of the runs")
     prof.add_argument("--config", choices=("mid", "tiny"), default="mid", help="--overhead: the configuration")
-    prof.add_argument("--repeats", type=_positive, default=5, help="--overhead: timed calls of each after 2 warm-ups; the median is reported (default: 5)")
+    prof.add_argument("--repeats", type=_positive, default=5, help="--overhead: timed calls of each; the median is reported (default: 5)")
+    prof.add_argument("--warmup", type=_non_negative, default=2, help="--overhead: untimed calls of each first (default: 2)")
     prof.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
     return parser
 
@@ -374,7 +375,8 @@ def _profile(args: argparse.Namespace) -> int:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.overhead:
         with _stdout_to_stderr():
-            result = profile_run.overhead(args.config, repeats=args.repeats, threads=args.threads, progress=say)
+            result = profile_run.overhead(args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                          progress=say)
         print(profile_run.format_overhead(result), end="")
         return 0
     from .fixture import data

@@ -74,6 +74,7 @@ class OverheadResult:
     repeats: int
     threads: int
     source: str
+    warmup: int = 2
 
     @property
     def step_overhead(self) -> float:
@@ -115,13 +116,14 @@ def overhead(config: str = "mid", warmup: int = 2, repeats: int = 5, threads: in
     finally:
         handle.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
-    return OverheadResult(config, med["plain"], med["step"], med["group"], repeats, threads, source)
+    return OverheadResult(config, med["plain"], med["step"], med["group"], repeats, threads, source, warmup)
 
 
 def format_overhead(r: OverheadResult) -> str:
     """The overhead table (Markdown)."""
     return (
-        f"| SVD {r.config}, streamlined (CPU fp32, {r.threads} threads, median of {r.repeats}) | seconds per step | "
+        f"| SVD {r.config}, streamlined (CPU fp32, {r.threads} threads, {r.warmup} warm-ups, median of {r.repeats}) "
+        "| seconds per step | "
         "overhead |\n|---|---|---|\n"
         f"| no recorder | {r.plain_s:.3f} | |\n"
         f"| recorder, step granularity ({r.source}) | {r.step_s:.3f} | {r.step_overhead:+.1%} |\n"

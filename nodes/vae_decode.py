@@ -6,14 +6,14 @@ video-wide GroupNorm statistics over the part only. This node decodes the whole 
 as the decoder was trained, through the engine's groups (``streamlined_core/arch/comfy_vae.py``):
 loaded with ComfyUI's ``load_models_gpu`` under the plan's own memory estimate, in the VAE's dtype,
 on its device, with its output device and output processing, as the host's decode does. The
-decoder's ``forward`` is replaced only for the call and restored in ``finally``.
+decoder's ``forward`` is replaced only for the call (a ``StreamlineHandle``) and restored in ``finally``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from ..streamlined_core.api import Streamliner
+from ..streamlined_core.api import StreamlineHandle
 from ..streamlined_core.arch import comfy_vae, engine_adapter
 
 log = logging.getLogger(__name__)
@@ -75,19 +75,18 @@ class StreamlineVAEDecode:
         device = vae.device
         budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
         total = mm.get_total_memory(device) if device.type != "cpu" else None
-        engine = Streamliner(decoder, engine_adapter(decoder), "auto", budget, device_budget_bytes=total,
-                             budget_name="vram_budget_gb", budget_unit=GIB)
         z = latent.to(vae.vae_dtype).to(device)
-        arguments = {"z": z}
-        plan = engine._plan(arguments)  # raises, naming vram_budget_gb, when the budget cannot be met
-        stock = engine._planner(arguments).unsliced_peak()
-        mm.load_models_gpu([vae.patcher], memory_required=plan.predicted_peak_bytes,
-                           force_full_load=getattr(vae, "disable_offload", False))
-        decoder.forward = engine
+        # The decoder runs by groups for this call only: the handle replaces its forward, remove() restores it.
+        handle = StreamlineHandle(decoder, engine_adapter(decoder), "auto", budget, device_budget_bytes=total,
+                                  budget_name="vram_budget_gb", budget_unit=GIB)
         try:
+            plan = handle.plan_for(z)  # raises, naming vram_budget_gb, when the budget cannot be met
+            stock = handle.unsliced_peak_bytes(z)
+            mm.load_models_gpu([vae.patcher], memory_required=plan.predicted_peak_bytes,
+                               force_full_load=getattr(vae, "disable_offload", False))
             out = vae.first_stage_model.decode(z)
         finally:
-            decoder.__dict__.pop("forward", None)
+            handle.remove()
         images = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
         text = (f"Streamline VAE Decode: {latent.shape[0]} frames as one clip, {plan.describe()}; predicted activation "
                 f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB (the stock decoder in one call: {stock / GIB:.2f} GiB)")

@@ -168,6 +168,10 @@ class Streamliner:
         plan = self._plan(arguments)
         return plan.predicted_peak_bytes / self._planner(arguments).unsliced_peak()
 
+    def unsliced_peak_bytes(self, *args: Any, **kwargs: Any) -> int:
+        """The activation peak of a call with these arguments with every group whole (the model's own)."""
+        return self._planner(self._arguments(args, kwargs)).unsliced_peak()
+
     def plan_for(self, *args: Any, **kwargs: Any) -> Plan:
         """The plan a call with these arguments runs (computed on a meta replica, then cached)."""
         return self._plan(self._arguments(args, kwargs))
@@ -253,8 +257,9 @@ class Streamliner:
 class StreamlineHandle(Streamliner):
     """A streamlined U-Net: plans per call shape, runs by groups, and ``remove()`` undoes it all."""
 
-    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None):
-        super().__init__(unet, adapter, slices, budget_bytes)
+    def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
+                 **options: Any):
+        super().__init__(unet, adapter, slices, budget_bytes, **options)
         self.last_plan: Plan | None = None  # the plan of the last planned call through this handle
         self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
         self._previous = unet.__dict__.get(self._slot)

@@ -21,6 +21,7 @@ propagates, not how visible it is in a trained VAE's output.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -33,15 +34,20 @@ from .slicing import Runner
 
 GIB = 1024**3
 FULL_LATENT = (72, 128)  # 576x1024
-SVD_VAE_PARAMS = 97_739_049  # diffusers AutoencoderKLTemporalDecoder at SVD's size
 CARDS_GIB = (6, 8, 12)
 RESERVE_GIB = 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def svd_vae_parameters() -> int:
+    """Parameters of SVD's full-size VAE (built on the meta device)."""
+    return sum(p.numel() for p in configs.build_svd_vae().parameters())
 
 
 def comfy_batch(card_gib: float, dtype_bytes: int) -> int:
     """Frames per batch ComfyUI's VAE Decode gives SVD latents of 576x1024 on a card of ``card_gib``."""
     per_frame = 2178 * FULL_LATENT[0] * FULL_LATENT[1] * 64 * dtype_bytes
-    free = (card_gib - RESERVE_GIB) * GIB - SVD_VAE_PARAMS * dtype_bytes
+    free = (card_gib - RESERVE_GIB) * GIB - svd_vae_parameters() * dtype_bytes
     return max(1, int(free // per_frame))
 
 

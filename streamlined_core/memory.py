@@ -242,13 +242,7 @@ class MemoryTracker:
         """Storage keys of the tensors among an op's ``(args, kwargs)``."""
         args, kwargs = inputs
         keys = set()
-        for t in (*args, *kwargs.values()):
-            if not isinstance(t, torch.Tensor):
-                if isinstance(t, (list, tuple)) and t and not isinstance(t[0], (int, float, bool)):
-                    keys |= MemoryTracker._input_keys((t, {}))
-                elif isinstance(t, dict):
-                    keys |= MemoryTracker._input_keys(((), t))
-                continue
+        for t in (*_tensors(args), *_tensors(kwargs)):
             s = _storage(t)
             if s is not None:
                 keys.add(s._cdata)

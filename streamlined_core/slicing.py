@@ -414,12 +414,25 @@ def temporal_resblock(
     )
 
 
+def time_conv(runner: Runner, name: str, conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+              batch: int, frames: int) -> torch.Tensor:
+    """A convolution over time alone (kernel (k, 1, 1), as in SVD's VAE head) over pixel slices, each
+    holding every frame, written over ``x`` (same channels; ``x`` belongs to the caller alone)."""
+    n, c, height, width = x.shape
+    xv = pixel_view(x, batch, frames)
+
+    def body(a: int, b: int) -> torch.Tensor:
+        return from_video(conv(to_video(xv[..., a:b])))
+
+    return runner.run(name, "pixels", height * width, body, InPlace(x, (batch, frames)))
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
 __all__ = [
     "Axis", "GroupEvent", "GroupNormStats", "InPlace", "Merge", "Mode", "Pixels", "Rows", "Runner", "Tokens",
-    "TemporalResBlock", "ceil_div", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view", "rows_of", "slice_bounds",
+    "TemporalResBlock", "ceil_div", "time_conv", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view", "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

@@ -76,27 +76,18 @@ def _module_adapter(name: str, module) -> Adapter:
     )
 
 
+def _decoder_adapter(name: str, module) -> Adapter:
+    """A VAE decoder: run by groups, planned against its output-level floor (it has no skip tensors)."""
+    return Adapter(name=name, matches=module.matches, forward=module.streamlined_forward, call_shape=module.call_shape,
+                   slot=module.SLOT, sample=module.SAMPLE, floor=module.floor_bytes, floor_name="output-level floor")
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("diffusers-svd", diffusers_svd),
     _module_adapter("diffusers-animatediff", diffusers_animatediff),
     _module_adapter("comfyui-unet", comfy_unet),
-    Adapter(
-        name="diffusers-svd-vae-decoder",
-        matches=diffusers_vae.matches,
-        forward=diffusers_vae.streamlined_forward,
-        call_shape=diffusers_vae.call_shape,
-        floor=diffusers_vae.floor_bytes,
-        floor_name="output-level floor",
-    ),
-    Adapter(
-        name="comfyui-svd-vae-decoder",
-        matches=comfy_vae.matches,
-        forward=comfy_vae.streamlined_forward,
-        call_shape=comfy_vae.call_shape,
-        sample=comfy_vae.SAMPLE,
-        floor=comfy_vae.floor_bytes,
-        floor_name="output-level floor",
-    ),
+    _decoder_adapter("diffusers-svd-vae-decoder", diffusers_vae),
+    _decoder_adapter("comfyui-svd-vae-decoder", comfy_vae),
 )
 
 

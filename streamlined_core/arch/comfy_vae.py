@@ -124,11 +124,5 @@ def streamlined_forward(decoder: nn.Module, runner: Runner, z: torch.Tensor, **k
         return conv2d(conv_out, torch.nn.functional.silu(decoder.norm_out(xs)))
 
     h = slicing.frames_group(runner, "conv_out", head, [feature.pop()])
-    n, c, height, width = h.shape
-    hv = slicing.pixel_view(h, batch, frames)
-
-    def time_mix(a: int, b: int) -> torch.Tensor:
-        return slicing.from_video(conv_out.time_mix_conv(slicing.to_video(hv[..., a:b])))
-
-    h = runner.run("conv_out.time_mix_conv", "pixels", height * width, time_mix, slicing.InPlace(h, (batch, frames)))
+    h = slicing.time_conv(runner, "conv_out.time_mix_conv", conv_out.time_mix_conv, h, batch, frames)
     return torch.tanh(h) if decoder.tanh_out else h

@@ -86,17 +86,6 @@ def resblock(
     return temporal_resblock(runner, f"{name}.temporal", block, h, None, batch, frames, ioi, in_place=True)
 
 
-def time_conv_out(runner: Runner, decoder: nn.Module, x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-    """``time_conv_out``, a (3, 1, 1) convolution over time, over pixel slices holding every frame."""
-    n, c, height, width = x.shape
-    xv = slicing.pixel_view(x, batch, frames)
-
-    def body(a: int, b: int) -> torch.Tensor:
-        return slicing.from_video(decoder.time_conv_out(slicing.to_video(xv[..., a:b])))
-
-    return runner.run("time_conv_out", "pixels", height * width, body, slicing.InPlace(x, (batch, frames)))
-
-
 def streamlined_forward(
     decoder: nn.Module, runner: Runner, sample: torch.Tensor, image_only_indicator: torch.Tensor, num_frames: int = 1,
 ) -> torch.Tensor:
@@ -131,4 +120,4 @@ def streamlined_forward(
         return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(xs)))
 
     h = slicing.frames_group(runner, "conv_out", head, [feature.pop()])
-    return time_conv_out(runner, decoder, h, batch, frames)
+    return slicing.time_conv(runner, "time_conv_out", decoder.time_conv_out, h, batch, frames)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from workflow import api_prompt, object_info
 
 from streamlined_core import configs
 from streamlined_core.fixture import comfy_keys, data
@@ -303,45 +304,6 @@ def test_a_missing_weights_file_is_named(demo, tmp_path):
 # -- the CPU demo workflow ----------------------------------------------------------------------------
 
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
-
-
-def api_prompt(workflow: dict) -> dict:
-    """The UI-format workflow as ComfyUI's API prompt: each node's widgets_values onto its class's
-    INPUT_TYPES widgets in order (skipping the frontend's control_after_generate value of a seed),
-    each link onto the input it feeds, its type checked against the source's RETURN_TYPES."""
-    import nodes
-
-    links = {row[0]: row for row in workflow["links"]}
-    by_id = {n["id"]: n for n in workflow["nodes"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        assert node["type"] in nodes.NODE_CLASS_MAPPINGS, f"node type {node['type']} is not registered"
-        spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
-        declared = {**spec.get("required", {}), **spec.get("optional", {})}
-        values = list(node.get("widgets_values", []))
-        inputs: dict = {}
-        for name, (kind, *options) in declared.items():
-            options = options[0] if options else {}
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
-                assert values, f"{node['type']}: no widget value for {name}"
-                inputs[name] = values.pop(0)
-                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
-                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert not values, f"{node['type']}: widget values left over: {values}"
-        for slot in node["inputs"]:
-            if slot["link"] is None:
-                continue
-            _, source, source_slot, target, _, kind = links[slot["link"]]
-            assert target == node["id"] and declared[slot["name"]][0] == kind == slot["type"]
-            assert nodes.NODE_CLASS_MAPPINGS[by_id[source]["type"]].RETURN_TYPES[source_slot] == kind
-            inputs[slot["name"]] = [str(source), source_slot]
-        missing = set(spec.get("required", {})) - set(inputs)
-        assert not missing, f"{node['type']}: unconnected required inputs {missing}"
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 def execute(prompt: dict) -> dict:
     """Run an API prompt through the node classes, each node once its inputs exist: id -> its outputs."""
     import nodes
@@ -361,13 +323,15 @@ def execute(prompt: dict) -> dict:
 def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path):
     import execution
     import folder_paths
+    import nodes
 
     extras(comfyui, "nodes_video_model.py", "nodes_images.py")
     workflow = json.loads(WORKFLOW.read_text())
     types = {n["type"] for n in workflow["nodes"]}
     assert {"StreamlineDemoLoader", "StreamlineModel", "VideoLinearCFGGuidance", "KSampler",
             "StreamlineDemoFrames", "SaveAnimatedWEBP"} <= types
-    prompt = api_prompt(workflow)
+    used = {t: nodes.NODE_CLASS_MAPPINGS[t] for t in types if t in nodes.NODE_CLASS_MAPPINGS}
+    prompt = api_prompt(workflow, object_info(used))
     [sampler] = [n for n in prompt.values() if n["class_type"] == "KSampler"]
     assert (sampler["inputs"]["steps"], sampler["inputs"]["cfg"], sampler["inputs"]["sampler_name"],
             sampler["inputs"]["scheduler"]) == (25, 3.0, "euler", "karras")

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from workflow import api_prompt
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "Streamline"
@@ -149,43 +150,6 @@ def test_a_queued_graph_runs_through_streamline_model_and_returns_frames(server)
 
 
 WORKFLOWS = sorted(p.name for p in (ROOT / "example_workflows").glob("*.json"))
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def api_prompt(workflow: dict, info: dict) -> dict:
-    """The UI-format workflow as the API prompt the page would queue, checking it against /object_info."""
-    links = {row[0]: row for row in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        assert node["type"] in info, f"node type {node['type']} is not registered"
-        spec = info[node["type"]]
-        inputs: dict = {}
-        declared = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
-        values = list(node["widgets_values"])
-        for name, (kind, *options) in declared.items():
-            options = options[0] if options else {}
-            if isinstance(kind, list) or kind in WIDGET_TYPES:
-                assert values, f"{node['type']}: no widget value for {name}"
-                inputs[name] = values.pop(0)
-                if isinstance(kind, list) and name != "image":
-                    assert inputs[name] in kind or name in ("ckpt_name", "model_name"), f"{node['type']}.{name}={inputs[name]!r}"
-                if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
-                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
-                if options.get("image_upload"):
-                    values.pop(0)
-        assert not values, f"{node['type']}: widget values left over: {values}"
-        for slot in node["inputs"]:
-            if slot["link"] is None:
-                continue
-            _id, source, source_slot, target, target_slot, kind = links[slot["link"]]
-            assert target == node["id"] and declared[slot["name"]][0] == kind == slot["type"]
-            source_node = next(n for n in workflow["nodes"] if n["id"] == source)
-            assert info[source_node["type"]]["output"][source_slot] == kind
-            inputs[slot["name"]] = [str(source), source_slot]
-        required = spec["input"].get("required", {})
-        assert set(required) <= set(inputs), f"{node['type']}: unconnected required inputs {set(required) - set(inputs)}"
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -35,7 +35,7 @@ class StreamlineVAEDecode:
                     "tooltip": "Total device memory the decode may use, the decoder's weights included, in GiB; a "
                                "budget this latent cannot meet is refused before decoding. 0 (auto): plan for the "
                                "device's memory, or where even the most slicing exceeds it, for the least "
-                               "reachable peak; on the CPU: 1.5x one tensor of the output level.",
+                               "reachable peak; on the CPU: 1.6x one tensor of the output level.",
                 }),
             }
         }

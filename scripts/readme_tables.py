@@ -7,6 +7,7 @@
     .venv/bin/python scripts/readme_tables.py --overhead # also streamline profile --overhead
     .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
+    .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -83,6 +84,11 @@ def main() -> None:
         rows, clips = decode_errors(progress=say)
         plot(clips, README.parent / "docs" / "decode_cuts.png")
         text = replace(text, "decode-cuts", errors_markdown(rows))
+    if "--pipeline" in sys.argv[1:]:
+        from streamlined_core.pipeline_sim import format_markdown as pipeline_markdown
+        from streamlined_core.pipeline_sim import pipeline_rows
+
+        text = replace(text, "pipeline", pipeline_markdown(pipeline_rows(progress=say)))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

@@ -31,7 +31,7 @@ from .arch import Adapter, engine_adapter, skip_floor_bytes
 from .arch.comfy_attention import sdpa_on_meta
 from .context import run_context
 from .memory import GIB, suspend_tracking, weights_bytes
-from .plan import TARGET_X_FLOOR, Plan, Planner, fresh_containers, meta_replica, to_meta
+from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .slicing import Runner
 
 SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
@@ -57,13 +57,13 @@ def _check_budget(budget_bytes: Any) -> int | None:
 
 
 SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff), "
-             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved), and SVD's VAE "
-             "(AutoencoderKLTemporalDecoder: its temporal decoder)")
+             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved), SVD's VAE "
+             "(AutoencoderKLTemporalDecoder: its temporal decoder) and the SD VAE (AutoencoderKL: its decoder)")
 
 
 def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
-    if type(unet).__name__ == "AutoencoderKLTemporalDecoder":
+    if type(unet).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
         unet = unet.decoder  # pipe.vae: the decoder is what runs by groups
     if not isinstance(unet, nn.Module):
         raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet, or SVD's VAE ({SUPPORTED}), "
@@ -155,7 +155,7 @@ class Streamliner:
                                  "cannot take as the model's output: call the adapter's forward directly for that")
             if self.slices != "auto" and self.budget_bytes is None:
                 k, axes = self.slices, self.axes
-                decide = lambda _name, axis, length: (min(k, length) if axis in axes else 1, "keep")  # noqa: E731
+                decide = lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")  # noqa: E731
             else:
                 plan = self._plan(arguments)
                 ctx.plans.append(plan)
@@ -201,7 +201,7 @@ class Streamliner:
         max_slices = None if self.slices == "auto" else self.slices
         if budget is None:
             if self.slices == "auto":
-                return planner.plan(int(TARGET_X_FLOOR * planner.skip_floor_bytes), axes=self.axes)
+                return planner.plan(int(self.adapter.target_x_floor * planner.skip_floor_bytes), axes=self.axes)
             return planner.plan(None, max_slices, axes=self.axes)
         plan = planner.plan(budget, max_slices, axes=self.axes)
         if not plan.fits:

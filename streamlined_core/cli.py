@@ -123,9 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--frames", type=_positive, default=None, help="frames per video (default: 14 SVD, 25 SVD-XT, 16 AnimateDiff)")
     sim.add_argument("--batch", type=_positive, default=2, help="videos per U-Net call; 2 is classifier-free guidance (default: 2)")
-    sim.add_argument("--decode", action="store_true",
-                     help="instead: SVD's VAE decode (SVD 14 frames, SVD-XT 25), the stock decoder against the decoder "
-                          "run by groups (default resolution: 576x1024)")
+    mode = sim.add_mutually_exclusive_group()
+    mode.add_argument("--decode", action="store_true",
+                      help="instead: SVD's VAE decode (SVD 14 frames, SVD-XT 25), the stock decoder against the decoder "
+                           "run by groups (default resolution: 576x1024)")
+    mode.add_argument("--pipeline", action="store_true",
+                      help="instead: every stage of each model's workflow (encoders, U-Net with guidance, VAE decode), "
+                           "original and streamlined, the pipeline's peak beside the paper's and the smallest card it "
+                           "should fit (default resolution: 576x1024; --model chooses the workflows)")
+    sim.set_defaults(parser=sim)  # errors about simulate's options show simulate's usage
     out = sim.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
     out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
@@ -451,7 +457,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("streamline: profile needs diffusers: pip install 'comfyui-streamline[diffusers]'", file=sys.stderr)
             return 2
         return _profile(args)
-    if args.command == "simulate" and args.decode:
+    if args.command == "simulate" and args.pipeline:
+        from .pipeline_sim import format_markdown as pipeline_markdown
+        from .pipeline_sim import pipeline_rows
+
+        if args.frames is not None or args.batch != 2:
+            args.parser.error("argument --pipeline: each workflow runs its own frame count with guidance; "
+                              "--frames and --batch are for the U-Net table")
+        rows = []
+        for height, width in args.resolution or ((576, 1024),):
+            rows += pipeline_rows(args.model, height, width, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else pipeline_markdown(rows),
+              end="\n" if args.json else "")
+    elif args.command == "simulate" and args.decode:
         from .decode_sim import decode_rows
         from .decode_sim import format_markdown as decode_markdown
 

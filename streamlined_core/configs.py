@@ -94,6 +94,26 @@ def build_tiny_svd_vae(device: str | torch.device = "cpu", dtype: torch.dtype = 
     return build_svd_vae(device, dtype, **{**TINY_SVD_VAE_KWARGS, **overrides})
 
 
+SD_VAE_KWARGS = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+
+
+def build_sd_vae(device: str | torch.device = "meta", dtype: torch.dtype = torch.float16, **overrides: Any):
+    """diffusers ``AutoencoderKL`` as SD1.5's VAE (the one AnimateDiff decodes with)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        model = AutoencoderKL(**{**SD_VAE_KWARGS, **overrides})
+    return _place(model, device, dtype)
+
+
+def build_tiny_sd_vae(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny SD VAE: its layout at two levels of 32 and 64 channels."""
+    tiny = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2)
+    return build_sd_vae(device, dtype, **{**tiny, **overrides})
+
+
 def build_diffusers_animatediff(
     device: str | torch.device = "meta",
     dtype: torch.dtype = torch.float16,

@@ -74,6 +74,6 @@ def format_markdown(rows: list[DecodeRow]) -> str:
         )
     return "\n".join(lines) + (
         "\n\nActivation peaks on the meta device (the tracker's rules, BENCHMARKS.md); the decoder's weights "
-        f"({rows[0].weights_bytes / GIB:.2f} GiB) come on top. The plan is the default target's (1.5x one "
+        f"({rows[0].weights_bytes / GIB:.2f} GiB) come on top. The plan is the default target's (1.6x one "
         "tensor of the output level, or the least reachable peak when that is below it).\n" if rows else "\n"
     )

@@ -41,6 +41,14 @@ class GroupPlan:
     slices: int
     mode: Mode
     predicted_bytes: int
+    rows: int = 0  # a "tiles" group: rows per frame (slices beyond its frame count are row bands)
+
+    @property
+    def bands(self) -> int:
+        """Row bands per frame of a tiles group (1 when it is sliced by whole frames)."""
+        if not self.rows or self.slices <= self.length // self.rows:
+            return 1
+        return min(self.rows, ceil_div(self.slices, self.length // self.rows))
 
 
 @dataclass
@@ -75,12 +83,18 @@ class Plan:
         return [g for g in self.groups if g.slices > 1]
 
     def describe(self) -> str:
-        """A short name for tables: ``auto (k<=28 frames, k<=64 pixels)``."""
+        """A short name for tables: ``k<=28 frames, k<=64 pixels, <=8 bands per frame``."""
         parts = []
-        for axis in ("frames", "pixels"):
-            ks = [g.slices for g in self.groups if g.axis == axis and g.slices > 1]
-            if ks:
-                parts.append(f"k<={max(ks)} {axis}")
+        frames = [g.slices for g in self.groups if g.axis == "frames" and g.slices > 1]
+        frames += [min(g.slices, g.length // g.rows) for g in self.groups if g.axis == "tiles" and g.slices > 1]
+        pixels = [g.slices for g in self.groups if g.axis == "pixels" and g.slices > 1]
+        bands = [g.bands for g in self.groups if g.axis == "tiles" and g.bands > 1]
+        if frames:
+            parts.append(f"k<={max(frames)} frames")
+        if pixels:
+            parts.append(f"k<={max(pixels)} pixels")
+        if bands:
+            parts.append(f"<={max(bands)} bands per frame")
         return ", ".join(parts) or "unsliced"
 
     def table(self) -> str:
@@ -105,7 +119,13 @@ class _Measured:
     length: int
     modes: tuple[Mode, ...]
     in_place: bool = False
+    rows: int = 0
     peaks: dict[tuple[int, Mode], int] = field(default_factory=dict)
+
+
+def allowed(axis: Axis, axes: Iterable[str]) -> bool:
+    """Whether a group on ``axis`` may be sliced when ``axes`` are: tiles are frames, then bands inside one."""
+    return axis in axes or (axis == "tiles" and "frames" in axes)
 
 
 def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Measured], int, int]:
@@ -122,7 +142,7 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
         if event.kind == "start":
             outside = max(outside, mark.peak_bytes)
             return
-        m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes, event.in_place))
+        m = measured.setdefault(event.name, _Measured(event.axis, event.length, event.modes, event.in_place, event.rows))
         key = (event.slices, event.mode)
         m.peaks[key] = max(m.peaks.get(key, 0), mark.peak_bytes)
 
@@ -147,7 +167,7 @@ class Planner:
             measured, outside, _ = measure_groups(run, lambda _n, _a, _l, k=k, mode=mode: (k, mode))
             self.outside = max(self.outside, outside)
             for name, m in measured.items():
-                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes, m.in_place)).peaks.update(m.peaks)
+                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes, m.in_place, m.rows)).peaks.update(m.peaks)
 
     def predict(self, name: str, slices: int, mode: Mode) -> int:
         """Predicted peak of group ``name`` with ``slices`` slices in ``mode``."""
@@ -157,12 +177,12 @@ class Planner:
         if slices == 1:
             return m.peaks[(1, m.modes[0])]
         per_item, bases = self._fit(m)
-        return int(bases[mode] + per_item * governing_slice(m.length, slices, m.in_place))
+        return int(bases[mode] + per_item * governing_slice(m.length, slices, m.in_place, m.rows))
 
     @staticmethod
     def _fit(m: _Measured) -> tuple[float, dict[Mode, float]]:
-        s2 = governing_slice(m.length, min(2, m.length), m.in_place)
-        s4 = governing_slice(m.length, min(4, m.length), m.in_place)
+        s2 = governing_slice(m.length, min(2, m.length), m.in_place, m.rows)
+        s4 = governing_slice(m.length, min(4, m.length), m.in_place, m.rows)
         p2, p4 = m.peaks[(min(2, m.length), "keep")], m.peaks[(min(4, m.length), "keep")]
         per_item = max(0.0, (p2 - p4) / (s2 - s4)) if s2 != s4 else 0.0
         bases = {mode: m.peaks[(min(2, m.length), mode)] - per_item * s2 for mode in m.modes}
@@ -177,7 +197,7 @@ class Planner:
         peaks = [self.outside]
         for name, m in self.groups.items():
             k = m.length if max_slices is None else min(max_slices, m.length)
-            k = k if m.axis in axes else 1
+            k = k if allowed(m.axis, axes) else 1
             peaks.append(min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes))
         return max(peaks)
 
@@ -199,7 +219,7 @@ class Planner:
                 target = max(activation_budget, int(reachable * (1 + UNREACHABLE_SLACK)))
         for name, m in self.groups.items():
             kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
-            kmax = kmax if m.axis in axes else 1
+            kmax = kmax if allowed(m.axis, axes) else 1
             if target is None:
                 options = [(kmax, m.modes[0])]
             else:
@@ -208,7 +228,7 @@ class Planner:
             if best is None:
                 fits = False
                 best = min(((kk, mode) for kk in {1, kmax} for mode in m.modes), key=lambda o: (self.predict(name, *o), o[0]))
-            chosen.append(GroupPlan(name, m.axis, m.length, best[0], best[1], self.predict(name, *best)))
+            chosen.append(GroupPlan(name, m.axis, m.length, best[0], best[1], self.predict(name, *best), m.rows))
         chosen, outside = self._verified(chosen, target, max_slices, axes)
         peak = max([outside] + [g.predicted_bytes for g in chosen])
         if activation_budget is not None:
@@ -236,7 +256,7 @@ class Planner:
                     continue
                 m = self.groups[g.name]
                 kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
-                kmax = kmax if m.axis in axes else 1
+                kmax = kmax if allowed(m.axis, axes) else 1
                 if g.mode == "keep" and "recompute" in m.modes and g.slices > 1:
                     chosen[i] = replace(g, mode="recompute")
                 elif g.slices < kmax:
@@ -260,10 +280,21 @@ class Planner:
                 continue
             longest = math.floor(room / per_item)
             if longest >= 1:
-                k = max(2, ceil_div(m.length, longest))
+                k = max(2, _least_slices(m, longest))
                 if k <= kmax:
                     yield k, mode
             yield kmax, mode
+
+
+def _least_slices(m: _Measured, longest: int) -> int:
+    """The fewest slices whose longest slice is at most ``longest`` items (on tiles: rows; whole frames
+    while one fits, else row bands)."""
+    if not m.rows:
+        return ceil_div(m.length, longest)
+    frames = m.length // m.rows
+    if longest >= m.rows:
+        return ceil_div(frames, longest // m.rows)
+    return frames * ceil_div(m.rows, longest)
 
 
 def meta_replica(model: nn.Module) -> nn.Module:

@@ -88,6 +88,39 @@ def check_per_slice_statistics_fail(subject: Subject, monkeypatch, slices: int =
     assert check_sliced(subject, slices) > 10 * TOL
 
 
+def banded(band_rows: int, coverage: Coverage | None = None) -> Runner:
+    """A runner that runs every ``"tiles"`` group in row bands of about ``band_rows`` rows (every frame
+    alone) and every other group whole, so what a test sees is the bands' doing."""
+    def decide(_name, axis, length):
+        return (slicing.ceil_div(length, band_rows), "keep") if axis == "tiles" else (1, "keep")
+
+    return Runner(decide, [coverage.record] if coverage else [])
+
+
+def check_banded(subject: Subject, band_rows: int, coverage: Coverage | None = None) -> float:
+    """The engine with its tiles groups in row bands against the host's own forward: the error."""
+    with torch.no_grad():
+        reference = subject.reference()
+        out = subject.engine(banded(band_rows, coverage))
+    assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
+    assert out.shape == reference.shape
+    return rel(out, reference)
+
+
+def check_bands_fail_without_statistics_or_halos(subject: Subject, monkeypatch, band_rows: int = 3) -> None:
+    """Row bands with per-band norm statistics, and row bands without halo rows, must each fail."""
+    import dataclasses
+
+    with monkeypatch.context() as m:
+        m.setattr(slicing, "group_norm", lambda x, stats, eps, affine: F.group_norm(x, stats.num_groups, affine[0], affine[1], eps))
+        assert check_banded(subject, band_rows) > 10 * TOL
+    original = slicing.spatial_resblock
+    with monkeypatch.context() as m:
+        m.setattr(slicing, "spatial_resblock",
+                  lambda runner, name, block, x, **kw: original(runner, name, dataclasses.replace(block, halo=0), x, **kw))
+        assert check_banded(subject, band_rows) > 10 * TOL
+
+
 # Every cut check of this test session, for the summary the suite prints (tests/conftest.py).
 CUT_CHECKS: list[CutReport] = []
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..stages import CutPoint
-from . import comfy_unet, comfy_vae, diffusers_animatediff, diffusers_svd, diffusers_vae
+from . import comfy_unet, comfy_vae, diffusers_animatediff, diffusers_sd_vae, diffusers_svd, diffusers_vae
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Adapter:
     unet: UNetLayout | None = None
     floor: Callable[[nn.Module, dict], int] | None = None  # a model that is no U-Net: its floor for a call
     floor_name: str = "skip floor"  # what the floor is called in plans and tables
+    target_x_floor: float = 1.5  # the default memory target where no device budget exists, in floors
 
 
 def _module_adapter(name: str, module) -> Adapter:
@@ -77,9 +78,12 @@ def _module_adapter(name: str, module) -> Adapter:
 
 
 def _decoder_adapter(name: str, module) -> Adapter:
-    """A VAE decoder: run by groups, planned against its output-level floor (it has no skip tensors)."""
+    """A VAE decoder: run by groups, planned against its output-level floor (it has no skip tensors). Its
+    least peak is about 1.5 floors (a ResBlock's half-size input, its output, a row band), so its default
+    target is 1.6: a few bands per frame, not a band of two rows for the last 2%."""
     return Adapter(name=name, matches=module.matches, forward=module.streamlined_forward, call_shape=module.call_shape,
-                   slot=module.SLOT, sample=module.SAMPLE, floor=module.floor_bytes, floor_name="output-level floor")
+                   slot=module.SLOT, sample=module.SAMPLE, floor=module.floor_bytes, floor_name="output-level floor",
+                   target_x_floor=1.6)
 
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -88,6 +92,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("comfyui-unet", comfy_unet),
     _decoder_adapter("diffusers-svd-vae-decoder", diffusers_vae),
     _decoder_adapter("comfyui-svd-vae-decoder", comfy_vae),
+    _decoder_adapter("diffusers-sd-vae-decoder", diffusers_sd_vae),
 )
 
 

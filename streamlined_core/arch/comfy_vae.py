@@ -6,7 +6,8 @@ whose two GroupNorms span the whole video, on full-extent statistics) plus the l
 pixel slices; the middle ``AttnBlock`` and the head (``norm_out``, the activation, ``conv_out``'s 2-D
 convolution) over frame slices; ``conv_out``'s ``time_mix_conv`` over pixel slices. Each level's
 ``Upsample`` runs inside the next level's first spatial group, per slice, and same-shape groups write
-over their input. ComfyUI decodes a batch of latents as one clip when no ``timesteps`` is given (the
+over their input; the ResBlocks that allocate their output run over tiles (whole frames, then row
+bands with halo rows and whole-frame statistics passes). ComfyUI decodes a batch of latents as one clip when no ``timesteps`` is given (the
 host's ``VAE.decode`` cuts the batch by free memory first; the Streamline VAE Decode node does not).
 """
 
@@ -73,13 +74,54 @@ def _time_stack(runner: Runner, name: str, block: nn.Module, x: torch.Tensor, ba
     return slicing.temporal_resblock(runner, name, parts, x, batch, frames, mix, in_place=True)
 
 
+def _upsampler_halo(up: nn.Module) -> int | None:
+    """1 for ComfyUI's ``Upsample`` as SVD's VAE has it (nearest 2x, then a 3x3 convolution), else None."""
+    if type(up).__name__ != "Upsample" or not getattr(up, "with_conv", False):
+        return None
+    if getattr(up, "scale_factor", 2.0) not in (2, 2.0):
+        return None
+    return slicing.conv_halo(up.conv)
+
+
+def tiled_parts(block: nn.Module, spatial, upsampler: nn.Module | None) -> slicing.SpatialResBlock | None:
+    """A ``VideoResBlock``'s 2-D ``ResnetBlock`` in the parts a row band runs, or None where its layout is
+    not one :func:`~streamlined_core.slicing.spatial_resblock` reproduces."""
+    halos = [slicing.conv_halo(block.conv1), slicing.conv_halo(block.conv2)]
+    if None in halos or not isinstance(block.norm1, nn.GroupNorm) or not isinstance(block.norm2, nn.GroupNorm):
+        return None
+    shortcut = None
+    if block.in_channels != block.out_channels:
+        shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
+        if slicing.conv_halo(shortcut) is None or slicing.conv_halo(shortcut) > 1:
+            return None
+    if upsampler is not None and _upsampler_halo(upsampler) != 1:
+        return None
+    return slicing.SpatialResBlock(
+        norm1=block.norm1,
+        first=lambda h: block.conv1(block.swish(h)),
+        norm2=block.norm2,
+        second=lambda h: block.conv2(block.dropout(block.swish(h))),
+        shortcut=shortcut if shortcut is not None else (lambda v: v),
+        add=lambda v, h: v + h,  # ResnetBlock.forward's sum
+        whole=lambda v: spatial(block, v, None),
+        affine=cast_affine,
+        upsampler=upsampler,
+        halo=sum(halos),
+    )
+
+
 def resblock(runner: Runner, name: str, block: nn.Module, feature: list[torch.Tensor], batch: int, frames: int,
              upsampler: nn.Module | None = None) -> torch.Tensor:
-    """A ``VideoResBlock``: its ``ResnetBlock`` over frames (a pending upsampler first, per slice), then its
-    ``time_stack`` and mix over pixels, in place. ``feature`` holds the input alone and gives it up."""
+    """A ``VideoResBlock``: its ``ResnetBlock`` (a pending upsampler first), then its ``time_stack`` and mix
+    over pixels, in place. The ``ResnetBlock`` runs over tiles (whole frames, then row bands), written over
+    its input where its output has its input's shape. ``feature`` holds the input alone and gives it up."""
     spatial = _base(block, "ResnetBlock").forward
     x = feature.pop()
-    if upsampler is not None:
+    same = upsampler is None and block.in_channels == block.out_channels
+    parts = tiled_parts(block, spatial, upsampler)
+    if parts is not None:
+        h = slicing.spatial_resblock(runner, f"{name}.spatial", parts, x, in_place=same)
+    elif upsampler is not None:
         h = slicing.frames_group(runner, f"{name}.spatial", lambda xs: spatial(block, upsampler(xs), None), [x])
     else:
         same = block.in_channels == block.out_channels
@@ -123,6 +165,12 @@ def streamlined_forward(decoder: nn.Module, runner: Runner, z: torch.Tensor, **k
     def head(xs: torch.Tensor) -> torch.Tensor:
         return conv2d(conv_out, torch.nn.functional.silu(decoder.norm_out(xs)))
 
-    h = slicing.frames_group(runner, "conv_out", head, [feature.pop()])
+    halo = slicing.conv_halo(conv_out)
+    if halo is None or not isinstance(decoder.norm_out, nn.GroupNorm):
+        h = slicing.frames_group(runner, "conv_out", head, [feature.pop()])
+    else:
+        h = slicing.spatial_head(runner, "conv_out", decoder.norm_out,
+                                 lambda v: conv2d(conv_out, torch.nn.functional.silu(v)), cast_affine, halo, head,
+                                 feature.pop())
     h = slicing.time_conv(runner, "conv_out.time_mix_conv", conv_out.time_mix_conv, h, batch, frames)
     return torch.tanh(h) if decoder.tanh_out else h

@@ -8,7 +8,9 @@ kinds, so the same groups apply:
   the middle block's attention (per frame, its GroupNorm per frame); the output head
   (``conv_norm_out``, ``conv_act``, ``conv_out``; GroupNorm per frame). An up block's upsampler is
   fused into the next block's first spatial group, per slice, so the upsampled tensor (the largest
-  of the decode: 256 channels at full resolution) never exists whole;
+  of the decode: 256 channels at full resolution) never exists whole. A ResBlock that allocates its
+  output (the fused ones) is sliced over tiles: whole frames, then row bands inside a frame, with
+  halo rows for its convolutions and whole-frame statistics passes for its GroupNorms;
 * temporal groups, sliced over pixels: each ``SpatioTemporalResBlock``'s 3-D ResBlock and mixer,
   whose two GroupNorms span the whole video (statistics passes, as in the U-Net); ``time_conv_out``
   (a time-only convolution). A pixel slice holds every frame, so no frame halo is needed.
@@ -63,15 +65,56 @@ def _check(sample: torch.Tensor, num_frames: int) -> None:
         raise ValueError(f"num_frames={num_frames} does not divide the {sample.shape[0]} latent frames of sample")
 
 
-def _spatial_resblock(
-    runner: Runner, name: str, block: nn.Module, x: torch.Tensor, upsampler: nn.Module | None,
+def _upsampler_halo(up: nn.Module) -> int | None:
+    """1 for diffusers' ``Upsample2D`` as SVD's VAE has it (nearest 2x, then a 3x3 convolution), else None."""
+    if type(up).__name__ != "Upsample2D" or getattr(up, "norm", None) is not None or up.use_conv_transpose:
+        return None
+    if not up.interpolate or not up.use_conv:
+        return None
+    return slicing.conv_halo(up.conv if up.name == "conv" else up.Conv2d_0)
+
+
+def tiled_parts(res: nn.Module, upsampler: nn.Module | None) -> slicing.SpatialResBlock | None:
+    """diffusers' ``ResnetBlock2D`` (no time embedding) in the parts a row band runs, or None where its
+    layout is not one :func:`~streamlined_core.slicing.spatial_resblock` reproduces."""
+    halos = [slicing.conv_halo(res.conv1), slicing.conv_halo(res.conv2)]
+    if None in halos or res.upsample is not None or res.downsample is not None or res.time_emb_proj is not None:
+        return None
+    if res.time_embedding_norm == "scale_shift" or not isinstance(res.norm1, nn.GroupNorm):  # without temb: norm2 alone
+        return None
+    if res.conv_shortcut is not None and (slicing.conv_halo(res.conv_shortcut) is None or slicing.conv_halo(res.conv_shortcut) > 1):
+        return None
+    if upsampler is not None and _upsampler_halo(upsampler) != 1:
+        return None
+    scale = res.output_scale_factor
+    return slicing.SpatialResBlock(
+        norm1=res.norm1,
+        first=lambda h: res.conv1(res.nonlinearity(h)),
+        norm2=res.norm2,
+        second=lambda h: res.conv2(res.dropout(res.nonlinearity(h))),
+        shortcut=lambda v: res.conv_shortcut(v) if res.conv_shortcut is not None else v,
+        add=lambda v, h: (v + h) / scale,
+        whole=lambda v: res(v, None),
+        affine=lambda norm, like: slicing.module_affine(norm, like.dtype),
+        upsampler=upsampler,
+        halo=sum(halos),
+    )
+
+
+def spatial_resnet(
+    runner: Runner, name: str, res: nn.Module, x: torch.Tensor, upsampler: nn.Module | None,
 ) -> torch.Tensor:
-    """A ``SpatioTemporalResBlock``'s 2-D ResBlock over frame slices; a pending upsampler runs per slice first."""
-    res = block.spatial_res_block
+    """A 2-D ``ResnetBlock2D`` without time embedding over tiles (whole frames, then row bands), written
+    over its input where its output has its input's shape (no pending upsampler, as many channels out)."""
+    same = upsampler is None and res.in_channels == (res.out_channels or res.in_channels)
+    parts = tiled_parts(res, upsampler)
+    if parts is not None:
+        return slicing.spatial_resblock(runner, name, parts, x, in_place=same)
+    if same:
+        return slicing.frames_group(runner, name, lambda xs: res(xs, None), [x], in_place=True)
     if upsampler is not None:
         return slicing.frames_group(runner, name, lambda xs: res(upsampler(xs), None), [x])
-    same = res.in_channels == (res.out_channels or res.in_channels)
-    return slicing.frames_group(runner, name, lambda xs: res(xs, None), [x], in_place=same)
+    return slicing.frames_group(runner, name, lambda xs: res(xs, None), [x])
 
 
 def resblock(
@@ -82,8 +125,22 @@ def resblock(
 
     ``feature`` holds the input alone: it is taken out, so the input is freed once the spatial group
     has read it (before the temporal group runs), unless the spatial group wrote over it."""
-    h = _spatial_resblock(runner, f"{name}.spatial", block, feature.pop(), upsampler)
+    h = spatial_resnet(runner, f"{name}.spatial", block.spatial_res_block, feature.pop(), upsampler)
     return temporal_resblock(runner, f"{name}.temporal", block, h, None, batch, frames, ioi, in_place=True)
+
+
+def head(runner: Runner, decoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv_norm_out``, ``conv_act``, ``conv_out`` over tiles (whole frames, then row bands), or over
+    frames where ``conv_out`` is no size-keeping convolution."""
+    def whole(xs: torch.Tensor) -> torch.Tensor:
+        return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(xs)))
+
+    halo = slicing.conv_halo(decoder.conv_out)
+    if halo is None or not isinstance(decoder.conv_norm_out, nn.GroupNorm):
+        return slicing.frames_group(runner, "conv_out", whole, [x])
+    return slicing.spatial_head(runner, "conv_out", decoder.conv_norm_out,
+                                lambda h: decoder.conv_out(decoder.conv_act(h)),
+                                lambda norm, like: slicing.module_affine(norm, like.dtype), halo, whole, x)
 
 
 def streamlined_forward(
@@ -116,8 +173,5 @@ def streamlined_forward(
     if pending is not None:  # an up block with an upsampler last (not SVD's layout): run it on its own
         feature.append(slicing.frames_group(runner, "upsampler", pending, [feature.pop()]))
 
-    def head(xs: torch.Tensor) -> torch.Tensor:
-        return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(xs)))
-
-    h = slicing.frames_group(runner, "conv_out", head, [feature.pop()])
+    h = head(runner, decoder, feature.pop())
     return slicing.time_conv(runner, "time_conv_out", decoder.time_conv_out, h, batch, frames)

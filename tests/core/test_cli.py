@@ -140,6 +140,29 @@ def test_simulate_decode_measures_the_stock_and_the_grouped_decode(capsys):
     assert "| SVD-XT | 64x128 | 25 |" in capsys.readouterr().out
 
 
+def test_simulate_pipeline_prints_every_stage_original_and_streamlined(capsys):
+    assert main(["simulate", "--pipeline", "--model", "svd-xt,animatediff", "--resolution", "64x128", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = {r["model"]: r for r in json.loads(captured.out)}
+    stages = {m: [s["name"].split(" ")[0] for s in r["stages"]] for m, r in rows.items()}
+    assert stages == {"svd-xt": ["image", "VAE", "U-Net,", "VAE"], "animatediff": ["text", "U-Net,", "VAE"]}, stages
+    for r in rows.values():
+        assert r["peak_bytes"] == max(s["total_bytes"] for s in r["stages"]) < r["original_peak_bytes"]
+        assert r["card_bytes"] == r["peak_bytes"] + r["cuda_context_bytes"] + r["comfy_reserve_bytes"]
+        assert r["card_bytes"] <= r["smallest_card_gb"] * 1024**3 and "Step Rehash" in r["step_rehash"]
+        unet, decode = r["stages"][-2], r["stages"][-1]
+        assert unet["peak_bytes"] < unet["original_peak_bytes"] and decode["peak_bytes"] < decode["original_peak_bytes"]
+        assert r["stages"][0]["peak_bytes"] == r["stages"][0]["original_peak_bytes"]  # encoders run unchanged
+    assert "SVD-XT: VAE decode" in captured.err
+    from streamlined_core.pipeline_sim import PipelineRow, Stage, format_markdown
+
+    table = format_markdown([PipelineRow("svd-xt", 64, 128, 25, [Stage(**{k: s[k] for k in (
+        "name", "weights_bytes", "original_peak_bytes", "peak_bytes", "streamlined")}) for s in rows["svd-xt"]["stages"]])])
+    assert "| SVD-XT 25 frames 64x128 | image encoder" in table and "smallest card (predicted)" in table
+    with pytest.raises(SystemExit):
+        main(["simulate", "--pipeline", "--frames", "3"])
+
+
 def test_bench_decode_puts_the_error_at_the_cuts_and_none_in_the_groups(capsys, tmp_path):
     png, out = tmp_path / "cuts.png", tmp_path / "cuts.json"
     assert main(["bench", "--decode", "--grid", str(png), "--json-out", str(out)]) == 0

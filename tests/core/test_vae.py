@@ -3,12 +3,13 @@ and what the groups hold on a full-size one (meta device)."""
 
 import pytest
 import torch
-from contract import TOL, Coverage, Subject, check_per_slice_statistics_fail, check_sliced, forced
+from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
+                      check_per_slice_statistics_fail, check_sliced, forced)
 
-from streamlined_core import configs
+from streamlined_core import configs, slicing
 from streamlined_core.arch import diffusers_vae
 from streamlined_core.memory import MemoryTracker
-from streamlined_core.slicing import GroupEvent, Runner
+from streamlined_core.slicing import GroupEvent, Runner, governing_slice, tile_bounds
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,51 @@ def test_per_slice_statistics_fail(vae, monkeypatch):
     check_per_slice_statistics_fail(subject(vae.decoder, 1, 5, 6, 10), monkeypatch)
 
 
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("band_rows", [1, 2, 5])
+def test_row_bands_equal_the_decoder(vae, shape, band_rows):
+    """The ResBlocks that allocate their output, in row bands (1 row; 2; 5, uneven) of every frame alone."""
+    coverage = Coverage()
+    err = check_banded(subject(vae.decoder, *shape), band_rows, coverage)
+    assert err <= TOL, f"bands of {band_rows} rows: {err:.2e}"
+    # every 2-D ResBlock, the one with the upsampler fused in (up_blocks.1.resnets.0, 64 -> 32) among them
+    resblocks = {name for name in coverage.seen if name.endswith(".spatial")} | {"conv_out"}  # and the head
+    assert set(coverage.sliced) == resblocks and "up_blocks.1.resnets.0.spatial" in resblocks
+
+
+def test_row_bands_fail_with_per_band_statistics_or_without_halos(vae, monkeypatch):
+    check_bands_fail_without_statistics_or_halos(subject(vae.decoder, 1, 5, 6, 10), monkeypatch)
+
+
+@pytest.mark.parametrize("band_rows", [1, 3])
+def test_a_resblock_without_an_upsampler_in_row_bands_equals_its_forward(band_rows):
+    """The band path with no upsampler fused (a width change alone), on diffusers' ResnetBlock2D."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    res = configs.seed_weights(ResnetBlock2D(in_channels=32, out_channels=16, temb_channels=None, groups=8), std=0.2).eval()
+    x = torch.randn(3, 32, 7, 9)
+    parts = diffusers_vae.tiled_parts(res, None)
+    coverage = Coverage()
+    runner = Runner(lambda _n, axis, length: (-(-length // band_rows), "keep"), [coverage.record])
+    with torch.no_grad():
+        reference = res(x, None)
+        out = slicing.spatial_resblock(runner, "res", parts, x)
+    assert coverage.sliced["res"] > 3  # more slices than frames: bands
+    assert (out - reference).abs().max() <= TOL * reference.abs().max()
+
+
+def test_tiles_are_whole_frames_then_row_bands():
+    assert tile_bounds(5, 12, 1) == [(0, 5, 0, 12)]
+    assert tile_bounds(5, 12, 2) == [(0, 3, 0, 12), (3, 5, 0, 12)]
+    assert tile_bounds(2, 5, 5) == [(0, 1, 0, 2), (0, 1, 2, 4), (0, 1, 4, 5), (1, 2, 0, 2), (1, 2, 2, 4), (1, 2, 4, 5)]
+    assert tile_bounds(2, 3, 60) == [(f, f + 1, r, r + 1) for f in range(2) for r in range(3)]
+    assert governing_slice(5 * 12, 2, False, rows=12) == 2 * 12  # the second slice: two frames
+    assert governing_slice(2 * 5, 5, False, rows=5) == 2  # bands of 2, 2, 1 rows
+    with pytest.raises(ValueError, match="must be positive"):
+        tile_bounds(0, 4, 1)
+
+
 def test_half_precision_stays_within_the_fp32_reference_error(vae):
     """fp16 (BENCHMARKS.md): the sliced decode's error against fp32 is at most 1.5x the stock decode's plus 1e-3."""
     half = configs.build_tiny_svd_vae(dtype=torch.bfloat16)
@@ -107,9 +153,17 @@ def test_a_sliced_resblock_holds_one_tensor_of_its_level():
     assert top < peaks[f"{last}.spatial"] <= top + 4 * frame < 2 * top  # not in place: 2 * top and more
     assert top < peaks[f"{last}.temporal"] <= top + frame  # 48 pixel slices
     upsampled = frames * 128 * (2 * h) * (2 * w) * 2  # what an unfused upsampler would allocate
-    fused = peaks["up_blocks.1.resnets.0.spatial"]
+    fused = peaks["up_blocks.1.resnets.0.spatial"]  # 48 tiles: 8 row bands per frame
     assert fused < upsampled + top
     assert tracker.peak_bytes < stock.peak_bytes / 3
+    # the fused group's input (half size, 128 channels) + its output + one band, against one whole frame
+    with MemoryTracker() as tracker:
+        runner = Runner(lambda _n, axis, _l: (frames if axis in ("frames", "tiles") else 48, "recompute"), [listen])
+        diffusers_vae.streamlined_forward(decoder, runner, z, ioi, num_frames=frames)
+    held = top // 2 + top  # the 128-channel input at a quarter of the pixels + the output
+    whole_frames = peaks["up_blocks.1.resnets.0.spatial"]
+    assert held < fused < held + 3 * frame, (fused - held) / frame  # a band's fp32 norm temporaries included
+    assert fused < whole_frames - frame, (fused - held) / frame
 
 
 def test_streamline_the_vae_decodes_the_same_and_removes_exactly(vae):
@@ -125,7 +179,7 @@ def test_streamline_the_vae_decodes_the_same_and_removes_exactly(vae):
         assert (out - reference).abs().max() <= TOL * reference.abs().max()
         assert "forward" not in vae.decoder.__dict__ and not hasattr(vae.decoder, "_streamline_handle")
         assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
-        handle = streamline(vae)  # planned: the least slicing that reaches 1.5x the output-level floor
+        handle = streamline(vae)  # planned: the least slicing that reaches 1.6x the output-level floor
         out = vae.decode(z, num_frames=5).sample
         handle.remove()
     assert (out - reference).abs().max() <= TOL * reference.abs().max()
@@ -134,9 +188,10 @@ def test_streamline_the_vae_decodes_the_same_and_removes_exactly(vae):
 
 
 def test_streamline_names_what_it_accepts():
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderTiny
 
     from streamlined_core import streamline
 
-    with pytest.raises(TypeError, match="is not a supported model.*AutoencoderKLTemporalDecoder"):
-        streamline(AutoencoderKL(block_out_channels=(32,), norm_num_groups=8))
+    with pytest.raises(TypeError, match="is not a supported model.*AutoencoderKLTemporalDecoder.*AutoencoderKL"):
+        streamline(AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,),
+                                   num_encoder_blocks=(1,), num_decoder_blocks=(1,)))

@@ -3,7 +3,8 @@
 
 import pytest
 import torch
-from contract import TOL, Coverage, Subject, check_per_slice_statistics_fail, check_sliced
+from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
+                      check_per_slice_statistics_fail, check_sliced)
 
 from streamlined_core import configs, streamline
 from streamlined_core.arch import adapter_for, comfy_vae
@@ -58,6 +59,20 @@ def test_every_group_ran_sliced_and_statistics_per_slice_fail(decoder, monkeypat
     assert {"conv_in", "attn_1", "spatial", "temporal", "conv_out", "time_mix_conv"} <= coverage.kinds()
     assert "up.0.block.0.spatial" in coverage.sliced  # the level-1 upsampler fused into it
     check_per_slice_statistics_fail(subject(decoder, 5, 6, 10), monkeypatch)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("band_rows", [1, 5])
+def test_row_bands_equal_the_hosts_decoder(decoder, shape, band_rows):
+    coverage = Coverage()
+    err = check_banded(subject(decoder, *shape), band_rows, coverage)
+    assert err <= TOL, f"bands of {band_rows} rows: {err:.2e}"
+    resblocks = {n for n in coverage.seen if n.endswith(".spatial")} | {"conv_out"}  # and the head
+    assert set(coverage.sliced) == resblocks and "up.0.block.0.spatial" in resblocks
+
+
+def test_row_bands_fail_with_per_band_statistics_or_without_halos(decoder, monkeypatch):
+    check_bands_fail_without_statistics_or_halos(subject(decoder, 5, 6, 10), monkeypatch)
 
 
 def test_streamline_the_decoder_and_remove_it(decoder):

@@ -489,10 +489,18 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
         with profile(pipe.unet, granularity="group") as rec:
             pipe(image, num_inference_steps=25)
         rec.timeline.summary(); json.dump(rec.timeline.to_json(), f)
+
+    ``model`` may be a pipeline's VAE (SVD's ``AutoencoderKLTemporalDecoder``, the SD VAE's
+    ``AutoencoderKL``): each decoder call is then one step whose conds read ``["decode"]``, with the
+    decoder's groups (Streamline's, where ``streamline(pipe.vae)`` runs it) as group events.
     """
     from .context import current, listen
     from .slicing import GroupEvent
 
+    vae = type(model).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL")
+    if vae:
+        model = model.decoder
+        label = label or "decode"
     device = torch.device(device) if device is not None else next(model.parameters()).device
     recorder = Recorder(device, granularity, label, max_events, weights=model, tracker_level=tracker_level)
     calls = [0]
@@ -501,6 +509,10 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     edm = type(model).__name__ == "UNetSpatioTemporalConditionModel"
 
     def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if vae:
+            recorder.call(calls[0], None, ["decode"])
+            calls[0] += 1
+            return
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         sigma = None
         if edm and timestep is not None:

@@ -6,7 +6,7 @@ import torch
 from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
                       check_per_slice_statistics_fail, check_sliced, forced)
 
-from streamlined_core import configs, slicing
+from streamlined_core import configs, slicing, streamline
 from streamlined_core.arch import diffusers_vae
 from streamlined_core.memory import MemoryTracker
 from streamlined_core.slicing import GroupEvent, Runner, governing_slice, tile_bounds
@@ -195,3 +195,25 @@ def test_streamline_names_what_it_accepts():
     with pytest.raises(TypeError, match="is not a supported model.*AutoencoderKLTemporalDecoder.*AutoencoderKL"):
         streamline(AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,),
                                    num_encoder_blocks=(1,), num_decoder_blocks=(1,)))
+
+
+def test_the_profiler_records_the_decode_by_groups_and_by_blocks(vae):
+    """``profile(pipe.vae)``: each decoder call is a step marked "decode", with the decoder's groups as events
+    and the plan's predicted peak beside each, or the decoder's own blocks when it is not streamlined."""
+    from streamlined_core.profiler import profile
+
+    z = torch.randn(5, 4, 6, 10)
+    with torch.no_grad():
+        with streamline(vae), profile(vae, granularity="group") as rec:
+            vae.decode(z, num_frames=5)
+        with profile(vae, granularity="group") as plain:
+            vae.decode(z, num_frames=5)
+    tl = rec.timeline
+    assert tl.label == "decode" and [s.conds for s in tl.steps] == [["decode"]]
+    groups = [e for e in tl.events if e.kind == "group"]
+    names = {e.name for e in groups}
+    assert {"conv_in", "up_blocks.1.resnets.0.spatial", "up_blocks.1.resnets.0.temporal", "conv_out", "time_conv_out"} <= names
+    assert all(e.predicted is not None for e in groups) and tl.predicted_peak_bytes > 0
+    assert [s.conds for s in plain.timeline.steps] == [["decode"]]
+    assert {e.name for e in plain.timeline.events if e.kind == "group"} >= {"mid_block", "up_blocks.0", "up_blocks.1"}
+    assert "forward" not in vae.decoder.__dict__ and not vae.decoder._forward_pre_hooks

@@ -127,21 +127,22 @@ def test_profile_compare_writes_the_timelines_and_a_chart(capsys, tmp_path):
 
 
 def test_simulate_decode_measures_the_stock_and_the_grouped_decode(capsys):
-    assert main(["simulate", "--decode", "--resolution", "64x128", "--json"]) == 0
+    assert main(["simulate", "--decode", "--resolution", "32x64", "--json"]) == 0
     captured = capsys.readouterr()
     rows = json.loads(captured.out)
-    assert [(r["model"], r["frames"], r["height"], r["width"]) for r in rows] == [("SVD", 14, 64, 128), ("SVD-XT", 25, 64, 128)]
+    assert [(r["model"], r["frames"], r["height"], r["width"]) for r in rows] == [("SVD", 14, 32, 64), ("SVD-XT", 25, 32, 64)]
     for r in rows:
         assert r["peak_bytes"] == r["predicted_peak_bytes"]  # the plan predicts what the tracker measures
         assert r["floor_bytes"] < r["peak_bytes"] < r["original_peak_bytes"] / 3
         assert r["weights_bytes"] > 0 and "frames" in r["plan"]
-    assert "decode SVD-XT 64x128 25 frames" in captured.err
-    assert main(["simulate", "--decode", "--resolution", "64x128", "--markdown"]) == 0
-    assert "| SVD-XT | 64x128 | 25 |" in capsys.readouterr().out
+    assert "decode SVD-XT 32x64 25 frames" in captured.err
+    from streamlined_core.decode_sim import DecodeRow, format_markdown
+
+    assert "| SVD-XT | 32x64 | 25 |" in format_markdown([DecodeRow(**r) for r in rows])
 
 
 def test_simulate_pipeline_prints_every_stage_original_and_streamlined(capsys):
-    assert main(["simulate", "--pipeline", "--model", "svd-xt,animatediff", "--resolution", "64x128", "--json"]) == 0
+    assert main(["simulate", "--pipeline", "--model", "svd-xt,animatediff", "--resolution", "32x64", "--json"]) == 0
     captured = capsys.readouterr()
     rows = {r["model"]: r for r in json.loads(captured.out)}
     stages = {m: [s["name"].split(" ")[0] for s in r["stages"]] for m, r in rows.items()}
@@ -156,9 +157,9 @@ def test_simulate_pipeline_prints_every_stage_original_and_streamlined(capsys):
     assert "SVD-XT: VAE decode" in captured.err
     from streamlined_core.pipeline_sim import PipelineRow, Stage, format_markdown
 
-    table = format_markdown([PipelineRow("svd-xt", 64, 128, 25, [Stage(**{k: s[k] for k in (
+    table = format_markdown([PipelineRow("svd-xt", 32, 64, 25, [Stage(**{k: s[k] for k in (
         "name", "weights_bytes", "original_peak_bytes", "peak_bytes", "streamlined")}) for s in rows["svd-xt"]["stages"]])])
-    assert "| SVD-XT 25 frames 64x128 | image encoder" in table and "smallest card (predicted)" in table
+    assert "| SVD-XT 25 frames 32x64 | image encoder" in table and "smallest card (predicted)" in table
     with pytest.raises(SystemExit):
         main(["simulate", "--pipeline", "--frames", "3"])
 

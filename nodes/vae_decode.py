@@ -15,6 +15,10 @@ import logging
 
 from ..streamlined_core.api import StreamlineHandle
 from ..streamlined_core.arch import comfy_vae, engine_adapter
+from ..streamlined_core.context import listen
+from ..streamlined_core.profiler import Recorder
+from ..streamlined_core.slicing import GroupEvent
+from .vram_profiler import _prompt_id, _publish
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -84,9 +88,23 @@ class StreamlineVAEDecode:
             stock = handle.unsliced_peak_bytes(z)
             mm.load_models_gpu([vae.patcher], memory_required=plan.predicted_peak_bytes,
                                force_full_load=getattr(vae, "disable_offload", False))
-            out = vae.first_stage_model.decode(z)
+            # The decode's memory timeline, per group beside the plan's prediction, goes to the VRAM panel
+            # as its own run ("<prompt id>:decode"), next to the sampler's timeline of the same prompt.
+            predicted = {g.name: g.predicted_bytes for g in plan.groups}
+            recorder = Recorder(device, "group", label="decode", weights=decoder)
+
+            def on_event(event) -> None:
+                if isinstance(event, GroupEvent) and event.kind == "end":
+                    recorder.group(event.name, predicted.get(event.name))
+
+            with listen(on_event), recorder:
+                recorder.call(0, None, ["decode"])
+                out = vae.first_stage_model.decode(z)
+            recorder.set_streamline({"predicted_peak_bytes": plan.predicted_peak_bytes})
         finally:
             handle.remove()
+        recorder.timeline.prompt_id = f"{_prompt_id()}:decode"
+        _publish(recorder.timeline)
         images = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
         text = (f"Streamline VAE Decode: {latent.shape[0]} frames as one clip, {plan.describe()}; predicted activation "
                 f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB (the stock decoder in one call: {stock / GIB:.2f} GiB)")

@@ -137,6 +137,20 @@ def test_the_node_decodes_every_frame_as_one_clip_like_the_hosts_whole_decode(pa
     assert any("Streamline VAE Decode: 5 frames" in r.getMessage() for r in caplog.records)
 
 
+def test_the_node_publishes_the_decodes_timeline_to_the_vram_panel(pack, svd_vae):
+    from importlib import import_module
+
+    profiler_node = import_module(pack.__name__ + ".nodes.vram_profiler")
+    latent = {"samples": torch.randn(5, 4, 6, 10)}
+    pack.NODE_CLASS_MAPPINGS["StreamlineVAEDecode"]().decode(latent, svd_vae, 0.0)
+    newest = profiler_node.history()[0]
+    assert newest["label"] == "decode" and newest["prompt_id"].endswith(":decode") and newest["steps"] == 1
+    doc = profiler_node.timeline(newest["prompt_id"])
+    groups = [e for e in doc["events"] if e["kind"] == "group"]
+    assert {"conv_in", "up.0.block.0.spatial", "conv_out.time_mix_conv"} <= {e["name"] for e in groups}
+    assert all(e["predicted"] is not None for e in groups) and doc["predicted_peak_bytes"] > 0
+
+
 def test_the_hosts_batched_decode_cuts_the_clip_where_the_node_does_not(pack, svd_vae):
     """ComfyUI's VAE Decode in two parts (what a small card gets) differs from the whole-clip decode; the node does not."""
     torch.manual_seed(3)

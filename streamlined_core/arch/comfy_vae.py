@@ -92,7 +92,7 @@ def tiled_parts(block: nn.Module, spatial, upsampler: nn.Module | None) -> slici
     shortcut = None
     if block.in_channels != block.out_channels:
         shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
-        if slicing.conv_halo(shortcut) is None or slicing.conv_halo(shortcut) > 1:
+        if slicing.conv_halo(shortcut) not in (0, 1):  # 1x1 or 3x3: a band's one-row shortcut halo covers both
             return None
     if upsampler is not None and _upsampler_halo(upsampler) != 1:
         return None

@@ -82,7 +82,7 @@ def tiled_parts(res: nn.Module, upsampler: nn.Module | None) -> slicing.SpatialR
         return None
     if res.time_embedding_norm == "scale_shift" or not isinstance(res.norm1, nn.GroupNorm):  # without temb: norm2 alone
         return None
-    if res.conv_shortcut is not None and (slicing.conv_halo(res.conv_shortcut) is None or slicing.conv_halo(res.conv_shortcut) > 1):
+    if res.conv_shortcut is not None and slicing.conv_halo(res.conv_shortcut) not in (0, 1):  # 1x1 or 3x3
         return None
     if upsampler is not None and _upsampler_halo(upsampler) != 1:
         return None

@@ -1,12 +1,15 @@
 """The simulator: meta runs equal real CPU runs, the skip floor is right, full-size figures hold."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from streamlined_core import configs
 from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
 from streamlined_core.memory import GIB
-from streamlined_core.simulate import measure_call, simulate
+from streamlined_core.simulate import format_markdown, measure_call, simulate
 
 TINY = {
     "svd": (configs.build_tiny_diffusers_svd, configs.diffusers_svd_inputs),
@@ -97,6 +100,17 @@ def test_full_size_figures_agree_with_the_reference_table_within_5_percent(full_
         assert rows[(model, h, w, "original")].skip_floor_bytes / GIB == pytest.approx(ref, rel=0.05)
     for r in full_size_rows:
         assert r.weights_bytes / GIB == pytest.approx(REFERENCE_WEIGHTS_GIB[r.model], rel=0.05)
+
+
+def test_readme_tables_diffusers_rows_header_and_footnote_are_the_ones_the_command_prints(full_size_rows):
+    """tests/host/test_simulate_comfyui.py checks the table's ComfyUI rows against each host."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    match = re.search(r"<!-- simulate:begin -->\n(.*?)<!-- simulate:end -->", readme, re.S)
+    assert match, "README.md lost its generated simulate table markers"
+    ours, printed = match.group(1).splitlines(), format_markdown(full_size_rows).splitlines()
+    assert ours[:2] == printed[:2] and ours[-1] == printed[-1], "regenerate with: streamline simulate --markdown"
+    assert len(printed) == 2 + 20 + 2
+    assert [line for line in ours if "| diffusers |" in line] == printed[2:-2], "regenerate with: streamline simulate --markdown"
 
 
 def test_full_size_analytic_floor_is_checked_against_the_traced_run(full_size_rows):

@@ -313,9 +313,124 @@ class _CountingMode(TorchDispatchMode):
         t = self.tracker
         if t._paused:
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)
+        out = META_KERNELS.call(func, args, kwargs)
         t._record_outputs(out, (args, kwargs))
         return out
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class MetaKernelCache:
+    """What a ``meta`` kernel returns depends only on its arguments' metadata: remember it.
+
+    Most meta kernels are Python (``torch._refs``, ``torch._meta_registrations``): about 250 us an op,
+    and a sliced U-Net's planning runs hundreds of thousands of ops, the same shapes slice after slice
+    and pass after pass. An op whose tensor arguments are all on ``meta`` and that neither mutates nor
+    returns a view (its schema says so) is run once per distinct key (the op, each tensor's shape,
+    strides and dtype, every other argument with its type, the default dtype); afterwards its outputs
+    are made directly with ``torch.empty_strided``. An output is remembered only where that gives the
+    same tensor: same shape, strides, dtype, a fresh storage of the same size. Views (declared, or
+    found sharing an argument's storage: such an op is never cached again), in-place and ``out=`` ops, random ops (their generator argument), and anything off ``meta`` always run their
+    kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
+    ``max_entries`` (a full-size SVD's planning makes a few thousand); with ``enabled`` false every op
+    runs its kernel.
+    """
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self.enabled = True
+        self.max_entries = max_entries
+        self._outputs: dict[tuple, Any] = {}
+        self._plain: dict[Any, bool] = {}  # op -> neither mutates nor aliases
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self._outputs.clear()
+        self.hits = self.misses = 0
+
+    def call(self, func, args: tuple, kwargs: dict) -> Any:
+        if not self.enabled:
+            return func(*args, **kwargs)
+        plain = self._plain.get(func)
+        if plain is None:
+            schema = getattr(func, "_schema", None)
+            plain = self._plain[func] = schema is not None and not schema.is_mutable and all(
+                r.alias_info is None for r in schema.returns)
+        if not plain:
+            return func(*args, **kwargs)
+        try:
+            meta = [False]
+            key = (func, torch.get_default_dtype(), self._key(args, meta), self._key(kwargs, meta))
+        except _Uncacheable:
+            return func(*args, **kwargs)
+        if not meta[0]:
+            return func(*args, **kwargs)
+        spec = self._outputs.get(key)
+        if spec is not None:
+            self.hits += 1
+            return self._make(spec)
+        self.misses += 1
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in (*_tensors(args), *_tensors(kwargs))}
+        if any(t.untyped_storage()._cdata in inputs for t in _tensors(out)):
+            # A view its schema does not declare (``aten._unsafe_view``, for one): never cached.
+            self._plain[func] = False
+            return out
+        spec = self._spec(out)
+        if spec is not None:
+            if len(self._outputs) >= self.max_entries:
+                self._outputs.clear()  # a long-lived process planning ever new shapes starts over
+            self._outputs[key] = spec
+        return out
+
+    def _key(self, value: Any, meta: list) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "meta" or value.layout != torch.strided:
+                raise _Uncacheable
+            meta[0] = True
+            return ("t", tuple(value.shape), value.stride(), value.dtype)
+        if isinstance(value, _SCALARS):
+            return (type(value), value)
+        if isinstance(value, (list, tuple)):
+            return (type(value), tuple(self._key(v, meta) for v in value))
+        if isinstance(value, dict):
+            return tuple((k, self._key(v, meta)) for k, v in value.items())
+        raise _Uncacheable  # a generator, a SymInt, anything else
+
+    @staticmethod
+    def _spec(out: Any) -> Any:
+        if isinstance(out, torch.Tensor):
+            if (out.device.type != "meta" or out.layout != torch.strided or out.storage_offset() != 0
+                    or out.requires_grad):
+                return None
+            shape, stride = tuple(out.shape), out.stride()
+            made = torch.empty_strided(shape, stride, dtype=out.dtype, device="meta")
+            if made.untyped_storage().nbytes() != out.untyped_storage().nbytes():
+                return None
+            return (shape, stride, out.dtype)
+        if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
+            specs = [MetaKernelCache._spec(t) for t in out]
+            keys = {t.untyped_storage()._cdata for t in out}
+            if None in specs or len(keys) != len(out):  # outputs sharing a storage
+                return None
+            return (type(out), specs)
+        return None
+
+    @staticmethod
+    def _make(spec: Any) -> Any:
+        if isinstance(spec[0], type):
+            kind, specs = spec
+            return kind(torch.empty_strided(s, st, dtype=d, device="meta") for s, st, d in specs)
+        shape, stride, dtype = spec
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+# The planner, the simulator and every op-level tracker share one cache.
+META_KERNELS = MetaKernelCache()
 
 
 class _AttentionMode(TorchFunctionMode):

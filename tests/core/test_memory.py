@@ -172,3 +172,66 @@ def test_the_call_level_misses_only_temporaries_inside_one_call():
 def test_an_unknown_level_is_named():
     with pytest.raises(ValueError, match="level='fast'.*op, call"):
         MemoryTracker(level="fast")
+
+
+@pytest.fixture
+def meta_kernels():
+    """The shared cache, emptied before and restored after (cached figures must equal uncached ones)."""
+    from streamlined_core.memory import META_KERNELS
+
+    META_KERNELS.clear()
+    yield META_KERNELS
+    META_KERNELS.enabled = True
+    META_KERNELS.clear()
+
+
+def _tracked_peak(call) -> int:
+    with MemoryTracker() as t:
+        call()
+    return t.peak_bytes
+
+
+def test_meta_kernel_cache_never_caches_an_undeclared_view(meta_kernels):
+    """``F.linear`` on 3-d input ends in ``aten._unsafe_view`` of the product: a view its schema does not
+    declare. Made fresh from the cache it would count the product twice."""
+    linear = torch.nn.Linear(64, 32, bias=False, device="meta")
+    x = torch.ones(2, 5, 64, device="meta")
+    peaks = [_tracked_peak(lambda: linear(x)) for _ in range(3)]  # the second and third from the cache
+    assert peaks == [2 * 5 * 32 * 4] * 3
+    assert meta_kernels._plain[torch.ops.aten._unsafe_view.default] is False
+    assert meta_kernels.hits > 0
+
+
+def test_meta_kernel_cache_leaves_views_inplace_ops_and_other_devices_to_their_kernels(meta_kernels):
+    """(The cache serves the op-level tracker's region.)"""
+    with MemoryTracker():
+        for device in DEVICES:
+            a = torch.zeros(8, 8, device=device)
+            a.t().add_(1)
+            (a + 1).sum()
+    assert meta_kernels._plain[torch.ops.aten.t.default] is False
+    assert meta_kernels._plain[torch.ops.aten.add_.Tensor] is False
+    assert meta_kernels.misses == 2  # add and sum on meta; nothing on the CPU was looked up
+    with MemoryTracker():
+        b = torch.zeros(8, 8, device="meta")
+        assert (b + 1).shape == (8, 8) and meta_kernels.hits == 1
+
+
+def test_a_planned_and_sliced_unet_measures_the_same_with_the_meta_kernel_cache(meta_kernels):
+    """The whole planner on a real U-Net class, cached against every kernel run: same plan, same peaks."""
+    from streamlined_core import configs
+    from streamlined_core.api import streamline
+
+    def plan_and_measure():
+        model = configs.build_tiny_diffusers_svd("meta", torch.float16)
+        handle = streamline(model)  # planned for 1.5x the skip floor: every measurement pass of the planner
+        args, kwargs = configs.diffusers_svd_inputs(model, 2, 5, 40, 24)
+        peak = _tracked_peak(lambda: model(*args, **kwargs))
+        plan = handle.last_plan
+        groups = [(g.name, g.slices, g.mode, g.predicted_bytes) for g in plan.groups]
+        return peak, plan.predicted_peak_bytes, plan.describe(), groups
+
+    cached = plan_and_measure()
+    assert meta_kernels.hits > 10 * meta_kernels.misses
+    meta_kernels.enabled = False
+    assert plan_and_measure() == cached

@@ -335,8 +335,8 @@ class MetaKernelCache:
     strides and dtype, every other argument with its type, the default dtype); afterwards its outputs
     are made directly with ``torch.empty_strided``. An output is remembered only where that gives the
     same tensor: same shape, strides, dtype, a fresh storage of the same size. Views (declared, or
-    found sharing an argument's storage: such an op is never cached again), in-place and ``out=`` ops, random ops (their generator argument), and anything off ``meta`` always run their
-    kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
+    found sharing an argument's storage: such an op is never cached again), in-place and ``out=``
+    ops, ops given a generator object, and anything off ``meta`` always run their kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
     ``max_entries`` (a full-size SVD's planning makes a few thousand); with ``enabled`` false every op
     runs its kernel.
     """

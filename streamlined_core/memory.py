@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_flatten
 
 GIB = 1024**3
@@ -323,6 +323,7 @@ class _Uncacheable(Exception):
 
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # subclasses with their own dispatch are never cached
 
 
 class MetaKernelCache:
@@ -336,7 +337,8 @@ class MetaKernelCache:
     are made directly with ``torch.empty_strided``. An output is remembered only where that gives the
     same tensor: same shape, strides, dtype, a fresh storage of the same size. Views (declared, or
     found sharing an argument's storage: such an op is never cached again), in-place and ``out=``
-    ops, ops given a generator object, and anything off ``meta`` always run their kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
+    ops, ops given a generator object, tensor subclasses, sparse outputs, anything off ``meta``, and
+    every op while a dispatch mode other than a tracker's is active beneath always run their kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
     ``max_entries`` (a full-size SVD's planning makes a few thousand); with ``enabled`` false every op
     runs its kernel.
     """
@@ -353,7 +355,7 @@ class MetaKernelCache:
         self.hits = self.misses = 0
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
-        if not self.enabled:
+        if not self.enabled or not _only_trackers_below():
             return func(*args, **kwargs)
         plain = self._plain.get(func)
         if plain is None:
@@ -376,7 +378,10 @@ class MetaKernelCache:
         self.misses += 1
         out = func(*args, **kwargs)
         inputs = {t.untyped_storage()._cdata for t in (*_tensors(args), *_tensors(kwargs))}
-        if any(t.untyped_storage()._cdata in inputs for t in _tensors(out)):
+        outputs = [_storage(t) for t in _tensors(out)]
+        if None in outputs:  # sparse, nested: nothing to remember
+            return out
+        if any(st._cdata in inputs for st in outputs):
             # A view its schema does not declare (``aten._unsafe_view``, for one): never cached.
             self._plain[func] = False
             return out
@@ -389,7 +394,7 @@ class MetaKernelCache:
 
     def _key(self, value: Any, meta: list) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.device.type != "meta" or value.layout != torch.strided:
+            if type(value) not in _PLAIN_TENSORS or value.device.type != "meta" or value.layout != torch.strided:
                 raise _Uncacheable
             meta[0] = True
             return ("t", tuple(value.shape), value.stride(), value.dtype)
@@ -404,7 +409,8 @@ class MetaKernelCache:
     @staticmethod
     def _spec(out: Any) -> Any:
         if isinstance(out, torch.Tensor):
-            if (out.device.type != "meta" or out.layout != torch.strided or out.storage_offset() != 0
+            if (type(out) is not torch.Tensor or out.device.type != "meta" or out.layout != torch.strided
+                    or out.storage_offset() != 0
                     or out.requires_grad):
                 return None
             shape, stride = tuple(out.shape), out.stride()
@@ -427,6 +433,12 @@ class MetaKernelCache:
             return kind(torch.empty_strided(s, st, dtype=d, device="meta") for s, st, d in specs)
         shape, stride, dtype = spec
         return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _only_trackers_below() -> bool:
+    """Whether every dispatch mode under the current one is a tracker's: another mode (a FLOP counter,
+    for one) must see each real op, never an ``empty_strided`` in its place."""
+    return all(isinstance(m, _CountingMode) for m in _get_current_dispatch_mode_stack())
 
 
 # The planner, the simulator and every op-level tracker share one cache.

@@ -235,3 +235,19 @@ def test_a_planned_and_sliced_unet_measures_the_same_with_the_meta_kernel_cache(
     assert meta_kernels.hits > 10 * meta_kernels.misses
     meta_kernels.enabled = False
     assert plan_and_measure() == cached
+
+
+def test_meta_kernel_cache_leaves_subclasses_sparse_outputs_and_other_modes_to_their_kernels(meta_kernels):
+    from torch.testing._internal.two_tensor import TwoTensor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    y = torch.zeros(3, 3, device="meta")
+    with MemoryTracker():
+        assert torch.zeros_like(y, layout=torch.sparse_coo).layout == torch.sparse_coo
+        pair = TwoTensor(y, y.clone())
+        assert [type(pair + 1) for _ in range(2)] == [TwoTensor, TwoTensor]
+    a = torch.zeros(64, 64, device="meta")
+    with FlopCounterMode(display=False) as flops, MemoryTracker():
+        for _ in range(3):
+            a @ a
+    assert flops.get_total_flops() == 3 * 2 * 64**3  # every product seen by the counter beneath

@@ -338,7 +338,8 @@ class MetaKernelCache:
     same tensor: same shape, strides, dtype, a fresh storage of the same size. Views (declared, or
     found sharing an argument's storage: such an op is never cached again), in-place and ``out=``
     ops, ops given a generator object, tensor subclasses, sparse outputs, anything off ``meta``, and
-    every op while a dispatch mode other than a tracker's is active beneath always run their kernel. ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
+    every op while a dispatch mode other than a tracker's is active beneath always run their kernel.
+    ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
     ``max_entries`` (a full-size SVD's planning makes a few thousand); with ``enabled`` false every op
     runs its kernel.
     """
@@ -355,14 +356,14 @@ class MetaKernelCache:
         self.hits = self.misses = 0
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
-        if not self.enabled or not _only_trackers_below():
+        if not self.enabled:
             return func(*args, **kwargs)
         plain = self._plain.get(func)
         if plain is None:
             schema = getattr(func, "_schema", None)
             plain = self._plain[func] = schema is not None and not schema.is_mutable and all(
                 r.alias_info is None for r in schema.returns)
-        if not plain:
+        if not plain or not _only_trackers_below():
             return func(*args, **kwargs)
         try:
             meta = [False]
@@ -377,13 +378,15 @@ class MetaKernelCache:
             return self._make(spec)
         self.misses += 1
         out = func(*args, **kwargs)
-        inputs = {t.untyped_storage()._cdata for t in (*_tensors(args), *_tensors(kwargs))}
         outputs = [_storage(t) for t in _tensors(out)]
         if None in outputs:  # sparse, nested: nothing to remember
             return out
-        if any(st._cdata in inputs for st in outputs):
+        keys = [st._cdata for st in outputs]
+        if not MemoryTracker._input_keys((args, kwargs)).isdisjoint(keys):
             # A view its schema does not declare (``aten._unsafe_view``, for one): never cached.
             self._plain[func] = False
+            return out
+        if len(set(keys)) != len(keys):  # outputs sharing a storage
             return out
         spec = self._spec(out)
         if spec is not None:
@@ -410,8 +413,7 @@ class MetaKernelCache:
     def _spec(out: Any) -> Any:
         if isinstance(out, torch.Tensor):
             if (type(out) is not torch.Tensor or out.device.type != "meta" or out.layout != torch.strided
-                    or out.storage_offset() != 0
-                    or out.requires_grad):
+                    or out.storage_offset() != 0 or out.requires_grad):
                 return None
             shape, stride = tuple(out.shape), out.stride()
             made = torch.empty_strided(shape, stride, dtype=out.dtype, device="meta")
@@ -420,10 +422,7 @@ class MetaKernelCache:
             return (shape, stride, out.dtype)
         if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
             specs = [MetaKernelCache._spec(t) for t in out]
-            keys = {t.untyped_storage()._cdata for t in out}
-            if None in specs or len(keys) != len(out):  # outputs sharing a storage
-                return None
-            return (type(out), specs)
+            return None if None in specs else (type(out), specs)
         return None
 
     @staticmethod

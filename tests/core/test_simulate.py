@@ -1,10 +1,8 @@
 """The simulator: meta runs equal real CPU runs, the skip floor is right, full-size figures hold."""
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
+from readme import generated_block
 
 from streamlined_core import configs
 from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
@@ -104,10 +102,7 @@ def test_full_size_figures_agree_with_the_reference_table_within_5_percent(full_
 
 def test_readme_tables_diffusers_rows_header_and_footnote_are_the_ones_the_command_prints(full_size_rows):
     """tests/host/test_simulate_comfyui.py checks the table's ComfyUI rows against each host."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    match = re.search(r"<!-- simulate:begin -->\n(.*?)<!-- simulate:end -->", readme, re.S)
-    assert match, "README.md lost its generated simulate table markers"
-    ours, printed = match.group(1).splitlines(), format_markdown(full_size_rows).splitlines()
+    ours, printed = generated_block("simulate").splitlines(), format_markdown(full_size_rows).splitlines()
     assert ours[:2] == printed[:2] and ours[-2:] == printed[-2:], "regenerate with: streamline simulate --markdown"
     assert len(ours) == 2 + 20 + 18 + 2  # 18 ComfyUI rows, checked by the host suite
     assert len(printed) == 2 + 20 + 2

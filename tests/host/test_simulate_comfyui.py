@@ -2,20 +2,19 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from readme import generated_block
 
 from streamlined_core import configs
 from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
 from streamlined_core.memory import GIB
 from streamlined_core.simulate import format_markdown, measure_call, simulate
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
 
 
@@ -97,10 +96,7 @@ def test_the_module_level_fallback_is_reported_and_saves_most_of_the_memory(all_
 def test_readme_tables_comfyui_rows_are_the_ones_the_command_prints(all_rows):
     """The ComfyUI rows, in order; tests/core/test_simulate.py checks the diffusers rows, the header and
     the footnote of the same table."""
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- simulate:begin -->\n(.*?)<!-- simulate:end -->", readme, re.S)
-    assert match, "README.md lost its generated simulate table markers"
-    ours = [line for line in match.group(1).splitlines() if "| comfyui |" in line]
+    ours = [line for line in generated_block("simulate").splitlines() if "| comfyui |" in line]
     printed = [line for line in format_markdown(all_rows).splitlines() if "| comfyui |" in line]
     assert len(printed) == 18 and ours == printed, "regenerate with: streamline simulate --markdown"
 

@@ -8,11 +8,13 @@ from .api import StreamlineHandle, streamline
 from .context import RunContext, listen, run_context, stage_request
 from .memory import MemoryTracker
 from .plan import GroupPlan, Plan
+from .rehash import RehashConfig, RehashHandle, Schedule, calibrate, rehash
 from .stages import CutPoint, CutState, StageRequest
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CutPoint", "CutState", "GroupPlan", "MemoryTracker", "Plan", "RunContext", "StageRequest", "StreamlineHandle",
-    "__version__", "listen", "run_context", "stage_request", "streamline",
+    "CutPoint", "CutState", "GroupPlan", "MemoryTracker", "Plan", "RehashConfig", "RehashHandle", "RunContext",
+    "Schedule", "StageRequest", "StreamlineHandle", "__version__", "calibrate", "listen", "rehash", "run_context",
+    "stage_request", "streamline",
 ]

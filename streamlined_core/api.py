@@ -33,6 +33,7 @@ from .context import run_context
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .slicing import Runner
+from .stages import StageRequest
 
 SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Streamliner:
         self.budget_name, self.budget_unit = budget_name, budget_unit  # how the user typed the budget
         check_weights(budget_bytes, weights_bytes(unet), budget_name, budget_unit)
         self._plans: dict[tuple, Plan] = {}
+        self._reserved: dict[tuple, int] = {}
         self._planners: dict[tuple, Planner] = {}
         self._warned = False  # whether the device's memory was reported short
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
@@ -153,14 +155,97 @@ class Streamliner:
             if ctx.request is not None and ctx.request.stop is not None:
                 raise ValueError("StageRequest(stop=...) ends a forward at a cut and returns its state, which a host "
                                  "cannot take as the model's output: call the adapter's forward directly for that")
+            controller = self._controller(ctx)
             if self.slices != "auto" and self.budget_bytes is None:
                 k, axes = self.slices, self.axes
                 decide = lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")  # noqa: E731
             else:
-                plan = self._plan(arguments)
+                plan = self._plan(arguments, controller)
                 ctx.plans.append(plan)
                 decide = plan.decide
-            return self.adapter.forward(self.unet, Runner(decide, ctx.listeners, ctx.request), **arguments)
+            if controller is None:
+                return self.adapter.forward(self.unet, Runner(decide, ctx.listeners, ctx.request), **arguments)
+            if ctx.request is not None:
+                raise ValueError("a stage_request() block around a U-Net under Step Rehash (or its calibration): the two "
+                                 "would both decide what the call captures; remove one")
+            runner = Runner(decide, ctx.listeners)
+            runner.request, token = controller.before(self._cuts(), runner.emit, self.adapter.call_shape(arguments)[0])
+            try:
+                if self.passthrough and runner.request.start is None and not self._upsample_at(runner.request.capture):
+                    out = self._own_forward_capturing(args, kwargs, runner.request)
+                else:
+                    out = self.adapter.forward(self.unet, runner, **arguments)
+            except BaseException:
+                controller.after(runner.request, token, False)
+                raise
+            controller.after(runner.request, token, True)
+            return out
+
+    passthrough = False  # full calls run the model's own forward (a handle Step Rehash installed on its own)
+
+    def _own_forward_capturing(self, args: tuple, kwargs: dict, request: StageRequest) -> Any:
+        """The model's own forward, bit for bit, capturing the requested cut features with forward hooks
+        on the layers they follow (cuts that leave an upsampler pending run through the stage loop instead)."""
+        cuts = {c.id: c for c in self._cuts()} | {c.after: c for c in self._cuts()}
+        captured: dict[str, Any] = {}
+        request.captures.append(captured)
+        hooks = []
+
+        def hook(cut, _module, _inputs, output):
+            h = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+            if cut.id not in captured:
+                captured[cut.id] = request.keep(cut.id, h, [], None)
+
+        try:
+            for name in request.capture:
+                cut = cuts[name]
+                hooks.append(self.unet.get_submodule(cut.after).register_forward_hook(
+                    lambda m, i, o, _c=cut: hook(_c, m, i, o)))
+            return self._original_forward()(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _original_forward(self) -> Any:
+        raise NotImplementedError
+
+    def _upsample_at(self, names: frozenset[str]) -> bool:
+        """Whether a cut among ``names`` ends an up unit whose upsampler the stage loop leaves pending."""
+        cuts = self._cuts()
+        for i, c in enumerate(cuts):
+            if (c.id in names or c.after in names) and c.section == "up" and i + 1 < len(cuts) \
+                    and cuts[i + 1].level < c.level:
+                return True
+        return False
+
+    def _controller(self, ctx: Any) -> Any:
+        """What decides this call's stage request across steps: a host's run (``ctx.rehash``) or a
+        diffusers-side Step Rehash or calibration attached to the U-Net (``rehash.py``)."""
+        if ctx.rehash is not None:
+            return ctx.rehash
+        attached = self.unet.__dict__.get("_streamline_rehash")
+        return attached.controller if attached is not None else None
+
+    def _cuts(self) -> list:
+        key = self.adapter.variant(self.unet)
+        if getattr(self, "_cuts_key", object()) != key:
+            self._cut_list, self._cuts_key = self.adapter.unet.cuts(self.unet), key
+        return self._cut_list
+
+    def reserved_bytes(self, arguments: dict[str, Any], controller: Any) -> int:
+        """Device bytes a controller keeps across calls of this shape (Step Rehash's cached feature),
+        measured on a meta replica by running the forward to the controller's cut."""
+        cut = getattr(controller, "cut", None)
+        if cut is None:
+            return 0
+        key = (_shape_key(arguments), self.adapter.variant(self.unet), cut)
+        if key not in self._reserved:
+            replica = meta_replica(self.unet)
+            with suspend_tracking(), sdpa_on_meta(replica), torch.no_grad():
+                state = self.adapter.forward(replica, Runner(request=StageRequest(stop=cut)),
+                                             **fresh_containers(to_meta(arguments)))
+            self._reserved[key] = state.h.numel() * state.h.element_size()
+        return controller.cache_bytes(self._reserved[key]) if hasattr(controller, "cache_bytes") else self._reserved[key]
 
     # -- planning --------------------------------------------------------------------------
     def memory_ratio(self, arguments: dict[str, Any]) -> float:
@@ -182,11 +267,15 @@ class Streamliner:
         max_slices = None if self.slices == "auto" else self.slices
         return planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
 
-    def _plan(self, arguments: dict[str, Any]) -> Plan:
+    def _plan(self, arguments: dict[str, Any], controller: Any = None) -> Plan:
         sample = arguments[self.adapter.sample]
-        key = (_shape_key(arguments), self.adapter.variant(self.unet))
+        reserved = self.reserved_bytes(arguments, controller) if controller is not None else 0
+        key = (_shape_key(arguments), self.adapter.variant(self.unet), reserved)
         if key not in self._plans:
             budget = self._activation_budget(sample.device)
+            if budget is not None and reserved:
+                log.info("streamline: %.2f GiB of the budget kept for Step Rehash's cached feature", reserved / GIB)
+                budget = max(0, budget - reserved)
             start = time.perf_counter()
             log.info("streamline: planning %s for input %s on a meta replica", type(self.unet).__name__,
                      tuple(sample.shape))
@@ -258,12 +347,13 @@ class StreamlineHandle(Streamliner):
     """A streamlined U-Net: plans per call shape, runs by groups, and ``remove()`` undoes it all."""
 
     def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
-                 **options: Any):
+                 passthrough: bool = False, **options: Any):
         super().__init__(unet, adapter, slices, budget_bytes, **options)
         self.last_plan: Plan | None = None  # the plan of the last planned call through this handle
         self._slot = "_old_forward" if "_hf_hook" in unet.__dict__ else adapter.slot
         self._previous = unet.__dict__.get(self._slot)
         self._removed = False
+        self.passthrough = passthrough
         setattr(unet, self._slot, self._forward)
         unet._streamline_handle = self
 
@@ -276,8 +366,17 @@ class StreamlineHandle(Streamliner):
                 if len(ctx.plans) > planned:
                     self.last_plan = ctx.plans[-1]
 
+    def _original_forward(self) -> Any:
+        if self._previous is not None:
+            return self._previous
+        return getattr(type(self.unet), self._slot).__get__(self.unet)
+
     def remove(self) -> None:
-        """Restore the U-Net exactly as it was; calling it again does nothing."""
+        """Restore the U-Net exactly as it was; calling it again does nothing. Under Step Rehash
+        (``rehash(...)``), the U-Net keeps running by stages, unsliced, until that is removed too."""
+        self._remove(keep_rehash=True)
+
+    def _remove(self, keep_rehash: bool) -> None:
         if self._removed:
             return
         if self._previous is None:
@@ -287,6 +386,9 @@ class StreamlineHandle(Streamliner):
         if self.unet.__dict__.get("_streamline_handle") is self:
             del self.unet._streamline_handle
         self._removed = True
+        attached = self.unet.__dict__.get("_streamline_rehash")
+        if keep_rehash and attached is not None:
+            attached.reinstall()
 
     def __enter__(self) -> "StreamlineHandle":
         return self
@@ -310,7 +412,7 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     previous = unet.__dict__.get("_streamline_handle")
     _check_hooks(unet, adapter.slot, previous)
     if previous is not None:
-        previous.remove()
+        previous._remove(keep_rehash=False)
     return StreamlineHandle(unet, adapter, slices, budget_bytes)
 
 

@@ -223,7 +223,90 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=_positive, default=5, help="--overhead: timed calls of each; the median is reported (default: 5)")
     prof.add_argument("--warmup", type=_non_negative, default=2, help="--overhead: untimed calls of each first (default: 2)")
     prof.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure Step Rehash's step-similarity maps on the fixture model and save key steps",
+        description="Sample calibration clips (a seed range disjoint from training and evaluation) with the fixture "
+        "model at full compute, measure at each cut point of the last up block the cosine similarity of every "
+        "step's feature to every other step's (fixed random positions per sample and guidance branch), and save "
+        "the maps (safetensors) and the key steps of the paper's Algorithm 1 (JSON), with what they were made for: "
+        "the model's fingerprint, steps, sampler, scheduler and denoise. Figures measured on the fixture model, "
+        "not on SVD.",
+    )
+    cal.add_argument("--weights", default=None, metavar="PATH", help="a fixture safetensors file (default: shipped)")
+    cal.add_argument("--clips", type=_positive, default=4, help="calibration clips (default: 4)")
+    cal.add_argument("--steps", type=_positive, default=25, help="sampling steps (default: 25)")
+    cal.add_argument("--frames", type=_positive, default=None, help="frames (default: the fixture's 8)")
+    cal.add_argument("--cut", default=None, help="the cut whose key steps are saved (default: Step Rehash's)")
+    keys = cal.add_mutually_exclusive_group()
+    keys.add_argument("--count", type=_positive, default=None,
+                      help="key steps wanted: the closest count reachable, never more (default: 13 of 25, scaled)")
+    keys.add_argument("--gamma", type=float, default=None, help="similarity threshold of Algorithm 1 instead of --count")
+    cal.add_argument("--positions", type=_positive, default=4096,
+                     help="feature positions compared per sample and branch (default: 4096)")
+    cal.add_argument("--out", default="rehash-schedule", metavar="PREFIX",
+                     help="writes PREFIX.json (key steps) and PREFIX.safetensors (maps); default: rehash-schedule")
+    cal.add_argument("--png", default=None, metavar="PATH", help="also draw the maps with the key steps marked")
+    cal.add_argument("--threads", type=_positive, default=2, help="torch CPU threads (default: 2)")
     return parser
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """``streamline calibrate``: similarity maps and key steps on the fixture model."""
+    import time
+
+    import torch
+
+    from .fixture import data
+    from .fixture import model as fixture
+    from .rehash import DEFAULT_CUT, LAST_UP_BLOCK, calibrate, format_calibration
+
+    for option, path in (("--out", args.out + ".json"), ("--png", args.png)):
+        if path is not None and (why := _check_json_out(path)) is not None:
+            print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
+            return 2
+    cut = args.cut or DEFAULT_CUT
+    if cut not in LAST_UP_BLOCK:
+        print(f"streamline: --cut {cut}: calibration measures the last up block's cuts: {', '.join(LAST_UP_BLOCK)}",
+              file=sys.stderr)
+        return 2
+    if args.count is not None and args.count > args.steps:
+        print(f"streamline: --count {args.count}: at most --steps ({args.steps}) key steps", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        unet = fixture.load_unet(args.weights)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
+        return 2
+    frames = args.frames or data.DEFAULT_FRAMES
+    seeds = list(data.CALIBRATION_SEEDS[:args.clips])
+    chunks = [seeds[i:i + 4] for i in range(0, len(seeds), 4)]
+    scheduler = fixture.make_scheduler()
+    start = time.perf_counter()
+
+    def run(i: int) -> None:
+        b = data.make_batch(chunks[i], frames, data.DEFAULT_SIZE, noise_aug_strength=fixture.SAMPLE_NOISE_AUG)
+        fixture.sample(unet, b.first_frame, fixture.Conditioning(b.embedding, b.time_ids), steps=args.steps,
+                       frames=frames, generator=torch.Generator().manual_seed(i), scheduler=scheduler)
+        print(f"sampled {sum(len(c) for c in chunks[:i + 1])}/{len(seeds)} calibration clips "
+              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+
+    try:
+        result = calibrate(unet, run, runs=len(chunks), positions=args.positions, scheduler=scheduler)
+        schedule_count = args.count if args.gamma is None else None
+        json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, schedule_count)
+    except (ValueError, MemoryError) as exc:
+        print(f"streamline: {exc}", file=sys.stderr)
+        return 2
+    print(format_calibration(result, len(seeds), frames, args.gamma, schedule_count), end="", flush=True)
+    print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
+    if args.png is not None:
+        from .rehash_chart import draw_maps
+
+        print(f"wrote {draw_maps(result, args.png, args.gamma, schedule_count)}", file=sys.stderr)
+    return 0
 
 
 def _check_bench(args: argparse.Namespace) -> None:
@@ -452,6 +535,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
               "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
         return 2
+    if args.command == "calibrate":
+        if importlib.util.find_spec("diffusers") is None:
+            print("streamline: calibrate needs diffusers: pip install 'comfyui-streamline[diffusers]'", file=sys.stderr)
+            return 2
+        return _calibrate(args)
     if args.command == "profile":
         if importlib.util.find_spec("diffusers") is None:
             print("streamline: profile needs diffusers: pip install 'comfyui-streamline[diffusers]'", file=sys.stderr)

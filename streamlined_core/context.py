@@ -33,6 +33,7 @@ class RunContext:
     plans: list[Any] = field(default_factory=list)  # the Plan of every planned call, in order
     request: StageRequest | None = None
     recorder: Any = None  # the VRAM profiler's recording of this run, when one is profiled
+    rehash: Any = None  # a host's Step Rehash controller for this run (``rehash.py``), when one runs
 
 
 def current() -> RunContext | None:

@@ -91,6 +91,7 @@ class StepSummary:
     peak: int
     calls: int
     conds: list[str]
+    rehash: str | None = None  # Step Rehash: "key" (the whole U-Net ran) or "reuse" (a cached feature's tail)
 
 
 @dataclass
@@ -380,6 +381,11 @@ class Recorder:
         e = self._event("group", name, boundary=False, predicted=predicted)
         self._step_peak = max(self._step_peak, e.peak)
 
+    def rehash(self, kind: str) -> None:
+        """Step Rehash ran the current step as ``kind`` ("key" or "reuse")."""
+        if self._open and self._step_summary is not None:
+            self._step_summary.rehash = kind
+
     def set_streamline(self, info: dict[str, Any]) -> None:
         """What Streamline planned for this run (its predicted activation peak, groups sliced)."""
         self.timeline.streamline = info
@@ -495,6 +501,7 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     decoder's groups (Streamline's, where ``streamline(pipe.vae)`` runs it) as group events.
     """
     from .context import current, listen
+    from .rehash import RehashEvent
     from .slicing import GroupEvent
 
     vae = type(model).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL")
@@ -524,6 +531,8 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     def on_event(event: Any) -> None:
         if isinstance(event, GroupEvent) and event.kind == "end":
             recorder.group(event.name, predicted_bytes(current(), event.name))
+        elif isinstance(event, RehashEvent):
+            recorder.rehash(event.kind)
 
     handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     if granularity == "group" and getattr(model, "_streamline_handle", None) is None:

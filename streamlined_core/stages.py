@@ -192,16 +192,30 @@ class StageRequest:
     with the shortest part of the down path instead of taking the captured ones (so ``start`` only
     supplies the deep feature). ``stop``: end the forward at that cut and return its
     :class:`CutState` instead of the output (direct engine calls only: a host expects a tensor).
+
+    What a capture keeps: with ``keep_skips=False`` only the feature and the pending upsampler (all a
+    tail with ``recompute_skips`` needs: Step Rehash's cache); with ``reduce``, whatever
+    ``reduce(cut_id, feature)`` returns, and nothing is cloned (the feature is the live tensor: the
+    function must copy what it keeps; calibration keeps a few positions of it on the CPU).
     """
 
     capture: frozenset[str] = frozenset()
     start: CutState | None = None
     recompute_skips: bool = False
     stop: str | None = None
-    captures: list[dict[str, CutState]] = field(default_factory=list)
+    keep_skips: bool = True
+    reduce: Callable[[str, torch.Tensor], Any] | None = None
+    captures: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.capture = frozenset([self.capture] if isinstance(self.capture, str) else self.capture)
+
+    def keep(self, cut: str, h: torch.Tensor, skips: list[torch.Tensor], pending: Pending | None) -> Any:
+        """What a capture at ``cut`` stores (see the class docstring); never a reference to a live tensor
+        unless ``reduce`` returns one."""
+        if self.reduce is not None:
+            return self.reduce(cut, h)
+        return CutState(cut, h, list(skips) if self.keep_skips else [], pending).clone()
 
 
 @dataclass(frozen=True)
@@ -268,12 +282,10 @@ def run(unet_stages: UNetStages, x: torch.Tensor, request: StageRequest | None =
             pending = None
         if s.spec.upsamples:
             pending = Pending(s.upsampler, tuple(skips[-1].shape) if skips else None)
-        if i in capture or i == stop:
-            state = CutState(cut_at[i].id, h, list(skips), pending).clone()
-            if i in capture:
-                captured[state.cut] = state
-            if i == stop:
-                return state
+        if i in capture:
+            captured[cut_at[i].id] = request.keep(cut_at[i].id, h, skips, pending)
+        if i == stop:
+            return CutState(cut_at[i].id, h, list(skips), pending).clone()
     if pending is not None:
         h = unet_stages.flush(h, pending)
     return h

@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Pixels, Runner, Tokens, pixel_view
-from ..stages import CutState, Pending, Stage, StageIO, StageRequest, StageSpec, UNetStages, cut_points
+from ..stages import Pending, Stage, StageIO, StageRequest, StageSpec, UNetStages, cut_points
 from ..stages import run as run_stages
 from . import comfy_ade
 
@@ -604,7 +604,8 @@ class _CaptureRecorder:
             raise KeyError(f"no cut point {unknown[0]!r} in this U-Net; cut points: {', '.join(by_id)}")
         self.wanted = {(by_id.get(w) or self.cuts[w]).after for w in request.capture}
         self.spec_of = {s.name: s for s in self.specs}
-        self.captured: dict[str, CutState] = {}
+        self.captured: dict[str, Any] = {}
+        self.request = request
         request.captures.append(self.captured)
         self.skips: list[torch.Tensor] = []
         self.previous: str | None = None  # the last stage layer that ran
@@ -647,7 +648,7 @@ class _CaptureRecorder:
 
     def _capture(self, name: str, h: torch.Tensor, pending: Pending | None) -> None:
         cut = self.cuts[name]
-        self.captured[cut.id] = CutState(cut.id, h.clone(), [s.clone() for s in self.skips], pending)
+        self.captured[cut.id] = self.request.keep(cut.id, h, self.skips, pending)
 
 
 def context_dim(model: nn.Module) -> int:

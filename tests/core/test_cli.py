@@ -177,3 +177,27 @@ def test_bench_decode_puts_the_error_at_the_cuts_and_none_in_the_groups(capsys, 
     assert png.stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["bench", "--decode", "--frames", "3"])
+
+
+def test_calibrate_writes_the_maps_the_schedule_and_a_picture(capsys, tmp_path):
+    """One calibration clip, 4 steps: six maps, key steps by Algorithm 1, files that load back."""
+    from streamlined_core.rehash import LAST_UP_BLOCK, Schedule
+
+    png = tmp_path / "maps.png"
+    assert main(["calibrate", "--clips", "1", "--steps", "4", "--count", "3", "--positions", "256", "--threads", "1",
+                 "--out", str(tmp_path / "s"), "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"| {cut}" in printed for cut in LAST_UP_BLOCK) and "not on SVD" in printed
+    schedule = Schedule.load(tmp_path / "s.json")
+    assert schedule.steps == 4 and schedule.cut == "up0.0.attn" and len(schedule.key_steps) <= 3
+    assert set(schedule.maps) == set(LAST_UP_BLOCK)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_names_bad_options(capsys, tmp_path):
+    assert main(["calibrate", "--cut", "up1.0.res", "--out", str(tmp_path / "s")]) == 2
+    assert "--cut up1.0.res" in capsys.readouterr().err
+    assert main(["calibrate", "--steps", "4", "--count", "9", "--out", str(tmp_path / "s")]) == 2
+    assert "--count 9" in capsys.readouterr().err
+    assert main(["calibrate", "--out", str(tmp_path / "no" / "s")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,391 @@
+"""Step Rehash: Algorithm 1 on hand-made maps, reuse steps against full steps on the real model classes,
+calibration files, removal, and the cache's lifetime."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import weakref
+
+import pytest
+import torch
+
+from streamlined_core import configs, stage_request, streamline
+from streamlined_core.fixture import data
+from streamlined_core.fixture import model as fixture
+from streamlined_core.profiler import Timeline, profile
+from streamlined_core.rehash import (
+    LAST_UP_BLOCK, RehashConfig, Schedule, calibrate, fingerprint, interval_key_steps, key_steps_for_count,
+    key_steps_for_gamma, rehash, similarity_map,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- Algorithm 1 ---------------------------------------------------------------------------------------
+
+
+def decay(n: int, rate: float) -> torch.Tensor:
+    i = torch.arange(n, dtype=torch.float64)
+    return 1 - rate * (i[:, None] - i[None, :]).abs()
+
+
+def test_key_steps_walk_from_the_last_key_step():
+    assert key_steps_for_gamma(decay(10, 0.1), 0.75) == [0, 3, 6, 9]  # 0.7 < 0.75 three steps after each key
+    assert key_steps_for_gamma(decay(10, 0.1), 0.8) == [0, 3, 6, 9]  # at gamma: still reused
+    assert key_steps_for_gamma(decay(11, 0.1), 0.75) == [0, 3, 6, 9, 10]  # the last step is always key
+
+
+def test_key_steps_at_the_extremes():
+    n = 7
+    all_similar, none_similar = torch.ones(n, n), torch.eye(n)
+    assert key_steps_for_gamma(all_similar, 1.0) == [0, n - 1]
+    assert key_steps_for_gamma(all_similar, 0.0) == [0, n - 1]
+    assert key_steps_for_gamma(none_similar, 0.5) == list(range(n))
+    assert key_steps_for_gamma(none_similar, 0.0) == [0, n - 1]  # 0 is not below gamma 0
+    assert key_steps_for_gamma(torch.full((n, n), 0.999), 1.0) == list(range(n))
+    assert key_steps_for_gamma(torch.ones(1, 1), 0.9) == [0]
+
+
+def test_key_steps_by_count_never_exceed_it_and_take_the_strictest_threshold():
+    m = decay(10, 0.1)
+    for count in range(2, 11):
+        keys, gamma = key_steps_for_count(m, count)
+        assert len(keys) <= count and keys[0] == 0 and keys[-1] == 9
+        assert key_steps_for_gamma(m, gamma) == keys
+    assert key_steps_for_count(m, 10)[0] == list(range(10))
+    assert key_steps_for_count(m, 2)[0] == [0, 9]
+    # 5 keys are not reachable on this map: [0, 3, 6, 9] (4) is the closest below
+    assert key_steps_for_count(m, 5)[0] in ([0, 3, 6, 9], [0, 2, 4, 6, 8, 9][:5])
+    assert len(key_steps_for_count(m, 5)[0]) <= 5
+    # ties: every threshold in (0.7, 0.8] gives [0, 3, 6, 9]; the highest (0.8) is taken
+    assert key_steps_for_count(decay(10, 0.1), 4) == ([0, 3, 6, 9], pytest.approx(0.8))
+
+
+def test_key_step_arguments_are_checked():
+    with pytest.raises(ValueError, match="count=1"):
+        key_steps_for_count(decay(5, 0.1), 1)
+    with pytest.raises(ValueError, match="gamma="):
+        key_steps_for_gamma(decay(5, 0.1), float("nan"))
+    with pytest.raises(ValueError, match="square"):
+        key_steps_for_gamma(torch.ones(3, 4), 0.5)
+    assert interval_key_steps(25, 2) == list(range(0, 25, 2))
+    assert len(interval_key_steps(25, 2)) == 13
+    assert interval_key_steps(10, 4) == [0, 4, 8, 9]
+    with pytest.raises(ValueError, match="interval="):
+        RehashConfig(interval=0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        RehashConfig()
+    with pytest.raises(ValueError, match="schedule= too"):
+        RehashConfig(key_steps=[0, 3], gamma=0.9)
+
+
+def test_similarity_map_is_cosine_averaged_over_rows():
+    f = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 1.0]]])  # (steps 2, rows 2, positions 2)
+    m = similarity_map(f)
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0)
+    assert m[0, 1] == pytest.approx((2**-0.5 + 1.0) / 2)
+
+
+# -- the fixture model, driven as SVD's pipeline drives it --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return fixture.load_unet()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    b = data.make_batch([data.CALIBRATION_SEEDS.start], 8, data.DEFAULT_SIZE, noise_aug_strength=fixture.SAMPLE_NOISE_AUG)
+    return b.first_frame, fixture.Conditioning(b.embedding, b.time_ids)
+
+
+def sample(unet, batch, scheduler, steps=4):
+    first, cond = batch
+    return fixture.sample(unet, first, cond, steps=steps, frames=5, generator=torch.Generator().manual_seed(0),
+                          scheduler=scheduler)
+
+
+def test_every_step_key_equals_plain_sampling_bit_for_bit(unet, batch):
+    scheduler = fixture.make_scheduler()
+    plain = sample(unet, batch, scheduler)
+    with rehash(unet, RehashConfig(interval=1), scheduler=scheduler) as handle:
+        assert torch.equal(sample(unet, batch, scheduler), plain)
+    assert [r.kind for r in handle.last_run.records] == ["key"] * 4
+    with streamline(unet, slices=2):  # streamlined: the same, through the sliced groups
+        streamlined = sample(unet, batch, scheduler)
+        with rehash(unet, RehashConfig(key_steps=[0, 1, 2, 3]), scheduler=scheduler):
+            assert torch.equal(sample(unet, batch, scheduler), streamlined)
+
+
+def test_reuse_steps_run_the_tail_and_report_it(unet, batch, caplog):
+    scheduler = fixture.make_scheduler()
+    plain = sample(unet, batch, scheduler, steps=6)
+    with caplog.at_level(logging.INFO, logger="streamlined_core.rehash"):
+        with rehash(unet, RehashConfig(key_steps=[0, 3]), scheduler=scheduler) as handle:
+            out = sample(unet, batch, scheduler, steps=6)
+    run = handle.last_run
+    assert [r.kind for r in run.records] == ["key", "reuse", "reuse", "key", "reuse", "key"]
+    assert "3 of 6 steps ran the whole U-Net (0, 3, 5), 3 reused the cached feature (1-2, 4)" in caplog.text
+    assert run.cache_peak_bytes > 0 and not run.cache
+    assert not torch.equal(out, plain) and torch.isfinite(out).all()  # reuse steps changed the result
+
+
+class _Loop:
+    """One U-Net call per step on the same inputs: a reuse step is fed the capture of the step before,
+    made from the same inputs, so it must equal a full step."""
+
+    def __init__(self, unet, args, kwargs, steps):
+        self.unet, self.args, self.kwargs, self.steps = unet, args, kwargs, steps
+        self.scheduler = fixture.make_scheduler()
+
+    def __call__(self):
+        self.scheduler.set_timesteps(self.steps)
+        outs = []
+        for t in self.scheduler.timesteps:
+            with torch.no_grad():
+                outs.append(self.unet(*self.args, **self.kwargs)[0])
+            latents = self.scheduler.scale_model_input(torch.zeros_like(outs[-1]), t)
+            self.scheduler.step(outs[-1], t, latents)  # steps counted; its result unused
+        return outs
+
+
+@pytest.mark.parametrize("cut", LAST_UP_BLOCK[:5])
+def test_a_reuse_step_fed_its_own_steps_capture_equals_a_full_step(cut):
+    model = configs.seed_weights(configs.build_tiny_diffusers_svd("cpu", torch.float32), std=0.05)
+    args, kwargs = configs.diffusers_svd_inputs(model, 1, 3, 40, 24)  # batch 1, odd frames, non-square
+    loop = _Loop(model, args, kwargs, 3)
+    with torch.no_grad():
+        full = model(*args, **kwargs)[0]
+    with rehash(model, RehashConfig(key_steps=[0], cut=cut, replay=cut == "up0.2.res"), scheduler=loop.scheduler) as h:
+        key, reuse, _last = loop()
+    assert [r.kind for r in h.last_run.records] == ["key", "reuse", "key"]
+    assert torch.equal(key, full)  # the key step is the model's own forward
+    assert torch.allclose(reuse, full, rtol=0, atol=1e-5 * float(full.abs().max()))
+    with streamline(model, slices=2):  # sliced: the tail runs the same sliced groups as a full step
+        with torch.no_grad():
+            sliced = model(*args, **kwargs)[0]
+        with rehash(model, RehashConfig(key_steps=[0], cut=cut, replay=cut == "up0.2.res"), scheduler=loop.scheduler):
+            key, reuse, _last = loop()
+    assert torch.equal(key, sliced) and torch.equal(reuse, sliced)
+
+
+def test_animatediff_reuse_step_equals_a_full_step():
+    model = configs.seed_weights(configs.build_tiny_diffusers_animatediff("cpu", torch.float32), std=0.05)
+    args, kwargs = configs.diffusers_animatediff_inputs(model, 1, 3, 40, 24)
+    loop = _Loop(model, args, kwargs, 3)
+    with torch.no_grad():
+        full = model(*args, **kwargs)[0]
+    cut = next(c.id for c in __import__("streamlined_core.arch", fromlist=["cut_points"]).cut_points(model)
+               if c.section == "up" and c.level == 0 and c.fresh)
+    with rehash(model, RehashConfig(key_steps=[0], cut=cut), scheduler=loop.scheduler) as h:
+        key, reuse, _last = loop()
+    assert [r.kind for r in h.last_run.records] == ["key", "reuse", "key"]
+    assert torch.equal(key, full)
+    assert torch.allclose(reuse, full, rtol=0, atol=1e-5 * float(full.abs().max()))
+
+
+def test_bad_cuts_are_refused_by_name(unet, batch):
+    scheduler = fixture.make_scheduler()
+    with rehash(unet, RehashConfig(interval=2, cut="down0.0.res"), scheduler=scheduler):
+        with pytest.raises(ValueError, match="cut='down0.0.res'.*middle or up path"):
+            sample(unet, batch, scheduler)
+    with rehash(unet, RehashConfig(interval=2, cut="up0.2.attn"), scheduler=scheduler):
+        with pytest.raises(ValueError, match="replay=True"):
+            sample(unet, batch, scheduler)
+    assert "forward" not in unet.__dict__ and "step" not in scheduler.__dict__
+
+
+# -- removal, composition, the cache's lifetime ---------------------------------------------------------
+
+
+def test_remove_restores_unet_and_scheduler_in_either_order(unet, batch):
+    scheduler = fixture.make_scheduler()
+    unet_keys, sched_keys = set(unet.__dict__), set(scheduler.__dict__)
+    plain = sample(unet, batch, scheduler)
+    cfg = RehashConfig(key_steps=[0, 2])
+    for order in ("rehash first", "streamline first"):
+        if order == "rehash first":
+            r = rehash(unet, cfg, scheduler=scheduler)
+            s = streamline(unet, slices=2)
+        else:
+            s = streamline(unet, slices=2)
+            r = rehash(unet, cfg, scheduler=scheduler)
+        sample(unet, batch, scheduler)
+        assert [x.kind for x in r.last_run.records] == ["key", "reuse", "key", "key"]
+        s.remove()  # rehash keeps working without the streamline handle
+        sample(unet, batch, scheduler)
+        assert [x.kind for x in r.last_run.records] == ["key", "reuse", "key", "key"]
+        r.remove()
+        r.remove()
+        assert set(unet.__dict__) == unet_keys and set(scheduler.__dict__) == sched_keys, order
+        assert torch.equal(sample(unet, batch, scheduler), plain)
+
+
+def test_the_cache_is_freed_after_a_run_and_after_an_exception_inside_one(unet, batch):
+    scheduler = fixture.make_scheduler()
+    handle = rehash(unet, RehashConfig(key_steps=[0, 3]), scheduler=scheduler)
+    seen = []
+    original = handle._attached.make_run
+
+    def watch(steps):
+        run = original(steps)
+        store = run.state.store
+
+        def store_and_watch(branch, request):
+            store(branch, request)
+            seen.append(weakref.ref(run.state.cache[branch].h))
+        run.state.store = store_and_watch
+        return run
+
+    handle._attached.make_run = watch
+    try:
+        sample(unet, batch, scheduler, steps=5)
+        gc.collect()
+        assert seen and all(ref() is None for ref in seen)
+        assert handle._attached.run is None and not handle.last_run.cache
+
+        seen.clear()
+        calls = [0]
+
+        def fail_on_third_call(_module, _args):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("out of memory (simulated by a forward pre-hook)")
+
+        hook = unet.conv_in.register_forward_pre_hook(fail_on_third_call)
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                sample(unet, batch, scheduler, steps=5)
+        finally:
+            hook.remove()
+        gc.collect()
+        assert seen and all(ref() is None for ref in seen)
+        assert handle._attached.run is None and not handle.last_run.finished
+        sample(unet, batch, scheduler, steps=5)  # the next run starts clean
+        assert handle.last_run.finished and len(handle.last_run.records) == 5
+    finally:
+        handle.remove()
+
+
+def test_profiler_marks_key_and_reuse_steps(unet, batch):
+    scheduler = fixture.make_scheduler()
+    with rehash(unet, RehashConfig(key_steps=[0, 2]), scheduler=scheduler):
+        with profile(unet, granularity="step") as rec:
+            sample(unet, batch, scheduler)
+    tl = Timeline.from_json(json.loads(json.dumps(rec.timeline.to_json())))
+    assert [s.rehash for s in tl.steps] == ["key", "reuse", "key", "key"]
+
+
+def test_stage_request_and_rehash_on_one_unet_is_an_error(unet, batch):
+    scheduler = fixture.make_scheduler()
+    with rehash(unet, RehashConfig(interval=2), scheduler=scheduler):
+        with stage_request(capture={"up0.0.attn"}):
+            with pytest.raises(ValueError, match="stage_request"):
+                sample(unet, batch, scheduler)
+
+
+def test_the_planner_keeps_the_cached_feature_out_of_the_budget(unet, batch):
+    scheduler = fixture.make_scheduler()
+    first, cond = batch
+    x = torch.zeros(2, 5, 8, 32, 32)
+    with streamline(unet, budget_bytes=2**30) as s, rehash(unet, RehashConfig(interval=2), scheduler=scheduler) as r:
+        arguments = s._arguments((x, torch.tensor(0.5)), dict(encoder_hidden_states=torch.zeros(2, 1, 64),
+                                                              added_time_ids=torch.zeros(2, 3)))
+        reserved = s.reserved_bytes(arguments, r)
+    # the feature after up_blocks.3.attentions.0: (2 x 5 frames, 32 channels, 32 x 32), fp32
+    assert reserved == 2 * 5 * 32 * 32 * 32 * 4
+
+
+# -- calibration and schedule files --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibration(unet, batch):
+    scheduler = fixture.make_scheduler()
+    return calibrate(unet, lambda: sample(unet, batch, scheduler, steps=6), positions=256, scheduler=scheduler)
+
+
+def test_calibration_measures_every_cut(calibration, unet):
+    assert set(calibration.maps) == set(LAST_UP_BLOCK)
+    for m in calibration.maps.values():
+        assert m.shape == (6, 6)
+        assert torch.allclose(torch.diagonal(m), torch.ones(6), atol=1e-5)
+        assert torch.allclose(m, m.T, atol=1e-6)
+    assert calibration.made_for == {"model": fingerprint(unet), "steps": 6, "sampler": "EulerDiscreteScheduler",
+                                    "scheduler": "karras", "denoise": 1.0}
+    sched = calibration.schedule("up0.0.attn", count=4)
+    assert len(sched.key_steps) <= 4 and sched.key_steps == key_steps_for_gamma(calibration.maps["up0.0.attn"], sched.gamma)
+    assert "forward" not in unet.__dict__ and "_streamline_rehash" not in unet.__dict__
+
+
+def test_calibration_cap_is_a_clear_error(unet, batch):
+    scheduler = fixture.make_scheduler()
+    with pytest.raises(MemoryError, match="cap of"):
+        calibrate(unet, lambda: sample(unet, batch, scheduler, steps=2), positions=256, cap_bytes=1000,
+                  scheduler=scheduler)
+    assert "forward" not in unet.__dict__ and "step" not in scheduler.__dict__
+
+
+def test_fingerprint_follows_the_weights():
+    a = fixture.build_fixture_unet(seed=0)
+    b = fixture.build_fixture_unet(seed=0)
+    assert fingerprint(a) == fingerprint(b) == fingerprint(b.half())
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1e-2)  # like a LoRA merged into every weight
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_schedule_files_round_trip_and_bad_files_are_named(calibration, unet, batch, tmp_path):
+    json_path, maps_path = calibration.save(tmp_path / "s", cut="up0.1.res", count=4)
+    assert json_path.name == "s.json" and maps_path.name == "s.safetensors"
+    loaded = Schedule.load(json_path)
+    assert loaded.key_steps == calibration.schedule("up0.1.res", count=4).key_steps
+    assert set(loaded.maps) == set(LAST_UP_BLOCK)
+    assert RehashConfig(schedule=json_path, cut="up0.0.attn", count=3).schedule.cut == "up0.0.attn"
+
+    scheduler = fixture.make_scheduler()
+    with rehash(unet, RehashConfig(schedule=json_path), scheduler=scheduler) as h:
+        sample(unet, batch, scheduler, steps=6)
+    assert [r.step for r in h.last_run.records if r.kind == "key"] == loaded.key_steps
+    with rehash(unet, RehashConfig(schedule=json_path), scheduler=scheduler):
+        with pytest.raises(ValueError, match="steps: made for 6, used with 4"):
+            sample(unet, batch, scheduler, steps=4)
+    other = fixture.build_fixture_unet(seed=1)
+    with rehash(other, RehashConfig(schedule=json_path), scheduler=scheduler):
+        with pytest.raises(ValueError, match="model: made for"):
+            sample(other, batch, scheduler, steps=6)
+    with rehash(other, RehashConfig(schedule=json_path, override=True), scheduler=scheduler) as h:
+        sample(other, batch, scheduler, steps=6)
+    assert h.last_run.finished
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Schedule.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        RehashConfig(schedule=tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="format"):
+        Schedule.load(tmp_path / "other.json")
+    doc = json.loads(json_path.read_text())
+    (tmp_path / "keys.json").write_text(json.dumps({**doc, "key_steps": [1, 3], "maps": None}))
+    with pytest.raises(ValueError, match="rise strictly from 0"):
+        Schedule.load(tmp_path / "keys.json")
+    (tmp_path / "nomaps.json").write_text(json.dumps({**doc, "maps": "gone.safetensors"}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        Schedule.load(tmp_path / "nomaps.json")
+    (tmp_path / "broken.safetensors").write_bytes(maps_path.read_bytes()[:100])
+    (tmp_path / "broken.json").write_text(json.dumps({**doc, "maps": "broken.safetensors"}))
+    with pytest.raises(ValueError, match="damaged"):
+        Schedule.load(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="cut='up1.0.res'"):
+        RehashConfig(schedule=json_path, cut="up1.0.res")

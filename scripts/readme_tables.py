@@ -8,6 +8,7 @@
     .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
     .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
+    .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -58,6 +59,19 @@ def fixture_block(say) -> str:
             "(docs/fixture_grid.png)\n")
 
 
+def calibration_block(say) -> str:
+    """Step Rehash's similarity maps on the fixture model (4 calibration clips, 25 steps), drawn in docs/."""
+    from streamlined_core.fixture.calibration import calibrate_fixture
+    from streamlined_core.fixture.model import load_unet
+    from streamlined_core.rehash import format_calibration
+    from streamlined_core.rehash_chart import draw_maps
+
+    cal = calibrate_fixture(load_unet(), clips=4, progress=say)
+    draw_maps(cal, README.parent / "docs" / "rehash_maps.png")
+    return (format_calibration(cal, 4, 8) + "\n![step similarity at each cut of the last up block, key steps boxed]"
+            "(docs/rehash_maps.png)\n")
+
+
 def main() -> None:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     text = README.read_text()
@@ -89,6 +103,8 @@ def main() -> None:
         from streamlined_core.pipeline_sim import pipeline_rows
 
         text = replace(text, "pipeline", pipeline_markdown(pipeline_rows(progress=say)))
+    if "--calibrate" in sys.argv[1:]:
+        text = replace(text, "rehash-calibration", calibration_block(say))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

@@ -254,13 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _calibrate(args: argparse.Namespace) -> int:
     """``streamline calibrate``: similarity maps and key steps on the fixture model."""
-    import time
-
     import torch
 
     from .fixture import data
     from .fixture import model as fixture
-    from .rehash import DEFAULT_CUT, LAST_UP_BLOCK, calibrate, format_calibration
+    from .fixture.calibration import calibrate_fixture
+    from .rehash import DEFAULT_CUT, LAST_UP_BLOCK, format_calibration
 
     for option, path in (("--out", args.out + ".json"), ("--png", args.png)):
         if path is not None and (why := _check_json_out(path)) is not None:
@@ -281,26 +280,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
         return 2
     frames = args.frames or data.DEFAULT_FRAMES
-    seeds = list(data.CALIBRATION_SEEDS[:args.clips])
-    chunks = [seeds[i:i + 4] for i in range(0, len(seeds), 4)]
-    scheduler = fixture.make_scheduler()
-    start = time.perf_counter()
-
-    def run(i: int) -> None:
-        b = data.make_batch(chunks[i], frames, data.DEFAULT_SIZE, noise_aug_strength=fixture.SAMPLE_NOISE_AUG)
-        fixture.sample(unet, b.first_frame, fixture.Conditioning(b.embedding, b.time_ids), steps=args.steps,
-                       frames=frames, generator=torch.Generator().manual_seed(i), scheduler=scheduler)
-        print(f"sampled {sum(len(c) for c in chunks[:i + 1])}/{len(seeds)} calibration clips "
-              f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-
     try:
-        result = calibrate(unet, run, runs=len(chunks), positions=args.positions, scheduler=scheduler)
+        result = calibrate_fixture(unet, args.clips, args.steps, frames, args.positions,
+                                   progress=lambda msg: print(msg, file=sys.stderr, flush=True))
         schedule_count = args.count if args.gamma is None else None
         json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, schedule_count)
     except (ValueError, MemoryError) as exc:
         print(f"streamline: {exc}", file=sys.stderr)
         return 2
-    print(format_calibration(result, len(seeds), frames, args.gamma, schedule_count), end="", flush=True)
+    print(format_calibration(result, args.clips, frames, args.gamma, schedule_count), end="", flush=True)
     print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
     if args.png is not None:
         from .rehash_chart import draw_maps

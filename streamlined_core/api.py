@@ -245,7 +245,7 @@ class Streamliner:
                 state = self.adapter.forward(replica, Runner(request=StageRequest(stop=cut)),
                                              **fresh_containers(to_meta(arguments)))
             self._reserved[key] = state.h.numel() * state.h.element_size()
-        return controller.cache_bytes(self._reserved[key]) if hasattr(controller, "cache_bytes") else self._reserved[key]
+        return self._reserved[key]
 
     # -- planning --------------------------------------------------------------------------
     def memory_ratio(self, arguments: dict[str, Any]) -> float:

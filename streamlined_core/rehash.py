@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
 
@@ -455,10 +455,6 @@ class RehashRun:
             text += f"; steps {_ranges(missing)} ran whole because a branch had no cached feature yet"
         return text
 
-    def summary(self) -> dict[str, Any]:
-        return {"cut": self.cut, "steps": self.steps, "key_steps": self.key_steps,
-                "ran": [asdict(r) for r in self.records], "cache_peak_bytes": self.cache_peak_bytes}
-
 
 def _ranges(steps: Sequence[int]) -> str:
     parts, start, prev = [], None, None
@@ -549,11 +545,11 @@ class _Attached:
     the model's own forward (capturing with forward hooks), so they equal plain sampling bit for bit;
     only reuse steps run the stage loop, unsliced."""
 
-    def __init__(self, unet: nn.Module, scheduler: Any, make_run: Callable[[int], Any]) -> None:
+    def __init__(self, unet: nn.Module, scheduler: Any, controller: Any) -> None:
         from .api import StreamlineHandle, _resolve
 
-        self.unet = unet
-        self.make_run = make_run
+        self.unet, self.controller = unet, controller
+        self.make_run: Callable[[int], Any] = controller.make_run
         self.run: Any = None
         self.last_run: Any = None
         self.removed = False
@@ -644,8 +640,7 @@ class RehashHandle:
         self.unet, self.config = unet, config
         self.model_fingerprint = fingerprint(unet) if config.schedule is not None else None
         self.scheduler = scheduler
-        self._attached = _Attached(unet, scheduler, self._make_run)
-        self._attached.controller = self
+        self._attached = _Attached(unet, scheduler, self)
 
     def _made_for(self) -> dict[str, Any]:
         made_for: dict[str, Any] = {}
@@ -655,7 +650,7 @@ class RehashHandle:
             made_for["sampler"], made_for["scheduler"] = describe_scheduler(self.scheduler)
         return made_for
 
-    def _make_run(self, steps: int) -> _RehashDriver:
+    def make_run(self, steps: int) -> _RehashDriver:
         return _RehashDriver(self.config, steps, self._made_for())
 
     @property
@@ -801,11 +796,10 @@ class CalibrationHandle:
         self.sampler = FeatureSampler(cuts, positions, seed, cap_bytes)
         self.steps: int | None = None
         self.runs = 0
-        self._attached = _Attached(unet, scheduler, self._make_run)
-        self._attached.controller = self
+        self._attached = _Attached(unet, scheduler, self)
         self.cut = None
 
-    def _make_run(self, steps: int) -> _CalibrationDriver:
+    def make_run(self, steps: int) -> _CalibrationDriver:
         if self.steps is not None and steps != self.steps:
             raise ValueError(f"calibration: every run must take the same number of steps ({self.steps}), got {steps}")
         self.steps = steps

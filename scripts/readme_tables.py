@@ -9,6 +9,7 @@
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
     .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
     .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
+    .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; ~40 min)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -105,6 +106,15 @@ def main() -> None:
         text = replace(text, "pipeline", pipeline_markdown(pipeline_rows(progress=say)))
     if "--calibrate" in sys.argv[1:]:
         text = replace(text, "rehash-calibration", calibration_block(say))
+    if "--rehash" in sys.argv[1:]:
+        from streamlined_core.rehash_bench import bench_rehash
+        from streamlined_core.rehash_bench import format_markdown as rehash_markdown
+        from streamlined_core.rehash_bench import plot as rehash_plot
+
+        result = bench_rehash(progress=say)
+        rehash_plot(result, str(README.parent / "docs" / "rehash_bench.png"))
+        text = replace(text, "rehash-bench", rehash_markdown(result) + "\n![error against U-Net time of every setting]"
+                       "(docs/rehash_bench.png)\n")
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

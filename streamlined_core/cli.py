@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--cuda", action="store_true",
                       help="measure memory and latency of the full-size models on the CUDA device, beside the simulator's figures")
     what.add_argument("--fixture", action="store_true", help="measure what the shipped fixture model learned (CPU)")
+    what.add_argument("--rehash", action="store_true",
+                      help="Step Rehash against DeepCache's setting, whole-step reuse (EasyCache's rule) and pyramid "
+                      "attention broadcast on the fixture model: error against full compute and U-Net time per setting")
     what.add_argument("--decode", action="store_true",
                       help="how far the hosts' chunked decodes of SVD's VAE are from decoding the whole clip, beside "
                            "the decode by groups (a tiny seeded decoder, CPU)")
@@ -190,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--fixture: a fixture safetensors file (default: the one the package ships)")
     bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips; "
                        "--decode: a PNG of each decode's difference from the whole decode")
+    bench.add_argument("--json", action="store_true", help="--rehash: print one JSON object per setting instead of the table")
+    bench.add_argument("--plot", default=None, metavar="PNG", help="--rehash: also draw error against U-Net time")
+    bench.add_argument("--quick", action="store_true",
+                       help="--rehash: a few settings and no end-to-end timing (a check that it runs, not a measurement)")
     bench.set_defaults(parser=bench)  # errors about bench's options show bench's usage
 
     prof = sub.add_parser(
@@ -306,6 +313,23 @@ def _check_bench(args: argparse.Namespace) -> None:
                               ("--frames", args.frames), ("--weights", args.weights)):
             if value is not None:
                 parser.error(f"argument {option}: not with --decode")
+        return
+    if not args.rehash:
+        for option, value in (("--json", args.json), ("--plot", args.plot), ("--quick", args.quick)):
+            if value:
+                parser.error(f"argument {option}: only with --rehash")
+    if args.rehash:
+        for option, value in (("--model", args.model), ("--implementation", args.implementation),
+                              ("--deadline", args.deadline), ("--grid", args.grid), ("--json-out", args.json_out)):
+            if value is not None:
+                parser.error(f"argument {option}: not with --rehash")
+        if args.config == "full":
+            parser.error("argument --config: --rehash times the cuts on mid (default) or tiny")
+        args.config = args.config or "mid"
+        from .fixture import data
+
+        if args.frames is not None and not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
+            parser.error(f"argument --frames: {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}")
         return
     fixture_only = (("--clips", args.clips), ("--steps", args.steps), ("--frames", args.frames),
                     ("--weights", args.weights), ("--grid", args.grid))
@@ -442,6 +466,33 @@ def _bench_fixture(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _bench_rehash(args: argparse.Namespace) -> int:
+    """``streamline bench --rehash``: the step-cache comparison on the fixture model."""
+    from .rehash_bench import bench_rehash, format_markdown, plot
+
+    if args.plot is not None and (why := _check_json_out(args.plot)) is not None:
+        print(f"streamline: {why.replace('--json-out', '--plot')}", file=sys.stderr)
+        return 2
+    try:
+        with _stdout_to_stderr():
+            clips = args.clips or 4
+            result = bench_rehash(args.weights, clips=clips, calibration_clips=min(clips, 4) if args.quick else 4,
+                                  steps=args.steps or 25, frames=args.frames,
+                                  threads=args.threads, cuts_config=args.config, quick=args.quick,
+                                  end_to_end=not args.quick,
+                                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (FileNotFoundError, OSError) as exc:
+        print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.as_dict() for r in result.rows], indent=2))
+    else:
+        print(format_markdown(result), end="")
+    if args.plot is not None:
+        print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
 def _profile(args: argparse.Namespace) -> int:
     """``streamline profile``: record sampling runs, write the JSON and the chart; or print the overhead."""
     import torch
@@ -573,6 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_cuda(args)
     elif bench_fixture:
         return _bench_fixture(args)
+    elif args.command == "bench" and args.rehash:
+        return _bench_rehash(args)
     elif args.command == "bench" and args.decode:
         return _bench_decode(args)
     elif args.command == "bench":

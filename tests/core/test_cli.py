@@ -201,3 +201,29 @@ def test_calibrate_names_bad_options(capsys, tmp_path):
     assert "--count 9" in capsys.readouterr().err
     assert main(["calibrate", "--out", str(tmp_path / "no" / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_rehash_prints_one_object_per_setting(capsys, tmp_path):
+    """A quick run (tiny cut costs, one clip, 4 steps): every method's row with the fields the README's
+    claims are checked by, exactly one default, and the plot."""
+    png = tmp_path / "r.png"
+    assert main(["bench", "--rehash", "--quick", "--config", "tiny", "--clips", "1", "--steps", "4", "--threads", "1",
+                 "--json", "--plot", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows} == {"full", "rehash", "deepcache", "whole-step", "pab"}
+    for r in rows:
+        assert {"method", "setting", "full_steps", "unet_time_ratio", "psnr_db", "default"} <= set(r)
+        assert 0 < r["unet_time_ratio"] <= 1.0 + 1e-9 or r["method"] == "pab"
+    assert sum(r["default"] for r in rows) == 1
+    default = next(r for r in rows if r["default"])
+    assert default["method"] == "rehash" and default["full_steps"] <= 4 and default["psnr_db"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rehash_options_belong_to_it(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--latency", "--quick"])
+    assert "--quick: only with --rehash" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--rehash", "--config", "full"])
+    assert "--config" in capsys.readouterr().err

@@ -389,3 +389,26 @@ def test_schedule_files_round_trip_and_bad_files_are_named(calibration, unet, ba
         Schedule.load(tmp_path / "broken.json")
     with pytest.raises(ValueError, match="cut='up1.0.res'"):
         RehashConfig(schedule=json_path, cut="up1.0.res")
+
+
+# -- the field's whole-step reuse, as the bench runs it ------------------------------------------------
+
+
+def test_whole_step_reuse_computing_every_step_is_plain_sampling(unet, batch):
+    from streamlined_core.rehash_bench import WholeStepReuse
+
+    scheduler = fixture.make_scheduler()
+    plain = sample(unet, batch, scheduler)
+    for options in (dict(key_steps=range(4)), dict(threshold=0.0)):  # nothing below a threshold of 0
+        wrapper = WholeStepReuse(unet, scheduler, 4, **options)
+        try:
+            assert torch.equal(sample(wrapper, batch, scheduler), plain)
+        finally:
+            wrapper.restore()
+        assert wrapper.full == 4 and "step" not in scheduler.__dict__
+    wrapper = WholeStepReuse(unet, scheduler, 4, key_steps=[0, 2, 3])
+    try:
+        out = sample(wrapper, batch, scheduler)
+    finally:
+        wrapper.restore()
+    assert wrapper.full == 3 and not torch.equal(out, plain)

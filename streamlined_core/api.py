@@ -132,6 +132,8 @@ class Streamliner:
         check_weights(budget_bytes, weights_bytes(unet), budget_name, budget_unit)
         self._plans: dict[tuple, Plan] = {}
         self._reserved: dict[tuple, int] = {}
+        self._cut_list: list | None = None
+        self._cuts_key: Any = None
         self._planners: dict[tuple, Planner] = {}
         self._warned = False  # whether the device's memory was reported short
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
@@ -228,15 +230,16 @@ class Streamliner:
 
     def _cuts(self) -> list:
         key = self.adapter.variant(self.unet)
-        if getattr(self, "_cuts_key", object()) != key:
+        if self._cut_list is None or self._cuts_key != key:
             self._cut_list, self._cuts_key = self.adapter.unet.cuts(self.unet), key
         return self._cut_list
 
     def reserved_bytes(self, arguments: dict[str, Any], controller: Any) -> int:
-        """Device bytes a controller keeps across calls of this shape (Step Rehash's cached feature),
-        measured on a meta replica by running the forward to the controller's cut."""
+        """Device bytes a controller keeps across calls of this shape: Step Rehash's cached feature and
+        the copy a reuse step starts from, measured on a meta replica by running the forward to the
+        controller's cut (0 for a cut this U-Net lacks: the controller names it in its error)."""
         cut = getattr(controller, "cut", None)
-        if cut is None:
+        if cut is None or not any(cut in (c.id, c.after) for c in self._cuts()):
             return 0
         key = (_shape_key(arguments), self.adapter.variant(self.unet), cut)
         if key not in self._reserved:
@@ -244,7 +247,7 @@ class Streamliner:
             with suspend_tracking(), sdpa_on_meta(replica), torch.no_grad():
                 state = self.adapter.forward(replica, Runner(request=StageRequest(stop=cut)),
                                              **fresh_containers(to_meta(arguments)))
-            self._reserved[key] = state.h.numel() * state.h.element_size()
+            self._reserved[key] = 2 * state.h.numel() * state.h.element_size()
         return self._reserved[key]
 
     # -- planning --------------------------------------------------------------------------
@@ -279,8 +282,14 @@ class Streamliner:
             start = time.perf_counter()
             log.info("streamline: planning %s for input %s on a meta replica", type(self.unet).__name__,
                      tuple(sample.shape))
-            with suspend_tracking():
-                plan = self._plans[key] = self._new_plan(arguments, budget)
+            try:
+                with suspend_tracking():
+                    plan = self._plans[key] = self._new_plan(arguments, budget)
+            except ValueError as e:
+                if not reserved or budget is None:
+                    raise
+                raise ValueError(f"{e} (the budget given to the plan is net of {reserved / GIB:.2f} GiB kept for "
+                                 f"Step Rehash's cached feature)") from None
             log.info("streamline: planned in %.1f s: %s, predicted activation peak %.2f GiB",
                      time.perf_counter() - start, plan.describe(), plan.predicted_peak_bytes / GIB)
         return self._plans[key]

@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 from typing import Iterator, Sequence
@@ -277,8 +278,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"streamline: --cut {cut}: calibration measures the last up block's cuts: {', '.join(LAST_UP_BLOCK)}",
               file=sys.stderr)
         return 2
-    if args.count is not None and args.count > args.steps:
-        print(f"streamline: --count {args.count}: at most --steps ({args.steps}) key steps", file=sys.stderr)
+    if args.count is not None and not min(2, args.steps) <= args.count <= args.steps:
+        print(f"streamline: --count {args.count}: from {min(2, args.steps)} (the first and the last step) to --steps "
+              f"({args.steps}) key steps", file=sys.stderr)
+        return 2
+    if args.gamma is not None and not math.isfinite(args.gamma):
+        print(f"streamline: --gamma {args.gamma}: expected a similarity threshold (a finite number, usually 0 to 1)",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     try:
@@ -290,17 +296,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     try:
         result = calibrate_fixture(unet, args.clips, args.steps, frames, args.positions,
                                    progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        schedule_count = args.count if args.gamma is None else None
-        json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, schedule_count)
+        json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, args.count)
     except (ValueError, MemoryError) as exc:
         print(f"streamline: {exc}", file=sys.stderr)
         return 2
-    print(format_calibration(result, args.clips, frames, args.gamma, schedule_count), end="", flush=True)
+    print(format_calibration(result, args.clips, frames, args.gamma, args.count), end="", flush=True)
     print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
     if args.png is not None:
         from .rehash_chart import draw_maps
 
-        print(f"wrote {draw_maps(result, args.png, args.gamma, schedule_count)}", file=sys.stderr)
+        print(f"wrote {draw_maps(result, args.png, args.gamma, args.count)}", file=sys.stderr)
     return 0
 
 
@@ -473,17 +478,15 @@ def _bench_rehash(args: argparse.Namespace) -> int:
     if args.plot is not None and (why := _check_json_out(args.plot)) is not None:
         print(f"streamline: {why.replace('--json-out', '--plot')}", file=sys.stderr)
         return 2
-    try:
-        with _stdout_to_stderr():
-            clips = args.clips or 4
-            result = bench_rehash(args.weights, clips=clips, calibration_clips=min(clips, 4) if args.quick else 4,
-                                  steps=args.steps or 25, frames=args.frames,
-                                  threads=args.threads, cuts_config=args.config, quick=args.quick,
-                                  end_to_end=not args.quick,
-                                  progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (FileNotFoundError, OSError) as exc:
-        print(f"streamline: --weights {args.weights or '(shipped)'}: {exc}", file=sys.stderr)
+    if args.weights is not None and not os.path.isfile(args.weights):
+        print(f"streamline: --weights {args.weights}: no such file", file=sys.stderr)
         return 2
+    with _stdout_to_stderr():
+        clips = args.clips or 4
+        result = bench_rehash(args.weights, clips=clips, calibration_clips=min(clips, 4) if args.quick else 4,
+                              steps=args.steps or 25, frames=args.frames, threads=args.threads, cuts_config=args.config,
+                              quick=args.quick, end_to_end=not args.quick,
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps([r.as_dict() for r in result.rows], indent=2))
     else:

@@ -21,8 +21,9 @@ The pieces, in the style of diffusers' hooks: :class:`RehashConfig` (what to do)
 (apply it to a pipeline or U-Net; the handle's ``remove()`` undoes it), and the per-run state
 :class:`RehashRun` (the cache, per guidance branch and per context window, with ``reset()``),
 created when a run starts and freed when it ends or raises. The step index comes from the scheduler
-(its ``step`` calls), never from the timestep's value. Hosts (the ComfyUI node) drive the same
-controller with their own step index and branch keys through the run context (``context.py``).
+(its ``step`` calls), never from the timestep's value. Hosts can drive the same machinery
+with their own step index and branch keys: a controller in the run context (``RunContext.rehash``,
+``context.py``) takes precedence over one attached to the U-Net.
 """
 
 from __future__ import annotations
@@ -93,20 +94,20 @@ def key_steps_for_count(similarity: torch.Tensor, count: int) -> tuple[list[int]
     if isinstance(count, bool) or not isinstance(count, int) or not least <= count:
         raise ValueError(f"count={count!r}: expected a whole number of key steps from {least} (the first and the last "
                          f"step) to {n} (every step)")
-    # Every distinct similarity is a threshold where the walk can change; above the highest, every step is key.
-    values = torch.unique(s[torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)])
-    candidates = sorted({float(v) for v in values} | {-math.inf, math.inf}, reverse=True)
-    best: tuple[int, float, list[int]] | None = None
+    # The walk changes only where gamma passes a similarity of the map: try every one, highest first, and
+    # one just above the highest (every step key). The highest threshold of the best count is the strictest.
+    values = sorted({float(v) for v in s[torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)]}, reverse=True)
+    candidates = ([math.nextafter(values[0], math.inf)] if values else []) + values
+    if not values:  # one step
+        return [0], 1.0
+    best: tuple[list[int], float] = ([], 0.0)  # the lowest similarity gives the least: the first and last step
     for gamma in candidates:
-        keys = key_steps_for_gamma(s, gamma) if math.isfinite(gamma) else (
-            list(range(n)) if gamma > 0 else sorted({0, n - 1}))
-        if len(keys) <= count and (best is None or len(keys) > best[0]):
-            best = (len(keys), gamma, keys)
-        if best is not None and best[0] == count:
+        keys = key_steps_for_gamma(s, gamma)
+        if len(best[0]) < len(keys) <= count:
+            best = (keys, gamma)
+        if len(best[0]) == count:
             break
-    assert best is not None  # -inf gives the least count
-    gamma = best[1] if math.isfinite(best[1]) else (1.0 if best[1] > 0 else -1.0)
-    return best[2], gamma
+    return best
 
 
 def interval_key_steps(steps: int, interval: int) -> list[int]:
@@ -314,6 +315,7 @@ class RehashConfig:
     ``cut``: the cut point whose feature is cached (a canonical id, see ``stages.py``; the schedule's
     when one is given). Cuts whose tail uses no fresh input replay the last key step's output and are
     refused unless ``replay=True``. ``override``: use a schedule made for another model or setting.
+    ``denoise``: what the runs sample (1.0: from pure noise), compared with what a schedule was made for.
     """
 
     cut: str | None = None
@@ -324,6 +326,7 @@ class RehashConfig:
     interval: int | None = None
     replay: bool = False
     override: bool = False
+    denoise: float = 1.0  # the share of the schedule the run samples (img2img strength), checked against a schedule's
 
     def __post_init__(self) -> None:
         sources = [n for n in ("schedule", "key_steps", "interval") if getattr(self, n) is not None]
@@ -344,7 +347,13 @@ class RehashConfig:
             self.schedule = Schedule.load(self.schedule)
         if isinstance(self.schedule, Schedule) and (self.gamma is not None or self.count is not None
                                                     or (self.cut is not None and self.cut != self.schedule.cut)):
-            self.schedule = self.schedule.with_keys(self.cut, self.gamma, self.count)
+            gamma, count = self.gamma, self.count
+            if gamma is None and count is None:  # another cut, searched as the schedule was
+                count = self.schedule.count if self.schedule.count is not None else None
+                gamma = self.schedule.gamma if count is None else None
+                if gamma is None and count is None:
+                    count = len(self.schedule.key_steps)
+            self.schedule = self.schedule.with_keys(self.cut, gamma, count)
 
     @property
     def cut_id(self) -> str:
@@ -490,6 +499,8 @@ class _Clock:
 
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
             out = original_set(*args, **kwargs)
+            if owner.removed:  # still in a chain another library built on top: pass through
+                return out
             self.step, self.calls_this_step = 0, 0
             self.steps = len(scheduler.timesteps)
             owner.start_run(self.steps)
@@ -501,6 +512,8 @@ class _Clock:
             except BaseException:
                 owner.end_run(ok=False)
                 raise
+            if owner.removed:
+                return out
             self.step += 1
             self.calls_this_step = 0
             if self.steps is not None and self.step >= self.steps:
@@ -546,27 +559,32 @@ class _Attached:
     only reuse steps run the stage loop, unsliced."""
 
     def __init__(self, unet: nn.Module, scheduler: Any, controller: Any) -> None:
-        from .api import StreamlineHandle, _resolve
-
         self.unet, self.controller = unet, controller
         self.make_run: Callable[[int], Any] = controller.make_run
         self.run: Any = None
         self.last_run: Any = None
         self.removed = False
-        self.clock = _Clock(scheduler, self) if scheduler is not None else None
         previous = unet.__dict__.get("_streamline_rehash")
-        if previous is not None:
+        if previous is not None:  # applying again replaces the previous controller, its clock first
             previous.remove()
         self._owned = None
-        if unet.__dict__.get("_streamline_handle") is None:
-            _, adapter = _resolve(unet)
-            self._owned = StreamlineHandle(unet, adapter, slices=1, budget_bytes=None, passthrough=True)
+        self._own_handle()
         unet._streamline_rehash = self
+        self.clock = _Clock(scheduler, self)  # last: nothing below can fail once the scheduler is patched
+
+    def _own_handle(self) -> None:
+        """Without a streamline() handle, install a pass-through one (see the class docstring)."""
+        from .api import StreamlineHandle, _resolve
+
+        if self.unet.__dict__.get("_streamline_handle") is None:
+            _, adapter = _resolve(self.unet)
+            self._owned = StreamlineHandle(self.unet, adapter, slices=1, budget_bytes=None, passthrough=True)
 
     # the clock's side
     def start_run(self, steps: int) -> None:
+        """A run starts (the previous one, if it never reached its last step, ends here)."""
         if self.run is not None:
-            self.run.reset()
+            self.end_run(ok=False)
         self.run = self.make_run(steps)
 
     def end_run(self, ok: bool) -> None:
@@ -579,9 +597,6 @@ class _Attached:
     # the streamlined call's side
     def call(self) -> tuple[Any, int, int]:
         """The run, step and branch of a U-Net call about to run."""
-        if self.clock is None:
-            raise RuntimeError("no step index: attach to a pipeline (or pass scheduler=) so the scheduler's "
-                               "steps can be counted")
         if self.run is None:
             raise RuntimeError("a U-Net call outside a run: the scheduler's set_timesteps() starts one")
         branch = self.clock.calls_this_step
@@ -589,13 +604,9 @@ class _Attached:
         return self.run, self.clock.step, branch
 
     def reinstall(self) -> None:
-        """A streamline() handle was removed under us: keep the U-Net running by stages, unsliced."""
-        from .api import StreamlineHandle, _resolve
-
-        if self.removed or self.unet.__dict__.get("_streamline_handle") is not None:
-            return
-        _, adapter = _resolve(self.unet)
-        self._owned = StreamlineHandle(self.unet, adapter, slices=1, budget_bytes=None, passthrough=True)
+        """A streamline() handle was removed under us: keep Step Rehash running on a pass-through one."""
+        if not self.removed:
+            self._own_handle()
 
     def remove(self) -> None:
         if self.removed:
@@ -604,8 +615,7 @@ class _Attached:
         if self.run is not None:
             self.run.reset()
             self.run = None
-        if self.clock is not None:
-            self.clock.remove()
+        self.clock.remove()
         if self.unet.__dict__.get("_streamline_rehash") is self:
             del self.unet._streamline_rehash
         if self._owned is not None and self.unet.__dict__.get("_streamline_handle") is self._owned:
@@ -627,7 +637,7 @@ class _RehashDriver:
     def finish(self, ok: bool) -> None:
         self.state.reset()
         self.state.finished = ok
-        log.info("rehash: %s%s", self.state.describe(), "" if ok else " (the run raised; cache freed)")
+        log.info("rehash: %s%s", self.state.describe(), "" if ok else " (the run ended early or raised; cache freed)")
 
     def reset(self) -> None:
         self.state.reset()
@@ -646,6 +656,7 @@ class RehashHandle:
         made_for: dict[str, Any] = {}
         if self.model_fingerprint is not None:
             made_for["model"] = self.model_fingerprint
+        made_for["denoise"] = self.config.denoise
         if self.scheduler is not None:
             made_for["sampler"], made_for["scheduler"] = describe_scheduler(self.scheduler)
         return made_for
@@ -727,12 +738,10 @@ def rehash(target: Any, config: RehashConfig, scheduler: Any = None) -> RehashHa
 
 
 class _CalibrationDriver:
-    def __init__(self, sampler: FeatureSampler, steps: int) -> None:
-        self.sampler, self.steps = sampler, steps
-        self.seen = 0
+    """A calibration run keeps nothing across calls (its features go to the sampler as they come)."""
 
     def finish(self, ok: bool) -> None:
-        self.seen += 1
+        pass
 
     def reset(self) -> None:
         pass
@@ -804,7 +813,7 @@ class CalibrationHandle:
             raise ValueError(f"calibration: every run must take the same number of steps ({self.steps}), got {steps}")
         self.steps = steps
         self.runs += 1
-        return _CalibrationDriver(self.sampler, steps)
+        return _CalibrationDriver()
 
     def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
         _driver, _step, branch = self._attached.call()
@@ -836,6 +845,9 @@ def calibrate(target: Any, run: Callable[[], Any], cuts: Sequence[str] = LAST_UP
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs={runs!r}: expected a whole number of calibration runs, at least 1")
     unet, scheduler = _unet_and_scheduler(target, scheduler)
+    from .api import _resolve
+
+    _resolve(unet)  # a supported U-Net, or the API's error, before anything is patched
     takes_index = _takes_index(run)
     handle = CalibrationHandle(unet, scheduler, cuts, positions, seed, cap_bytes)
     try:

@@ -349,7 +349,7 @@ class RehashConfig:
                                                     or (self.cut is not None and self.cut != self.schedule.cut)):
             gamma, count = self.gamma, self.count
             if gamma is None and count is None:  # another cut, searched as the schedule was
-                count = self.schedule.count if self.schedule.count is not None else None
+                count = self.schedule.count
                 gamma = self.schedule.gamma if count is None else None
                 if gamma is None and count is None:
                     count = len(self.schedule.key_steps)
@@ -483,18 +483,33 @@ def _ranges(steps: Sequence[int]) -> str:
 # -- the controller a streamlined U-Net consults ---------------------------------------------------------
 
 
+def patch_scheduler(scheduler: Any, **methods: Callable) -> Callable[[], None]:
+    """Replace methods on a scheduler instance; returns what puts back exactly what was there (a method
+    replaced again since by someone else is left to them)."""
+    saved = {name: scheduler.__dict__.get(name) for name in methods}
+    for name, fn in methods.items():
+        setattr(scheduler, name, fn)
+
+    def restore() -> None:
+        for name, previous in saved.items():
+            if scheduler.__dict__.get(name) is not methods[name]:
+                continue
+            if previous is None:
+                del scheduler.__dict__[name]
+            else:
+                setattr(scheduler, name, previous)
+    return restore
+
+
 class _Clock:
     """The step index of a diffusers run, from its scheduler: ``set_timesteps`` starts a run, each
     ``step`` call ends a step. U-Net calls between two ``step`` calls belong to one step; within a
     step, the n-th call is branch n (a pipeline that calls the U-Net once per guidance branch)."""
 
     def __init__(self, scheduler: Any, owner: "_Attached") -> None:
-        self.scheduler, self.owner = scheduler, owner
         self.step = 0
         self.steps: int | None = None
         self.calls_this_step = 0
-        self._set_timesteps = scheduler.__dict__.get("set_timesteps")
-        self._step = scheduler.__dict__.get("step")
         original_set, original_step = scheduler.set_timesteps, scheduler.step
 
         def set_timesteps(*args: Any, **kwargs: Any) -> Any:
@@ -520,18 +535,7 @@ class _Clock:
                 owner.end_run(ok=True)
             return out
 
-        scheduler.set_timesteps, scheduler.step = set_timesteps, step
-        self._installed = (set_timesteps, step)
-
-    def remove(self) -> None:
-        for name, previous, ours in (("set_timesteps", self._set_timesteps, self._installed[0]),
-                                     ("step", self._step, self._installed[1])):
-            if self.scheduler.__dict__.get(name) is not ours:
-                continue  # replaced again by someone else: leave theirs
-            if previous is None:
-                del self.scheduler.__dict__[name]
-            else:
-                setattr(self.scheduler, name, previous)
+        self.remove = patch_scheduler(scheduler, set_timesteps=set_timesteps, step=step)
 
 
 def describe_scheduler(scheduler: Any) -> tuple[str, str]:
@@ -880,5 +884,5 @@ def _takes_index(fn: Callable) -> bool:
 __all__ = [
     "Calibration", "DEFAULT_CUT", "FeatureSampler", "LAST_UP_BLOCK", "RehashConfig", "RehashEvent", "RehashHandle",
     "RehashRun", "Schedule", "calibrate", "check_cut", "fingerprint", "interval_key_steps", "key_steps_for_count",
-    "key_steps_for_gamma", "rehash", "similarity_map",
+    "key_steps_for_gamma", "patch_scheduler", "rehash", "similarity_map",
 ]

@@ -36,8 +36,11 @@ import torch
 
 from .fixture import data, quality
 from .fixture import model as fixture
-from .fixture.calibration import calibrate_fixture
-from .rehash import LAST_UP_BLOCK, Calibration, RehashConfig, default_count, interval_key_steps, rehash
+from .fixture.calibration import batches as clip_batches
+from .fixture.calibration import calibrate_fixture, sample_batch
+from .rehash import (
+    LAST_UP_BLOCK, Calibration, RehashConfig, default_count, interval_key_steps, patch_scheduler, rehash,
+)
 
 DEEPCACHE_CUT = "up0.0.attn"
 COUNTS = (7, 10, 13, 16, 19)
@@ -120,19 +123,9 @@ def _shown(db: float | None) -> str:
 # -- sampling ------------------------------------------------------------------------------------------
 
 
-def _batches(seeds: Sequence[int], frames: int) -> list[data.Batch]:
-    return [data.make_batch(list(seeds[i:i + 4]), frames, data.DEFAULT_SIZE, noise_aug_strength=fixture.SAMPLE_NOISE_AUG)
-            for i in range(0, len(seeds), 4)]
-
-
-def _sample(model: torch.nn.Module, batches: list[data.Batch], steps: int, frames: int,
-            scheduler: Any) -> torch.Tensor:
-    out = []
-    for i, b in enumerate(batches):
-        latents = fixture.sample(model, b.first_frame, fixture.Conditioning(b.embedding, b.time_ids), steps=steps,
-                                 frames=frames, generator=torch.Generator().manual_seed(i), scheduler=scheduler)
-        out.append(data.unpack(latents).clamp(0, 1))
-    return torch.cat(out)
+def _sample(model: torch.nn.Module, chunks: list[data.Batch], steps: int, frames: int, scheduler: Any) -> torch.Tensor:
+    return torch.cat([data.unpack(sample_batch(model, b, i, steps, frames, scheduler)).clamp(0, 1)
+                      for i, b in enumerate(chunks)])
 
 
 def psnr(got: torch.Tensor, reference: torch.Tensor) -> float | None:
@@ -147,21 +140,6 @@ def centroid_px(got: torch.Tensor, reference: torch.Tensor, seeds: Sequence[int]
         d, n, _ = quality.centroid_errors(reference[k], got[k], colors)
         total, pairs = total + d, pairs + n
     return total / max(pairs, 1)
-
-
-def patch_scheduler(scheduler: Any, **methods: Callable) -> Callable[[], None]:
-    """Replace methods on a scheduler instance; returns what puts back exactly what was there."""
-    saved = {name: scheduler.__dict__.get(name) for name in methods}
-    for name, fn in methods.items():
-        setattr(scheduler, name, fn)
-
-    def restore() -> None:
-        for name, previous in saved.items():
-            if previous is None:
-                scheduler.__dict__.pop(name, None)
-            else:
-                setattr(scheduler, name, previous)
-    return restore
 
 
 class WholeStepReuse(torch.nn.Module):
@@ -353,7 +331,7 @@ def bench_rehash(weights: str | None = None, clips: int = 4, calibration_clips: 
     count = default_count(steps)
 
     def reference(seeds):
-        batches = _batches(seeds, frames)
+        batches = clip_batches(seeds, frames)
         start = time.perf_counter()
         ref = _sample(unet, batches, steps, frames, scheduler)
         return batches, ref, time.perf_counter() - start

@@ -16,14 +16,7 @@ from streamlined_core.fixture import model as fixture
 FRAMES, SIZE = 8, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tests run small ops, where a second OpenMP thread only adds waiting, badly so when the
-    # other core is busy (PROBE.md: 2 threads ran 2-6x slower than 1 on a shared machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

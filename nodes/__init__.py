@@ -6,6 +6,7 @@ ComfyUI process holds a single copy of it.
 
 from ..streamlined_core import __version__
 from .demo import StreamlineDemoFrames, StreamlineDemoLoader
+from .step_rehash import StepRehashGuider, StepRehashSampler
 from .streamline_model import StreamlineModel
 from .vae_decode import StreamlineVAEDecode
 from .vram_profiler import VRAMProfiler, register_routes
@@ -16,6 +17,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StreamlineDemoFrames": StreamlineDemoFrames,
     "VRAMProfiler": VRAMProfiler,
     "StreamlineVAEDecode": StreamlineVAEDecode,
+    "StepRehashSampler": StepRehashSampler,
+    "StepRehashGuider": StepRehashGuider,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamlineModel": "Streamline Model",
@@ -23,6 +26,8 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StreamlineDemoFrames": "Streamline Demo Frames",
     "VRAMProfiler": "VRAM Profiler",
     "StreamlineVAEDecode": "Streamline VAE Decode",
+    "StepRehashSampler": "Step Rehash Sampler",
+    "StepRehashGuider": "Step Rehash Guider",
 }
 
 register_routes()  # GET /streamline/timelines[/{prompt_id}] on ComfyUI's server, when one runs

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..streamlined_core.context import current, listen, run_context
+from ..streamlined_core.rehash import RehashEvent
 from ..streamlined_core.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
 from ..streamlined_core.slicing import GroupEvent
 
@@ -135,6 +136,8 @@ class ProfilerRun:
             def on_event(event: Any) -> None:
                 if isinstance(event, GroupEvent) and event.kind == "end":
                     recorder.group(event.name, predicted_bytes(ctx, event.name))
+                elif isinstance(event, RehashEvent):  # Step Rehash Sampler: the step is key or reused
+                    recorder.rehash(event.kind)
 
             recorder.timeline.prompt_id = _prompt_id()
             try:

@@ -158,6 +158,8 @@ class Streamliner:
                 raise ValueError("StageRequest(stop=...) ends a forward at a cut and returns its state, which a host "
                                  "cannot take as the model's output: call the adapter's forward directly for that")
             controller = self._controller(ctx)
+            if controller is None and self.passthrough:  # nothing to capture or reuse: the model's own forward
+                return self._original_forward()(*args, **kwargs)
             if self.slices != "auto" and self.budget_bytes is None:
                 k, axes = self.slices, self.axes
                 decide = lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")  # noqa: E731

@@ -149,9 +149,10 @@ class FeatureSampler:
         self.bytes = 0
         self.branch: Hashable = 0
         self.rows: dict[Hashable, int] = {}
+        self.row_branches: Sequence[Hashable] | None = None  # set: each row of the call is a branch of its own
 
     def reduce(self, cut: str, h: torch.Tensor) -> None:
-        rows = self.rows.get(self.branch)
+        rows = len(self.row_branches) if self.row_branches is not None else self.rows.get(self.branch)
         if rows is None:
             raise RuntimeError("FeatureSampler.rows: set the call's batch size (rows) before the call")
         flat = h.detach().reshape(rows, -1)
@@ -166,7 +167,11 @@ class FeatureSampler:
         if self.bytes > self.cap_bytes:
             raise MemoryError(f"calibration: the sampled features exceed the cap of {self.cap_bytes / 2**20:.0f} MiB; "
                               f"lower positions= (now {self.positions}), the steps, or the number of cuts")
-        self.features.setdefault((cut, self.branch), []).append(kept)
+        if self.row_branches is None:
+            self.features.setdefault((cut, self.branch), []).append(kept)
+        else:  # a host that batches branches at some steps and runs them apart at others
+            for b, row in zip(self.row_branches, kept.split(1)):
+                self.features.setdefault((cut, b), []).append(row)
 
     def maps(self) -> dict[str, torch.Tensor]:
         """One (steps, steps) map per cut, averaged over every row of every branch."""
@@ -410,8 +415,11 @@ class RehashEvent:
 
 class RehashRun:
     """One sampling run's Step Rehash state: the key steps, the cache (one captured feature per branch:
-    a guidance branch called on its own, a context window) and what each step did. ``reset()`` frees
-    the cache; the run's owner calls it when the run ends or raises."""
+    a guidance branch, a context window) and what each step did. A U-Net call may carry several
+    branches batched along its rows (ComfyUI batches cond and uncond): a key call's feature is kept
+    per branch, and a reuse call joins the features of the branches it carries, in its own order, so
+    a step that batches them and one that runs them apart share the cache. ``reset()`` frees the
+    cache; the run's owner calls it when the run ends or raises."""
 
     def __init__(self, cut: str, steps: int, key_steps: Sequence[int]) -> None:
         self.cut, self.steps, self.key_steps = cut, steps, list(key_steps)
@@ -424,14 +432,17 @@ class RehashRun:
     def is_key(self, step: int) -> bool:
         return step in self._keys or step >= self.steps
 
-    def request(self, step: int, branch: Hashable) -> tuple[StageRequest, str]:
-        """The stage request of one U-Net call of ``step`` for ``branch``, and the step's kind."""
-        if self.is_key(step) or branch not in self.cache:
+    def request(self, step: int, branches: Sequence[Hashable]) -> tuple[StageRequest, str]:
+        """The stage request of one U-Net call of ``step`` carrying ``branches`` (in row order), and the
+        step's kind."""
+        if self.is_key(step) or any(b not in self.cache for b in branches):
             kind = "key" if self.is_key(step) else "key (no cache)"
             request = StageRequest(capture=frozenset({self.cut}), keep_skips=False)
         else:
             kind = "reuse"
-            request = StageRequest(start=self.cache[branch], recompute_skips=True)
+            states = [self.cache[b] for b in branches]
+            h = states[0].h if len(states) == 1 else torch.cat([st.h for st in states])
+            request = StageRequest(start=CutState(self.cut, h, [], states[0].pending), recompute_skips=True)
         if not self.records or self.records[-1].step != step:
             self.records.append(StepRecord(step, kind))
         elif self.records[-1].kind == "reuse" and kind != "reuse":
@@ -439,15 +450,24 @@ class RehashRun:
         self.records[-1].calls += 1
         return request, kind
 
-    def store(self, branch: Hashable, request: StageRequest) -> None:
-        """Keep what a key call captured for ``branch``."""
-        if request.captures and self.cut in request.captures[-1]:
-            self.cache[branch] = request.captures[-1][self.cut]
-            self.cache_peak_bytes = max(self.cache_peak_bytes, self.cache_bytes)
+    def store(self, branches: Sequence[Hashable], request: StageRequest) -> None:
+        """Keep what a key call captured, per branch it carried (equal shares of its rows)."""
+        if not request.captures or self.cut not in request.captures[-1]:
+            return
+        state = request.captures[-1][self.cut]
+        if len(branches) == 1:
+            self.cache[branches[0]] = state
+        else:
+            if state.h.shape[0] % len(branches):
+                raise ValueError(f"Step Rehash: a U-Net call of {state.h.shape[0]} rows carries {len(branches)} "
+                                 "branches; expected equal shares")
+            for b, h in zip(branches, state.h.chunk(len(branches))):
+                self.cache[b] = CutState(state.cut, h, [], state.pending)
+        self.cache_peak_bytes = max(self.cache_peak_bytes, self.cache_bytes)
 
     @property
     def cache_bytes(self) -> int:
-        return sum(s.h.untyped_storage().nbytes() for s in self.cache.values())
+        return sum(st.h.numel() * st.h.element_size() for st in self.cache.values())
 
     def reset(self) -> None:
         """Free the cache (the records stay, for the report)."""
@@ -630,13 +650,31 @@ class _Attached:
 
 
 class _RehashDriver:
-    """A :class:`RehashRun` bound to a diffusers run: what each U-Net call of it does."""
+    """A :class:`RehashRun` bound to a run: what each U-Net call of it does, given its step and branches."""
 
     def __init__(self, config: RehashConfig, steps: int, made_for: dict[str, Any]) -> None:
         keys = config.key_steps_for(steps, made_for)
         self.config = config
         self.state = RehashRun(config.cut_id, steps, keys)
         self.checked = False
+        self._announced: int | None = None  # the last step whose kind was sent to the listeners
+
+    @property
+    def cut(self) -> str:
+        return self.state.cut
+
+    def request(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], step: int,
+                branches: Sequence[Hashable]) -> StageRequest:
+        if not self.checked:
+            cut = next((c for c in cuts if c.id == self.state.cut or c.after == self.state.cut), None)
+            check_cut(cut, self.state.cut, cuts, self.config.replay)
+            self.state.cut = cut.id
+            self.checked = True
+        request, kind = self.state.request(step, branches)
+        if self._announced != step:
+            self._announced = step
+            emit(RehashEvent(step, "key" if kind != "reuse" else "reuse", self.state.cut))
+        return request
 
     def finish(self, ok: bool) -> None:
         self.state.reset()
@@ -645,6 +683,72 @@ class _RehashDriver:
 
     def reset(self) -> None:
         self.state.reset()
+
+
+class HostRehash(_RehashDriver):
+    """Step Rehash for a run whose host drives the steps (ComfyUI's sampler loop): the host's wrapper
+    sets each U-Net call's step and branches with :meth:`at`, and the run's context carries this
+    controller (``RunContext.rehash``) to the streamlined forward."""
+
+    def __init__(self, config: RehashConfig, steps: int, made_for: dict[str, Any]) -> None:
+        super().__init__(config, steps, made_for)
+        self._call: tuple[int, tuple[Hashable, ...]] = (0, (0,))
+
+    def at(self, step: int, branches: Sequence[Hashable]) -> None:
+        """The step and the branches (in row order) of the U-Net call about to run."""
+        self._call = (step, tuple(branches))
+
+    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
+        step, branches = self._call
+        return self.request(cuts, emit, step, branches), branches
+
+    def after(self, request: StageRequest, token: Any, ok: bool) -> None:
+        if ok:
+            self.state.store(token, request)
+        else:
+            self.state.reset()
+
+
+class HostCalibration:
+    """A calibration run driven by a host (see :class:`HostRehash`): every call runs whole and leaves a
+    fixed sample of its features at ``cuts`` on the CPU; :meth:`calibration` turns them into maps."""
+
+    cut = None  # keeps nothing on the device across calls
+
+    def __init__(self, cuts: Sequence[str] = LAST_UP_BLOCK, positions: int = DEFAULT_POSITIONS, seed: int = 0,
+                 cap_bytes: int = DEFAULT_CALIBRATION_CAP) -> None:
+        self.sampler = FeatureSampler(cuts, positions, seed, cap_bytes)
+        self._branches: tuple[Hashable, ...] = (0,)
+        self._step = 0
+        self._seen: set[tuple[Hashable, int]] = set()
+        self.calls = 0
+
+    def at(self, step: int, branches: Sequence[Hashable]) -> None:
+        self._step, self._branches = step, tuple(branches)
+
+    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
+        if any((b, self._step) in self._seen for b in self._branches):
+            return StageRequest(), None  # a sampler's later evaluation within the step: one feature per step
+        self._seen.update((b, self._step) for b in self._branches)
+        if not self.calls:  # the candidates this U-Net has (a small U-Net's last up block has fewer layers)
+            known = {c.id for c in cuts}
+            self.sampler.cuts = tuple(c for c in self.sampler.cuts if c in known)
+            if not self.sampler.cuts:
+                raise ValueError(f"calibration: none of the cuts asked for is a cut point of this U-Net; its cut points: "
+                                 f"{', '.join(c.id for c in cuts)}")
+        # rows are samples (all frames of one); a call's branches take equal shares of them
+        per = rows // len(self._branches) if rows % len(self._branches) == 0 else None
+        if per is None:
+            raise ValueError(f"calibration: a U-Net call of {rows} samples carries {len(self._branches)} branches")
+        self.sampler.row_branches = [(b, r) for b in self._branches for r in range(per)]
+        self.calls += 1
+        return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self.sampler.reduce), None
+
+    def after(self, request: StageRequest, token: Any, ok: bool) -> None:
+        pass
+
+    def calibration(self, steps: int, made_for: dict[str, Any]) -> Calibration:
+        return Calibration(self.sampler.maps(), steps, dict(made_for), 1, self.sampler.positions)
 
 
 class RehashHandle:
@@ -678,21 +782,13 @@ class RehashHandle:
     def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
         """The stage request of the U-Net call about to run, and a token for :meth:`after`."""
         driver, step, branch = self._attached.call()
-        if not driver.checked:
-            cut = next((c for c in cuts if c.id == driver.state.cut or c.after == driver.state.cut), None)
-            check_cut(cut, driver.state.cut, cuts, self.config.replay)
-            driver.state.cut = cut.id
-            driver.checked = True
-        request, kind = driver.state.request(step, branch)
-        if branch == 0:
-            emit(RehashEvent(step, "key" if kind != "reuse" else "reuse", driver.state.cut))
-        return request, (driver, branch)
+        return driver.request(cuts, emit, step, (branch,)), (driver, branch)
 
     def after(self, request: StageRequest, token: Any, ok: bool) -> None:
         """Keep what a key call captured; a call that raised ends the run and frees the cache."""
         driver, branch = token
         if ok:
-            driver.state.store(branch, request)
+            driver.state.store((branch,), request)
         else:
             self._attached.end_run(ok=False)
 
@@ -882,7 +978,7 @@ def _takes_index(fn: Callable) -> bool:
 
 
 __all__ = [
-    "Calibration", "DEFAULT_CUT", "FeatureSampler", "LAST_UP_BLOCK", "RehashConfig", "RehashEvent", "RehashHandle",
-    "RehashRun", "Schedule", "calibrate", "check_cut", "fingerprint", "interval_key_steps", "key_steps_for_count",
-    "key_steps_for_gamma", "patch_scheduler", "rehash", "similarity_map",
+    "Calibration", "DEFAULT_CUT", "FeatureSampler", "HostCalibration", "HostRehash", "LAST_UP_BLOCK", "RehashConfig", "RehashEvent",
+    "RehashHandle", "RehashRun", "Schedule", "calibrate", "check_cut", "fingerprint", "interval_key_steps",
+    "key_steps_for_count", "key_steps_for_gamma", "patch_scheduler", "rehash", "similarity_map",
 ]

@@ -281,9 +281,9 @@ def test_the_cache_is_freed_after_a_run_and_after_an_exception_inside_one(unet, 
         run = original(steps)
         store = run.state.store
 
-        def store_and_watch(branch, request):
-            store(branch, request)
-            seen.append(weakref.ref(run.state.cache[branch].h))
+        def store_and_watch(branches, request):
+            store(branches, request)
+            seen.extend(weakref.ref(run.state.cache[b].h) for b in branches)
         run.state.store = store_and_watch
         return run
 
@@ -468,3 +468,28 @@ def test_whole_step_reuse_computing_every_step_is_plain_sampling(unet, batch):
     finally:
         wrapper.restore()
     assert wrapper.full == 3 and not torch.equal(out, plain)
+
+
+def test_a_call_carrying_several_branches_caches_each_and_reuse_calls_join_them_in_their_own_order():
+    """A host may batch guidance branches at a key step and run them apart (or the other way round) later."""
+    from streamlined_core.rehash import RehashRun
+    from streamlined_core.stages import CutState
+
+    run = RehashRun("up0.0.attn", 3, [0, 2])
+    request, kind = run.request(0, ["uncond", "cond"])
+    assert kind == "key" and request.capture == {"up0.0.attn"}
+    h = torch.arange(24.0).reshape(4, 6)  # rows: 2 of uncond, then 2 of cond
+    request.captures.append({"up0.0.attn": CutState("up0.0.attn", h, [], None)})
+    run.store(["uncond", "cond"], request)
+    assert run.cache_bytes == h.numel() * 4
+    alone, kind = run.request(1, ["cond"])
+    assert kind == "reuse" and torch.equal(alone.start.h, h[2:])
+    swapped, _ = run.request(1, ["cond", "uncond"])
+    assert torch.equal(swapped.start.h, torch.cat([h[2:], h[:2]]))
+    unknown, kind = run.request(1, ["cond", "area"])
+    assert kind == "key (no cache)" and unknown.start is None
+    assert [(r.step, r.kind, r.calls) for r in run.records] == [(0, "key", 1), (1, "key (no cache)", 3)]
+    uneven = run.request(2, ["a", "b", "c"])[0]
+    uneven.captures.append({"up0.0.attn": CutState("up0.0.attn", h, [], None)})
+    with pytest.raises(ValueError, match="4 rows carries 3 branches"):
+        run.store(["a", "b", "c"], uneven)

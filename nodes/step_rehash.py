@@ -1,0 +1,549 @@
+"""The "Step Rehash Sampler" node (a KSampler with Step Rehash) and the "Step Rehash Guider" (a GUIDER
+for SamplerCustomAdvanced): key steps run the whole U-Net, the others reuse the deep feature cached
+at a cut of the last up block and run only the layers after it (plus the shallow path that feeds
+their skips).
+
+Both make a clone of the MODEL with two keyed wrappers, as ComfyUI's EasyCache does, never the
+single-slot U-Net function wrapper:
+
+- OUTER_SAMPLE (:class:`RehashOuter`): creates the run's state (:class:`RehashRun`) in the run's
+  context, wraps the sampler's callback so that each callback ends a step (key steps count sampler
+  steps, not model calls), and in ``finally`` frees the cache, logs which steps were key and shows it
+  on the node, also after an error or an interrupt;
+- DIFFUSION_MODEL (:class:`RehashCall`): tells the run each U-Net call's step and branches (the
+  guidance branches by their cond uuid, AnimateDiff-Evolved's context window by its frame indices).
+
+The U-Net runs through Streamline's engine: Streamline Model's, when the MODEL came through it, or a
+pass-through one whose full calls are the host's own forward (bit for bit) and whose reuse calls run
+the tail by stages, unsliced. Calibrations (similarity maps and what they were made for) are files in
+``models/streamline_rehash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..streamlined_core.api import Streamliner
+from ..streamlined_core.arch import comfy_unet, engine_adapter
+from ..streamlined_core.context import current, run_context
+from ..streamlined_core.rehash import (
+    DEFAULT_CUT, LAST_UP_BLOCK, HostCalibration, HostRehash, RehashConfig, Schedule, default_count, fingerprint,
+    interval_key_steps,
+)
+
+KEY = "streamline.rehash"
+FOLDER = "streamline_rehash"
+AUTO = "auto (find or make one)"
+SCHEDULES = ("target key steps", "gamma", "uniform interval")
+CUTS = tuple(c for c in LAST_UP_BLOCK if c not in LAST_UP_BLOCK[-2:])  # the cuts whose tail takes fresh input
+log = logging.getLogger(__name__)
+
+
+# -- the calibration folder -----------------------------------------------------------------------------
+
+
+def calibration_folder() -> Path:
+    """``models/streamline_rehash``, registered with ComfyUI's ``folder_paths`` (once)."""
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([str(Path(folder_paths.models_dir) / FOLDER)], {".json"})
+    return Path(folder_paths.folder_names_and_paths[FOLDER][0][0])
+
+
+def calibration_files() -> list[str]:
+    import folder_paths
+
+    calibration_folder()
+    return sorted(folder_paths.get_filename_list(FOLDER))
+
+
+def _calibration_path(name: str) -> Path:
+    """The listed calibration called ``name`` (never a path the user typed: only names in the list)."""
+    import folder_paths
+
+    if name not in calibration_files():
+        raise ValueError(f"calibration={name!r}: not in {calibration_folder()}; choose one of the list, or "
+                         f"{AUTO!r} (refresh the node definitions after adding a file)")
+    return Path(folder_paths.get_full_path(FOLDER, name))
+
+
+# -- the options ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RehashOptions:
+    """What the node's widgets ask for, checked."""
+
+    schedule: str = "target key steps"
+    key_steps: int = 0  # 0: the paper's share, 13 of 25 steps, scaled
+    gamma: float = 0.95
+    interval: int = 2
+    cut: str = DEFAULT_CUT
+    calibration: str = AUTO
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    max_consecutive_reuses: int = 0  # 0: no limit
+    override_calibration: bool = False
+    sampler: str | None = None  # what a calibration records; None: read from the run
+    scheduler: str | None = None
+    denoise: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.cut not in CUTS:
+            raise ValueError(f"cut must be one of {', '.join(CUTS)} (the last up block's cuts whose tail takes fresh "
+                             f"input); got {self.cut!r}")
+        if isinstance(self.key_steps, bool) or not isinstance(self.key_steps, int) or self.key_steps < 0:
+            raise ValueError(f"key_steps must be 0 (13 of 25 steps, scaled) or a number of steps; got {self.key_steps!r}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be a similarity from 0 to 1; got {self.gamma}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"interval must be a whole number of steps, at least 1; got {self.interval!r}")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(f"start_percent and end_percent must satisfy 0 <= start_percent <= end_percent <= 1; got "
+                             f"{self.start_percent} and {self.end_percent}")
+        if isinstance(self.max_consecutive_reuses, bool) or not isinstance(self.max_consecutive_reuses, int) \
+                or self.max_consecutive_reuses < 0:
+            raise ValueError(f"max_consecutive_reuses must be 0 (no limit) or a number of steps; got "
+                             f"{self.max_consecutive_reuses!r}")
+        if self.schedule != "uniform interval" and self.calibration != AUTO:
+            _calibration_path(self.calibration)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.schedule != "uniform interval"
+
+
+# -- one run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RehashRun:
+    """One sampling run under Step Rehash: its steps, the callback clock, and the controller that the
+    streamlined forward consults (``RunContext.rehash``): :class:`HostRehash`, or
+    :class:`HostCalibration` on a run that calibrates."""
+
+    options: RehashOptions
+    sigmas: list[float]
+    sampler: str
+    model_sampling: Any
+    node_id: str | None
+    step: int = 0
+    by_sigmas: bool = False  # the sampler skipped callbacks: steps come from matching sigmas
+    controller: Any = None
+    mode: str = ""  # "rehash" or "calibrate"
+    saved_to: Path | None = None
+    lines: list[str] = field(default_factory=list)
+    _made_for: dict[str, Any] | None = None
+    _key_steps: list[int] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    # the controller's side, for the streamlined forward
+    @property
+    def cut(self) -> str | None:
+        return getattr(self.controller, "cut", None)
+
+    def before(self, cuts, emit, rows):
+        return self.controller.before(cuts, emit, rows)
+
+    def after(self, request, token, ok):
+        self.controller.after(request, token, ok)
+
+    # the clock
+    def on_step(self, i: int) -> None:
+        """The sampler's callback after step ``i``."""
+        self.step = i + 1
+        if self.mode == "rehash" and self.step < self.steps:
+            kind = "key" if self.controller.state.is_key(self.step) else "reuse"
+            self.progress(f"Step Rehash: step {self.step + 1}/{self.steps} {kind}")
+
+    def step_of(self, sigma: float | None) -> int:
+        """The step of a U-Net call: the callbacks seen so far; where the sampler skips its callback (a
+        call two scheduled sigmas past the count), the step whose interval holds the call's sigma."""
+        if sigma is None:
+            return self.step
+        if not self.by_sigmas and self.step + 2 < len(self.sigmas) and sigma <= self.sigmas[self.step + 2]:
+            self.by_sigmas = True
+            log.warning("Step Rehash: this sampler calls back less than once per step; counting steps by sigma")
+        if self.by_sigmas:
+            from ..streamlined_core.profiler import step_index
+
+            found = step_index(sigma, self.sigmas)
+            return self.step if found is None else found
+        return self.step
+
+    # the first U-Net call decides what the run does
+    def start(self, unet: Any) -> None:
+        if self.steps < 2:
+            self._use(list(range(self.steps)), "one step: nothing to reuse")
+            return
+        if not self.options.needs_calibration:
+            self._use(interval_key_steps(self.steps, self.options.interval),
+                      f"every {self.options.interval} steps and the last")
+            return
+        self._made_for = {"model": fingerprint(unet), "steps": self.steps, "sampler": self.sampler,
+                          "scheduler": self.options.scheduler or _sigmas_name(self.sigmas)}
+        if self.options.denoise is not None:
+            self._made_for["denoise"] = self.options.denoise
+        schedule = self._find_calibration()
+        if schedule is None:
+            self.mode = "calibrate"
+            self.controller = HostCalibration()
+            self.lines.append(f"no calibration for this model and setting in {calibration_folder()}: this run "
+                              "calibrates (every step runs the whole U-Net)")
+            log.info("Step Rehash: %s", self.lines[-1])
+            return
+        if self.options.schedule == "gamma":
+            config = RehashConfig(schedule=schedule, cut=self.options.cut, gamma=self.options.gamma, override=True)
+        else:
+            count = self.options.key_steps or default_count(self.steps)
+            config = RehashConfig(schedule=schedule, cut=self.options.cut, count=min(count, self.steps), override=True)
+        self._use(config.schedule.key_steps, f"{self.options.schedule} on the calibration's maps")
+
+    def _find_calibration(self) -> Schedule | None:
+        if self.options.calibration != AUTO:
+            path = _calibration_path(self.options.calibration)
+            try:
+                schedule = Schedule.load(path)
+                schedule.check(self._made_for, self.options.override_calibration)
+            except ValueError as e:
+                raise ValueError(f"calibration={self.options.calibration!r}: {e}".replace(
+                    "pass override=True", "turn on override_calibration")) from None
+            if not schedule.maps:
+                raise ValueError(f"calibration={self.options.calibration!r} has no similarity maps beside it; "
+                                 "choose another, or auto")
+            self.lines.append(f"calibration {self.options.calibration}")
+            return schedule
+        for name in calibration_files():
+            path = _calibration_path(name)
+            try:
+                schedule = Schedule.load(path)
+            except (ValueError, OSError) as e:
+                log.warning("Step Rehash: skipping calibration %s (%s)", name, e)
+                continue
+            if schedule.maps and all(schedule.made_for.get(k) == v for k, v in self._made_for.items()):
+                self.lines.append(f"calibration {name} (found for this model and setting)")
+                return schedule
+        return None
+
+    def _use(self, keys: list[int], how: str) -> None:
+        keys = self._limited(keys)
+        self._key_steps = keys
+        self.mode = "rehash"
+        self.controller = HostRehash(RehashConfig(key_steps=keys, cut=self.options.cut), self.steps, {})
+        self.lines.append(f"key steps by {how}")
+        self.progress(f"Step Rehash: step 1/{self.steps} key")
+
+    def _limited(self, keys: list[int]) -> list[int]:
+        """Key steps with every step outside start_percent..end_percent made key, and no more than
+        max_consecutive_reuses reuse steps in a row."""
+        keys = set(keys) | {0, self.steps - 1}
+        o = self.options
+        if (o.start_percent, o.end_percent) != (0.0, 1.0):
+            hi = float(self.model_sampling.percent_to_sigma(o.start_percent))
+            lo = float(self.model_sampling.percent_to_sigma(o.end_percent))
+            keys |= {i for i in range(self.steps) if not lo <= self.sigmas[i] <= hi}
+        if o.max_consecutive_reuses:
+            run = 0
+            for i in range(self.steps):
+                run = 0 if i in keys else run + 1
+                if run > o.max_consecutive_reuses:
+                    keys.add(i)
+                    run = 0
+        return sorted(keys)
+
+    def at_call(self, unet: Any, options: dict, x: Any) -> None:
+        """Before a U-Net call: its step and branches."""
+        if self.controller is None:
+            self.start(unet)
+        sigma = options.get("sigmas")
+        sigma = float(sigma.flatten()[0]) if sigma is not None and hasattr(sigma, "flatten") else None
+        ids = options.get("uuids") or options.get("cond_or_uncond") or [0]
+        ad = options.get("ad_params") or {}
+        window = tuple(int(i) for i in ad["sub_idxs"]) if ad.get("sub_idxs") is not None else None
+        self.controller.at(self.step_of(sigma), [(window, str(u)) for u in ids])
+
+    # the end
+    def finish(self, ok: bool) -> str:
+        if self.mode == "rehash":
+            state = self.controller.state
+            state.reset()
+            state.finished = ok
+            reused = sum(r.calls for r in state.records if r.kind == "reuse")
+            calls = sum(r.calls for r in state.records)
+            text = (f"{state.describe()}; {reused} of {calls} U-Net calls ran only the shallow path and the layers "
+                    f"after {state.cut}")
+        elif self.mode == "calibrate":
+            text = self._save_calibration() if ok else "the calibrating run ended early; nothing saved"
+        else:
+            text = "the run ended before the first U-Net call"
+        if self.by_sigmas:
+            text += "; steps counted by sigma (the sampler skipped its callback)"
+        text = "; ".join(self.lines + [text]) + ("" if ok else " (the run ended early or raised; cache freed)")
+        log.info("Step Rehash: %s", text)
+        self.progress(f"Step Rehash: {text}")
+        return text
+
+    def _save_calibration(self) -> str:
+        cal = self.controller.calibration(self.steps, self._made_for)
+        m = self._made_for
+        denoise = "" if m.get("denoise") in (None, 1.0) else f"-denoise{m['denoise']:g}"
+        name = f"{m['model'][:12]}-{m['steps']}steps-{_slug(m['sampler'])}-{_slug(m['scheduler'])}{denoise}.json"
+        path = calibration_folder() / name
+        json_path, _ = cal.save(path, cut=self.options.cut, count=default_count(self.steps))
+        self.saved_to = json_path
+        return (f"calibrated on this run and saved {json_path.name} in {json_path.parent}; the next runs with this "
+                f"model and setting use it (refresh the node definitions to see it in the calibration list)")
+
+    def progress(self, text: str) -> None:
+        try:
+            from server import PromptServer
+
+            server = getattr(PromptServer, "instance", None)
+            node = _executing_node() or self.node_id
+            if server is not None and node is not None:
+                server.send_progress_text(text, node)
+        except Exception as exc:  # noqa: BLE001 - showing progress must never fail the run
+            log.debug("Step Rehash: no progress text (%s)", exc)
+
+
+def _executing_node() -> str | None:
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        ctx = get_executing_context()
+        return None if ctx is None else str(ctx.node_id)
+    except ImportError:
+        return None
+
+
+def _sigmas_name(sigmas: list[float]) -> str:
+    """A name for a schedule given only as sigmas (a GUIDER does not see the scheduler's name)."""
+    digest = hashlib.sha256(",".join(f"{s:.6g}" for s in sigmas).encode()).hexdigest()[:10]
+    return f"sigmas {digest}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "x"
+
+
+# -- the wrappers --------------------------------------------------------------------------------------
+
+
+class RehashOuter:
+    """OUTER_SAMPLE wrapper: the run's state in its context, the callback clock, the report in ``finally``."""
+
+    def __init__(self, options: RehashOptions, node_id: str | None = None) -> None:
+        self.options, self.node_id = options, node_id
+
+    def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
+        args = list(args)
+        sigmas_arg = args[3] if len(args) > 3 else kwargs["sigmas"]
+        sampler_arg = args[2] if len(args) > 2 else kwargs["sampler"]
+        callback = args[5] if len(args) > 5 else kwargs.get("callback")
+        guider = executor.class_obj
+        with run_context() as ctx:
+            if ctx.rehash is not None:
+                log.warning("Step Rehash: this run already has Step Rehash (two Step Rehash nodes on one model); "
+                            "the outer one runs it")
+                return executor(*args, **kwargs)
+            sigmas = [float(s) for s in sigmas_arg.flatten()]
+            sampler = self.options.sampler or _sampler_name(sampler_arg)
+            run = RehashRun(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
+                            self.node_id)
+
+            def on_step(i, *rest):
+                run.on_step(int(i))
+                if callback is not None:
+                    return callback(i, *rest)
+
+            if len(args) > 5:
+                args[5] = on_step
+            else:
+                kwargs["callback"] = on_step
+            ctx.rehash = run
+            ok = False
+            try:
+                out = executor(*args, **kwargs)
+                ok = True
+                return out
+            finally:
+                ctx.rehash = None
+                run.finish(ok)
+
+
+def _sampler_name(sampler: Any) -> str:
+    fn = getattr(sampler, "sampler_function", None)
+    return getattr(fn, "__name__", type(sampler).__name__).removeprefix("sample_")
+
+
+class RehashCall:
+    """DIFFUSION_MODEL wrapper: each U-Net call's step and branches, told to the run."""
+
+    def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
+        run = getattr(current(), "rehash", None)
+        if isinstance(run, RehashRun):
+            options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {}) or {}
+            run.at_call(executor.class_obj, options, args[0])
+        return executor(*args, **kwargs)
+
+
+class _Passthrough(Streamliner):
+    """The engine on a U-Net that Streamline Model did not patch: full calls run the host's own forward
+    (capturing with forward hooks, so they equal plain sampling bit for bit); reuse calls run the tail
+    by stages, unsliced."""
+
+    passthrough = True
+
+    def _original_forward(self) -> Any:
+        return getattr(type(self.unet), self.adapter.slot).__get__(self.unet)
+
+
+def with_rehash(model: Any, options: RehashOptions, node_id: str | None = None) -> Any:
+    """A clone of ``model`` that runs Step Rehash in every sampling run (the input is untouched)."""
+    import comfy.patcher_extension as pe
+
+    unet = model.get_model_object("diffusion_model")
+    if not comfy_unet.matches(unet):
+        raise ValueError(f"Step Rehash supports ComfyUI's UNetModel (SVD, SVD-XT, and SD1.5 / SDXL with AnimateDiff-"
+                         f"Evolved); this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}")
+    patched = model.clone()
+    existing = patched.object_patches.get("diffusion_model._forward")
+    if existing is None:
+        engine = _Passthrough(unet, engine_adapter(unet), 1, None)
+        patched.add_object_patch("diffusion_model._forward", engine)
+    elif not isinstance(existing, Streamliner):
+        raise ValueError(f"this MODEL's U-Net forward is already replaced by {type(existing).__module__}."
+                         f"{type(existing).__name__} (another pack's patch); Step Rehash runs on ComfyUI's own forward "
+                         "or Streamline Model's: put Step Rehash before that node, or remove it")
+    for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, RehashOuter(options, node_id)),
+                          (pe.WrappersMP.DIFFUSION_MODEL, RehashCall())):
+        patched.remove_wrappers_with_key(kind, KEY)
+        patched.add_wrapper_with_key(kind, KEY, wrapper)
+    return patched
+
+
+# -- the nodes -----------------------------------------------------------------------------------------
+
+
+def _rehash_inputs() -> dict:
+    return {
+        "schedule": (list(SCHEDULES), {
+            "default": "target key steps",
+            "tooltip": "Which steps run the whole U-Net (key steps). target key steps / gamma: the paper's Algorithm 1 "
+                       "on a calibration's step-similarity map (a step is reused while its deep feature stays at "
+                       "least gamma-similar to the last key step's). uniform interval: every interval-th step.",
+        }),
+        "key_steps": ("INT", {
+            "default": 0, "min": 0, "max": 10000,
+            "tooltip": "With target key steps: how many steps run the whole U-Net (the closest reachable, never "
+                       "more). 0: 13 of 25, scaled to the steps. Counts sampler steps, not model calls.",
+        }),
+        "gamma": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 1.0, "step": 0.0001,
+                            "tooltip": "With gamma: the similarity a reuse step must keep to the last key step."}),
+        "interval": ("INT", {"default": 2, "min": 1, "max": 100,
+                             "tooltip": "With uniform interval: every interval-th step is key (2: 13 of 25)."}),
+        "cut": (list(CUTS), {
+            "default": DEFAULT_CUT,
+            "tooltip": "Where in the last up block the cached feature is taken: later cuts leave less to compute on "
+                       "a reuse step. See the README's Step Rehash section for the measured trade-off.",
+        }),
+        "calibration": ([AUTO] + calibration_files(), {
+            "default": AUTO,
+            "tooltip": f"Similarity maps from models/{FOLDER}. auto: a calibration made for this model, step count, "
+                       "sampler, scheduler and denoise, or else this run calibrates (every step whole) and saves one. "
+                       "A newly written calibration appears in this list after refreshing the node definitions "
+                       "(press R).",
+        }),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "Steps before this share of the schedule (as sigma) always run whole."}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "Steps after this share of the schedule (as sigma) always run whole."}),
+        "max_consecutive_reuses": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                           "tooltip": "The most reuse steps in a row (0: no limit)."}),
+        "override_calibration": ("BOOLEAN", {
+            "default": False,
+            "tooltip": "Use a chosen calibration made for another model, step count, sampler or scheduler anyway.",
+        }),
+    }
+
+
+def _options(kw: dict, **known: Any) -> RehashOptions:
+    names = ("schedule", "key_steps", "gamma", "interval", "cut", "calibration", "start_percent", "end_percent",
+             "max_consecutive_reuses", "override_calibration")
+    return RehashOptions(**{n: kw[n] for n in names}, **known)
+
+
+class StepRehashSampler:
+    """KSampler with Step Rehash."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        import nodes
+
+        ks = nodes.KSampler.INPUT_TYPES()
+        return {"required": {**ks["required"], **_rehash_inputs()}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+    CATEGORY = "Streamline"
+    DESCRIPTION = (
+        "KSampler with Step Rehash: key steps run the whole U-Net; the others reuse a deep feature cached at a key "
+        "step and run only the layers after it. The node shows which steps were key and how many U-Net calls were "
+        "saved; with ControlNet, its network still runs on every call."
+    )
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise=1.0,
+               unique_id=None, **kw):
+        import nodes
+
+        options = _options(kw, sampler=sampler_name, scheduler=scheduler, denoise=float(denoise))
+        patched = with_rehash(model, options, None if unique_id is None else str(unique_id))
+        return nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                     latent_image, denoise=denoise)
+
+
+class StepRehashGuider:
+    """A CFG GUIDER with Step Rehash, for SamplerCustomAdvanced."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model, or SD1.5 / SDXL with AnimateDiff-Evolved."}),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                **_rehash_inputs(),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("GUIDER",)
+    FUNCTION = "get_guider"
+    CATEGORY = "Streamline"
+    DESCRIPTION = ("A CFG guider with Step Rehash for SamplerCustomAdvanced: key steps refer to the sigmas it "
+                   "receives (after SplitSigmas, the sub-schedule).")
+
+    def get_guider(self, model, positive, negative, cfg, unique_id=None, **kw):
+        import comfy.samplers
+
+        patched = with_rehash(model, _options(kw), None if unique_id is None else str(unique_id))
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return (guider,)
+
+
+__all__ = ["RehashOptions", "RehashOuter", "RehashCall", "StepRehashGuider", "StepRehashSampler", "with_rehash"]

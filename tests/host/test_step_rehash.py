@@ -1,0 +1,282 @@
+"""The Step Rehash Sampler and Guider on a real ComfyUI: KSampler runs on a tiny SVD, against plain sampling."""
+
+import logging
+
+import pytest
+import torch
+from comfy_svd import LATENT_TOL, build_svd, conditioning, rel
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def svd(comfyui):
+    return build_svd()
+
+
+@pytest.fixture
+def folder(pack, tmp_path):
+    """The calibration folder, pointed at a fresh directory for the test."""
+    import folder_paths
+
+    name = "streamline_rehash"
+    previous = folder_paths.folder_names_and_paths.get(name)
+    folder_paths.folder_names_and_paths[name] = ([str(tmp_path)], {".json"})
+    folder_paths.filename_list_cache.pop(name, None) if hasattr(folder_paths, "filename_list_cache") else None
+    yield tmp_path
+    if previous is None:
+        folder_paths.folder_names_and_paths.pop(name, None)
+    else:
+        folder_paths.folder_names_and_paths[name] = previous
+    folder_paths.filename_list_cache.pop(name, None) if hasattr(folder_paths, "filename_list_cache") else None
+
+
+def options(**kw):
+    base = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
+                calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
+                override_calibration=False)
+    return base | kw
+
+
+def rehash_sample(pack, model, sampler="euler", steps=STEPS, frames=3, h=8, w=12, **kw):
+    positive, negative, latent = conditioning(frames, h, w)
+    node = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"]()
+    (out,) = node.sample(model, 7, steps, 2.5, sampler, "karras", positive, negative, latent, 1.0, **options(**kw))
+    return out["samples"]
+
+
+def plain_sample(model, sampler="euler", steps=STEPS, frames=3, h=8, w=12):
+    import nodes
+
+    positive, negative, latent = conditioning(frames, h, w)
+    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, sampler, "karras", positive, negative, latent, denoise=1.0)
+    return out["samples"]
+
+
+def report(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")]
+    assert lines, "Step Rehash logged no report"
+    return lines[-1]
+
+
+def test_every_step_key_equals_the_plain_ksampler_bit_for_bit(pack, svd, caplog):
+    caplog.set_level(logging.INFO)
+    reference = plain_sample(svd)
+    out = rehash_sample(pack, svd, interval=1)
+    assert torch.equal(out, reference)
+    assert "5 of 5 steps ran the whole U-Net" in report(caplog)
+
+
+def test_reuse_steps_run_and_are_reported_and_the_model_is_left_as_it_was(pack, svd, caplog):
+    caplog.set_level(logging.INFO)
+    patches = dict(svd.object_patches)
+    wrappers = {k: dict(v) for k, v in svd.wrappers.items()}
+    reference = plain_sample(svd)
+    out = rehash_sample(pack, svd, interval=2)
+    text = report(caplog)
+    assert "3 of 5 steps ran the whole U-Net (0, 2, 4), 2 reused the cached feature (1, 3)" in text
+    assert "2 of 5 U-Net calls ran only the shallow path" in text  # cond and uncond batched: one call a step
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert rel(out, reference) < 0.5, "a reuse step is an approximation of the full step, not noise"
+    assert svd.object_patches == patches and {k: dict(v) for k, v in svd.wrappers.items()} == wrappers
+    assert torch.equal(plain_sample(svd), reference), "the MODEL that came in samples as before"
+
+
+def test_cond_and_uncond_batched_at_key_steps_and_apart_at_reuse_steps_share_the_cache(pack, svd):
+    """ComfyUI batches cond and uncond when its estimate lets it; force apart on some steps only."""
+    import comfy.patcher_extension as pe
+
+    base = svd.model
+    state = {"apart": False}
+    host = base.memory_required
+    base.memory_required = lambda input_shape, cond_shapes={}: 1e30 if state["apart"] else host(input_shape, cond_shapes)
+    try:
+        batched = rehash_sample(pack, svd, interval=2)
+        for apart_on in ("reuse", "key"):
+            model = svd.clone()
+            rows = []
+
+            def flip(executor, *args, apart_on=apart_on, **kwargs):
+                callback = args[5]
+
+                def on_step(i, *rest):
+                    state["apart"] = ((i + 1) % 2 == 1) == (apart_on == "reuse")
+                    return callback(i, *rest)
+                state["apart"] = apart_on == "key"
+                return executor(*args[:5], on_step, *args[6:], **kwargs)
+
+            model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "flip", flip)
+            model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "rows",
+                                       lambda ex, x, *a, **k: rows.append(x.shape[0]) or ex(x, *a, **k))
+            out = rehash_sample(pack, model, interval=2)
+            assert set(rows) == {3, 6}, f"some calls batched both conds and some ran one ({apart_on} steps apart)"
+            assert rel(out, batched) <= 1e-5
+    finally:
+        del base.memory_required
+        state["apart"] = False
+
+
+def test_uncond_first_or_cond_first_batches_give_the_same_result(pack, svd):
+    """ComfyUI batches uncond first; a pack that lists the conds the other way round puts cond first."""
+    import comfy.patcher_extension as pe
+
+    def run(reverse):
+        model, firsts, positive = svd.clone(), [], set()
+
+        def conds_order(ex, m, conds, *a):
+            positive.add(conds[0][0]["uuid"])  # ComfyUI lists the positive conds first
+            return ex(m, conds[::-1], *a)[::-1] if reverse else ex(m, conds, *a)
+
+        model.add_wrapper_with_key(pe.WrappersMP.CALC_COND_BATCH, "order", conds_order)
+        model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "order", lambda ex, *a, **k: firsts.append(
+            a[5]["uuids"][0]) or ex(*a, **k))
+        out = rehash_sample(pack, model, interval=2)
+        (uuid,) = positive
+        return out, {f == uuid for f in firsts}
+
+    reference, usual = run(False)
+    out, swapped = run(True)
+    assert usual == {False} and swapped == {True}, "uncond's rows first, then cond's rows first"
+    assert rel(out, reference) <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2s_ancestral", "uni_pc"])
+def test_multi_evaluation_and_multistep_samplers_count_sampler_steps(pack, svd, sampler, caplog):
+    caplog.set_level(logging.INFO)
+    reference = plain_sample(svd, sampler)
+    assert torch.equal(rehash_sample(pack, svd, sampler, interval=1), reference)
+    out = rehash_sample(pack, svd, sampler, interval=2)
+    text = report(caplog)
+    assert "3 of 5 steps ran the whole U-Net (0, 2, 4), 2 reused the cached feature (1, 3)" in text, text
+    assert torch.isfinite(out).all() and rel(out, reference) < 0.5
+
+
+def test_an_interrupted_run_frees_the_cache_and_leaves_the_model(pack, svd, caplog):
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    caplog.set_level(logging.INFO)
+    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    reference = plain_sample(svd)
+    model = svd.clone()
+    seen = []
+
+    def interrupt(executor, *args, **kwargs):
+        callback = args[5]
+
+        def on_step(i, *rest):
+            callback(i, *rest)
+            if i == 1:
+                run = context.current().rehash
+                seen.append(run.controller.state.cache_bytes)
+                raise mm.InterruptProcessingException()
+        return executor(*args[:5], on_step, *args[6:], **kwargs)
+
+    model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "interrupt", interrupt)
+    with pytest.raises(mm.InterruptProcessingException):
+        rehash_sample(pack, model, interval=2)
+    assert seen and seen[0] > 0, "the cache held the key step's feature during the run"
+    text = report(caplog)
+    assert "ended early" in text and "cache 0.0 MiB" not in text
+    assert context.current() is None
+    assert torch.equal(plain_sample(svd), reference)
+
+
+def test_after_streamline_model_it_equals_the_pass_through_engine(pack, svd):
+    reference = rehash_sample(pack, svd, interval=2)
+    (streamlined,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(svd, "upper bound", 3, 0.0, "all")
+    out = rehash_sample(pack, streamlined, interval=2)
+    assert rel(out, reference) <= LATENT_TOL
+
+
+def test_the_guider_counts_the_sub_schedule_it_receives(pack, svd, caplog):
+    from comfy_extras import nodes_custom_sampler as custom
+
+    caplog.set_level(logging.INFO)
+    positive, negative, latent = conditioning(3, 8, 12)
+    (sigmas,) = custom.BasicScheduler().get_sigmas(svd, "karras", 8, 1.0)
+    (_high, low) = custom.SplitSigmas().get_sigmas(sigmas, 3)
+    (guider,) = pack.NODE_CLASS_MAPPINGS["StepRehashGuider"]().get_guider(svd, positive, negative, 2.5,
+                                                                          **options(interval=2))
+    (noise,) = custom.RandomNoise().get_noise(7)
+    (sampler,) = custom.KSamplerSelect().get_sampler("euler")
+    out, _ = custom.SamplerCustomAdvanced().sample(noise, guider, sampler, low, latent)
+    assert torch.isfinite(out["samples"]).all()
+    assert "3 of 5 steps ran the whole U-Net (0, 2, 4)" in report(caplog)
+
+
+def test_start_and_end_percent_and_the_reuse_limit(pack, svd, caplog):
+    caplog.set_level(logging.INFO)
+    rehash_sample(pack, svd, steps=9, interval=9)
+    assert "2 of 9 steps ran the whole U-Net (0, 8)" in report(caplog)
+    rehash_sample(pack, svd, steps=9, interval=9, max_consecutive_reuses=2)
+    assert "4 of 9 steps ran the whole U-Net (0, 3, 6, 8)" in report(caplog)
+    rehash_sample(pack, svd, steps=9, interval=9, end_percent=0.5)
+    text = report(caplog)
+    assert "(0, " in text and "8)" in text and "2 of 9 steps" not in text, text
+
+
+def test_the_first_run_calibrates_and_later_runs_use_the_calibration(pack, svd, folder, caplog):
+    caplog.set_level(logging.INFO)
+    reference = plain_sample(svd)
+    first = rehash_sample(pack, svd, schedule="target key steps", key_steps=3)
+    assert torch.equal(first, reference), "a calibrating run computes every step"
+    text = report(caplog)
+    assert "this run calibrates" in text and "saved" in text
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".safetensors")
+    rehash_sample(pack, svd, schedule="target key steps", key_steps=3)
+    text = report(caplog)
+    assert "found for this model and setting" in text and "3 of 5 steps ran the whole U-Net" in text
+    rehash_sample(pack, svd, schedule="gamma", gamma=1.0)
+    assert "5 of 5 steps ran the whole U-Net" in report(caplog)
+    # chosen from the list: made for 5 steps, refused for 6 unless overridden
+    with pytest.raises(ValueError, match="steps: made for 5, used with 6.*override_calibration"):
+        rehash_sample(pack, svd, steps=6, schedule="target key steps", key_steps=3, calibration=files[0])
+    rehash_sample(pack, svd, steps=6, schedule="target key steps", key_steps=3, calibration=files[0],
+                  override_calibration=True)
+    assert "key steps by target key steps" in report(caplog)
+
+
+def test_bad_inputs_get_clear_errors(pack, svd, folder):
+    with pytest.raises(ValueError, match="cut must be one of up0.0.res, up0.0.attn, up0.1.res, up0.1.attn"):
+        rehash_sample(pack, svd, cut="up0.2.attn")
+    with pytest.raises(ValueError, match="start_percent and end_percent"):
+        rehash_sample(pack, svd, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(ValueError, match="calibration='../../etc/passwd': not in"):
+        rehash_sample(pack, svd, schedule="gamma", calibration="../../etc/passwd")
+
+
+def test_nodes_are_registered_with_tooltips(pack):
+    import nodes
+
+    for name in ("StepRehashSampler", "StepRehashGuider"):
+        cls = pack.NODE_CLASS_MAPPINGS[name]
+        assert name in pack.NODE_DISPLAY_NAME_MAPPINGS
+        inputs = cls.INPUT_TYPES()["required"]
+        for key in ("schedule", "key_steps", "gamma", "interval", "cut", "calibration", "start_percent",
+                    "end_percent", "max_consecutive_reuses", "override_calibration"):
+            assert "tooltip" in inputs[key][1], key
+    sampler_inputs = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"].INPUT_TYPES()["required"]
+    assert list(nodes.KSampler.INPUT_TYPES()["required"]) == list(sampler_inputs)[:10], "KSampler's inputs first"
+    assert pack.NODE_CLASS_MAPPINGS["StepRehashSampler"].RETURN_TYPES == nodes.KSampler.RETURN_TYPES
+
+
+def test_streamline_model_and_the_vram_profiler_before_it_in_either_order(pack, svd):
+    """The timeline marks each step key or reuse; the output is the pass-through engine's."""
+    import sys
+
+    reference = rehash_sample(pack, svd, interval=2)
+    profiler = pack.NODE_CLASS_MAPPINGS["VRAMProfiler"]()
+    streamline = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]()
+    history = sys.modules[pack.__name__ + ".nodes.vram_profiler"]._HISTORY
+    for order in ("profiler first", "streamline first"):
+        if order == "profiler first":
+            (model,) = streamline.patch(profiler.patch(svd, "group", 0, order)[0], "upper bound", 3, 0.0, "all")
+        else:
+            (model,) = profiler.patch(streamline.patch(svd, "upper bound", 3, 0.0, "all")[0], "group", 0, order)
+        out = rehash_sample(pack, model, interval=2)
+        doc = list(history.values())[-1]
+        assert doc["label"] == order
+        assert [s.get("rehash") for s in doc["steps"]] == ["key", "reuse", "key", "reuse", "key"]
+        assert rel(out, reference) <= LATENT_TOL

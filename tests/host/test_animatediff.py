@@ -1,5 +1,7 @@
-"""Streamline Model with AnimateDiff-Evolved on a real ComfyUI: a full-width SD1.5 U-Net at a tiny
-latent size, motion models generated here and injected by ADE while it samples."""
+"""Streamline Model and the Step Rehash Sampler with AnimateDiff-Evolved on a real ComfyUI: a full-width
+SD1.5 U-Net at a tiny latent size, motion models generated here and injected by ADE while it samples."""
+
+import logging
 
 import pytest
 import torch
@@ -178,3 +180,58 @@ def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, a
     assert max(check.errors) <= STEP_TOL and rel(out, reference) <= LATENT_TOL
     assert check.captures_compared >= 50  # the fallback's captures equal the stage loop's at every cut
     assert_nothing_left(sd15_patcher)
+
+
+# -- Step Rehash Sampler with Use Evolved Sampling ------------------------------------------------
+
+REHASH_STEPS = 3
+
+
+def rehash_sample(pack, model, frames, **kw):
+    import nodes
+
+    gen = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 2, 768, generator=gen), {}]]
+    negative = [[torch.zeros(1, 2, 768), {}]]
+    latent = {"samples": torch.zeros(frames, 4, 8, 8)}
+    if not kw:
+        (out,) = nodes.KSampler().sample(model, 7, REHASH_STEPS, 7.0, "euler", "normal", positive, negative, latent, 1.0)
+        return out["samples"]
+    options = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
+                   calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
+                   override_calibration=False) | kw
+    (out,) = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"]().sample(model, 7, REHASH_STEPS, 7.0, "euler", "normal", positive,
+                                                                    negative, latent, 1.0, **options)
+    return out["samples"]
+
+
+@pytest.mark.parametrize("context", [None, 4], ids=["whole clip", "context windows of 4"])
+def test_evolved_sampling_keeps_one_cache_per_window_and_guidance_branch(pack, ade, motion_models, sd15_patcher,
+                                                                           context, caplog):
+    import comfy.patcher_extension as pe
+
+    caplog.set_level(logging.INFO)
+    frames = 6
+    model = evolved(ade, sd15_patcher, motion_models["v2"], context)
+    reference = rehash_sample(pack, model, frames)
+    assert torch.equal(rehash_sample(pack, model, frames, interval=1), reference), "every step key: the plain graph"
+    context_module = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    windows, branches = set(), []
+
+    def watch(executor, *args, **kwargs):
+        options = args[5]
+        sub = (options.get("ad_params") or {}).get("sub_idxs")
+        windows.add(None if sub is None else tuple(sub))
+        out = executor(*args, **kwargs)
+        branches.append(set(context_module.current().rehash.controller.state.cache))
+        return out
+
+    watched = model.clone()
+    watched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "watch", watch)
+    out = rehash_sample(pack, watched, frames, interval=2)
+    text = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")][-1]
+    assert "reused the cached feature (1)" in text and "no cached feature" not in text, text
+    expected_windows = 1 if context is None else 2
+    assert len(windows) == expected_windows, windows
+    assert max(len(b) for b in branches) == 2 * expected_windows, "one cached feature per window and cond"
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)

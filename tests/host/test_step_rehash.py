@@ -280,3 +280,27 @@ def test_streamline_model_and_the_vram_profiler_before_it_in_either_order(pack, 
         assert doc["label"] == order
         assert [s.get("rehash") for s in doc["steps"]] == ["key", "reuse", "key", "reuse", "key"]
         assert rel(out, reference) <= LATENT_TOL
+
+
+def test_freeu_runs_on_key_and_reuse_steps(pack, svd, caplog):
+    """FreeU's output-block patch runs in every call's tail: key-only equals FreeU's own graph bit for bit."""
+    from comfy_extras.nodes_freelunch import FreeU
+
+    caplog.set_level(logging.INFO)
+    (freeu,) = FreeU().patch(svd, 1.3, 1.4, 0.9, 0.2)
+    reference = plain_sample(freeu)
+    assert not torch.equal(reference, plain_sample(svd)), "FreeU changes the output"
+    assert torch.equal(rehash_sample(pack, freeu, interval=1), reference)
+    out = rehash_sample(pack, freeu, interval=2)
+    assert "2 reused the cached feature (1, 3)" in report(caplog)
+    assert torch.isfinite(out).all() and rel(out, reference) < 0.5
+
+
+def test_the_model_is_unpatched_once_comfyui_unloads_it(pack, svd):
+    import comfy.model_management
+
+    rehash_sample(pack, svd, interval=2)
+    comfy.model_management.unload_all_models()
+    unet = svd.get_model_object("diffusion_model")
+    assert getattr(unet._forward, "__func__", None) is type(unet)._forward
+    assert not [n for n, m in unet.named_modules() if m._forward_hooks], "no forward hook was left behind"

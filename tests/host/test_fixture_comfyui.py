@@ -6,6 +6,7 @@ diffusers sampling loop, the demo nodes' outputs and errors, and the CPU demo wo
 import asyncio
 import inspect
 import json
+import logging
 import re
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from streamlined_core.fixture import model as fixture_model
 pytest.importorskip("diffusers")  # the reference side of every comparison
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOW = ROOT / "example_workflows" / "streamline_demo_cpu.json"
+WORKFLOWS = {"KSampler": ROOT / "example_workflows" / "streamline_demo_cpu.json",
+             "StepRehashSampler": ROOT / "example_workflows" / "streamline_demo_cpu_step_rehash.json"}
 TEMPORAL = ("time_stack", "time_mixer", "time_pos_embed")
 # One fp32 U-Net call, ComfyUI against diffusers (max abs difference over max abs value): measured
 # ~2e-6, the fp32 rounding of two implementations. ComfyUI's default ResBlock eps (1e-5, where the
@@ -320,19 +322,20 @@ def execute(prompt: dict) -> dict:
     return done
 
 
-def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path):
+@pytest.mark.parametrize("sampler_type", list(WORKFLOWS))
+def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, sampler_type, caplog):
     import execution
     import folder_paths
     import nodes
 
     extras(comfyui, "nodes_video_model.py", "nodes_images.py")
-    workflow = json.loads(WORKFLOW.read_text())
+    workflow = json.loads(WORKFLOWS[sampler_type].read_text())
     types = {n["type"] for n in workflow["nodes"]}
-    assert {"StreamlineDemoLoader", "StreamlineModel", "VideoLinearCFGGuidance", "KSampler",
+    assert {"StreamlineDemoLoader", "StreamlineModel", "VideoLinearCFGGuidance", sampler_type,
             "StreamlineDemoFrames", "SaveAnimatedWEBP"} <= types
     used = {t: nodes.NODE_CLASS_MAPPINGS[t] for t in types if t in nodes.NODE_CLASS_MAPPINGS}
     prompt = api_prompt(workflow, object_info(used))
-    [sampler] = [n for n in prompt.values() if n["class_type"] == "KSampler"]
+    [sampler] = [n for n in prompt.values() if n["class_type"] == sampler_type]
     assert (sampler["inputs"]["steps"], sampler["inputs"]["cfg"], sampler["inputs"]["sampler_name"],
             sampler["inputs"]["scheduler"]) == (25, 3.0, "euler", "karras")
     valid = asyncio.run(execution.validate_prompt("streamline-demo", prompt, None))
@@ -341,20 +344,33 @@ def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path):
     # Fewer steps and frames keep it fast; Streamline Model still plans and runs its sliced groups.
     [loader] = [n for n in prompt.values() if n["class_type"] == "StreamlineDemoLoader"]
     assert loader["inputs"]["frames"] == data.DEFAULT_FRAMES
-    sampler["inputs"]["steps"] = 2
+    sampler["inputs"]["steps"] = 2 if sampler_type == "KSampler" else 3
     loader["inputs"]["frames"] = data.MIN_FRAMES
     previous = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
+    calibrations = folder_paths.folder_names_and_paths.get("streamline_rehash")
+    folder_paths.folder_names_and_paths["streamline_rehash"] = ([str(tmp_path / "calibrations")], {".json"})
+    caplog.set_level(logging.INFO)
     try:
         outputs = execute(prompt)
+        if sampler_type == "StepRehashSampler":  # the first run calibrated; the second uses the calibration
+            assert len(list((tmp_path / "calibrations").glob("*.json"))) == 1
+            outputs = execute(prompt)
+            text = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")]
+            assert "this run calibrates" in text[0] and "found for this model and setting" in text[-1], text
+            assert "2 of 3 steps ran the whole U-Net (0, 2), 1 reused the cached feature (1)" in text[-1], text
     finally:
         folder_paths.set_output_directory(previous)
+        if calibrations is None:
+            folder_paths.folder_names_and_paths.pop("streamline_rehash", None)
+        else:
+            folder_paths.folder_names_and_paths["streamline_rehash"] = calibrations
     frames_id = next(i for i, n in prompt.items() if n["class_type"] == "StreamlineDemoFrames")
     (frames,) = outputs[frames_id]
     n_frames = data.MIN_FRAMES
     assert frames.shape == (n_frames, 32, 32, 3) and 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0
     saved = sorted(tmp_path.glob("*.webp"))
-    assert len(saved) == 2, saved
+    assert len(saved) == (2 if sampler_type == "KSampler" else 4), saved  # the Step Rehash graph ran twice
     from PIL import Image
 
     for path in saved:

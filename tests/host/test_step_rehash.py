@@ -304,3 +304,79 @@ def test_the_model_is_unpatched_once_comfyui_unloads_it(pack, svd):
     unet = svd.get_model_object("diffusion_model")
     assert getattr(unet._forward, "__func__", None) is type(unet)._forward
     assert not [n for n, m in unet.named_modules() if m._forward_hooks], "no forward hook was left behind"
+
+
+# -- a reuse step fed its own step's capture equals the full step, with what users put around it --------
+
+
+def controlnet(conds):
+    """A ControlNet built from ComfyUI's own classes for the tiny SVD (seeded), applied to both conds."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+    import nodes
+
+    from streamlined_core import configs
+
+    cpu = torch.device("cpu")
+    net = comfy.cldm.cldm.ControlNet(
+        image_size=32, in_channels=4, model_channels=64, hint_channels=3, num_res_blocks=[1, 1], channel_mult=[1, 2],
+        num_head_channels=32, use_spatial_transformer=True, transformer_depth=[1, 1], context_dim=64,
+        use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential", transformer_depth_middle=1,
+        operations=comfy.ops.disable_weight_init, device=cpu, dtype=torch.float32)
+    configs.seed_weights(net, std=0.05)
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    control = comfy.controlnet.ControlNet(net, load_device=cpu, manual_cast_dtype=None)
+    hint = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(3))
+    positive, negative = conds
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0), calls
+
+
+def same_step_reuse(pack, model, errors):
+    """At every key call, also run the call as a reuse step from the feature it just captured."""
+    import comfy.patcher_extension as pe
+
+    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+
+    def twice(executor, *args, **kwargs):
+        run = context.current().rehash
+        fresh = lambda: [a if i != 4 or a is None else {k: list(v) for k, v in a.items()}  # noqa: E731
+                         for i, a in enumerate(args)]  # apply_control pops what it adds
+        full = executor(*fresh(), **kwargs)
+        state = run.controller.state
+        step = run.step_of(float(args[5]["sigmas"].flatten()[0]))
+        if step in state._keys and step < state.steps - 1:
+            state._keys.discard(step)
+            try:
+                reused = executor(*fresh(), **kwargs)
+            finally:
+                state._keys.add(step)
+            errors.append(rel(reused, full))
+        return full
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "twice", twice)
+    return clone
+
+
+@pytest.mark.parametrize("around", ["nothing", "ControlNet", "FreeU", "Streamline Model"])
+def test_a_reuse_step_from_its_own_steps_capture_equals_the_full_step(pack, svd, around):
+    from comfy_extras.nodes_freelunch import FreeU
+
+    model, calls = svd, None
+    positive, negative, latent = conditioning(3, 8, 12)
+    if around == "ControlNet":
+        (positive, negative), calls = controlnet((positive, negative))
+    elif around == "FreeU":
+        (model,) = FreeU().patch(svd, 1.3, 1.4, 0.9, 0.2)
+    elif around == "Streamline Model":
+        (model,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(svd, "upper bound", 3, 0.0, "all")
+    errors = []
+    node = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"]()
+    for cut in ("up0.0.res", "up0.0.attn"):  # the tiny U-Net's fresh cuts of its last up block
+        node.sample(same_step_reuse(pack, model, errors), 7, STEPS, 2.5, "euler", "karras", positive, negative, latent,
+                    1.0, **options(interval=2, cut=cut))
+    assert len(errors) == 2 * 2 and max(errors) <= 1e-5, errors  # key steps 0 and 2 of 0, 2, 4, at each cut
+    if calls is not None:
+        assert len(calls) == 2 * STEPS, "the ControlNet ran at every step, reuse steps included"

@@ -40,6 +40,7 @@ KEY = "streamline.rehash"
 FOLDER = "streamline_rehash"
 AUTO = "auto (find or make one)"
 SCHEDULES = ("target key steps", "gamma", "uniform interval")
+HEUN_LIKE = ("heun", "heunpp2")  # evaluate at the next step's sigma to correct a step (learnt for others)
 CUTS = tuple(c for c in LAST_UP_BLOCK if c not in LAST_UP_BLOCK[-2:])  # the cuts whose tail takes fresh input
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,10 @@ class RehashRun:
     sampler: str
     model_sampling: Any
     node_id: str | None
-    step: int = 0
+    step: int = 0  # callbacks seen
     by_sigmas: bool = False  # the sampler skipped callbacks: steps come from matching sigmas
+    heun_like: bool = False  # the sampler evaluates at the next step's sigma before that step starts
+    _at_next: dict = field(default_factory=dict)  # branch -> its calls at the next step's sigma since the callback
     controller: Any = None
     mode: str = ""  # "rehash" or "calibrate"
     saved_to: Path | None = None
@@ -161,26 +164,55 @@ class RehashRun:
 
     # the clock
     def on_step(self, i: int) -> None:
-        """The sampler's callback after step ``i``."""
+        """The sampler's callback. k-diffusion's samplers call it right after a step's first model call,
+        before its later ones (heun's correction, dpm_2's midpoint), so the calls that follow belong to
+        step ``i`` until the call at step ``i + 1``'s scheduled sigma."""
+        if max(self._at_next.values(), default=0) >= 2 and not self.heun_like:  # a branch called twice here
+            self.heun_like = True
+            self.lines.append(f"the sampler evaluates at the next step's sigma within a step (as heun does); until "
+                              f"step {i} that call counted as the next step's")
+            log.info("Step Rehash: %s", self.lines[-1])
         self.step = i + 1
+        self._at_next = {}
         if self.mode == "rehash" and self.step < self.steps:
             kind = "key" if self.controller.state.is_key(self.step) else "reuse"
             self.progress(f"Step Rehash: step {self.step + 1}/{self.steps} {kind}")
 
-    def step_of(self, sigma: float | None) -> int:
-        """The step of a U-Net call: the callbacks seen so far; where the sampler skips its callback (a
-        call two scheduled sigmas past the count), the step whose interval holds the call's sigma."""
-        if sigma is None:
-            return self.step
-        if not self.by_sigmas and self.step + 2 < len(self.sigmas) and sigma <= self.sigmas[self.step + 2]:
+    def step_of(self, sigma: float | None, branches: tuple = (), commit: bool = True) -> int:
+        """The step of a U-Net call at ``sigma`` carrying ``branches``. After the callback of step
+        ``c - 1``: a call at step ``c``'s scheduled sigma starts step ``c`` (for a sampler that evaluates
+        at the next sigma to correct a step, heun's, a branch's first such call is still step ``c - 1``'s);
+        any other call is a later evaluation of step ``c - 1``. Where the sampler skips its callback (a
+        call at or below the sigma after next), the step whose interval holds the call's sigma.
+        ``commit=False`` only looks (the VRAM Profiler asks before the call runs)."""
+        c = self.step
+        if sigma is None or c == 0 and not self.by_sigmas:
+            return c
+        if not self.by_sigmas and c + 1 < len(self.sigmas) - 1 and sigma <= self.sigmas[c + 1]:
+            if not commit:
+                return c
             self.by_sigmas = True
             log.warning("Step Rehash: this sampler calls back less than once per step; counting steps by sigma")
         if self.by_sigmas:
             from ..streamlined_core.profiler import step_index
 
             found = step_index(sigma, self.sigmas)
-            return self.step if found is None else found
-        return self.step
+            return c if found is None else found
+        if c < len(self.sigmas) and sigma == self.sigmas[c]:  # samplers pass the scheduled value itself
+            first = self.heun_like and not any(self._at_next.get(b) for b in branches)
+            if commit:
+                for b in branches:
+                    self._at_next[b] = self._at_next.get(b, 0) + 1
+            return c - 1 if first else c
+        return c - 1
+
+    @staticmethod
+    def branches_of(options: dict) -> tuple:
+        """A call's branches, in row order: (context window, cond uuid) each."""
+        ids = options.get("uuids") or options.get("cond_or_uncond") or [0]
+        ad = options.get("ad_params") or {}
+        window = tuple(int(i) for i in ad["sub_idxs"]) if ad.get("sub_idxs") is not None else None
+        return tuple((window, str(u)) for u in ids)
 
     # the first U-Net call decides what the run does
     def start(self, unet: Any) -> None:
@@ -266,12 +298,8 @@ class RehashRun:
         """Before a U-Net call: its step and branches."""
         if self.controller is None:
             self.start(unet)
-        sigma = options.get("sigmas")
-        sigma = float(sigma.flatten()[0]) if sigma is not None and hasattr(sigma, "flatten") else None
-        ids = options.get("uuids") or options.get("cond_or_uncond") or [0]
-        ad = options.get("ad_params") or {}
-        window = tuple(int(i) for i in ad["sub_idxs"]) if ad.get("sub_idxs") is not None else None
-        self.controller.at(self.step_of(sigma), [(window, str(u)) for u in ids])
+        branches = self.branches_of(options)
+        self.controller.at(self.step_of(_sigma(options), branches), branches)
 
     # the end
     def finish(self, ok: bool) -> str:
@@ -317,6 +345,11 @@ class RehashRun:
             log.debug("Step Rehash: no progress text (%s)", exc)
 
 
+def _sigma(options: dict) -> float | None:
+    sigma = options.get("sigmas")
+    return float(sigma.flatten()[0]) if sigma is not None and hasattr(sigma, "flatten") else None
+
+
 def _executing_node() -> str | None:
     try:
         from comfy_execution.utils import get_executing_context
@@ -360,7 +393,7 @@ class RehashOuter:
             sigmas = [float(s) for s in sigmas_arg.flatten()]
             sampler = self.options.sampler or _sampler_name(sampler_arg)
             run = RehashRun(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
-                            self.node_id)
+                            self.node_id, heun_like=sampler in HEUN_LIKE)
 
             def on_step(i, *rest):
                 run.on_step(int(i))

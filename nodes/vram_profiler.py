@@ -172,6 +172,9 @@ class ProfilerCall:
         sigma = _first(options.get("sigmas"))
         schedule = options.get("sample_sigmas")
         step = step_index(sigma, [float(s) for s in schedule]) if schedule is not None and sigma is not None else None
+        clock = getattr(ctx, "rehash", None)
+        if step is not None and hasattr(clock, "step_of"):  # Step Rehash counts steps by the sampler's callback
+            step = clock.step_of(sigma, clock.branches_of(options), commit=False)
         conds = [("uncond" if c == 1 else "cond") for c in options.get("cond_or_uncond", [])] or None
         unet = executor.class_obj
         if not run.weights_seen:

@@ -140,14 +140,27 @@ def test_uncond_first_or_cond_first_batches_give_the_same_result(pack, svd):
     assert rel(out, reference) <= 1e-5
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2s_ancestral", "uni_pc"])
+CALLS_PER_STEP = {"heun": [2, 2, 2, 2, 1], "dpm_2": [2, 2, 2, 2, 1], "dpmpp_2s_ancestral": [2, 2, 2, 2, 1],
+                  "uni_pc": [1, 1, 1, 1, 1]}  # the last step's later evaluation is skipped at sigma 0
+
+
+@pytest.mark.parametrize("sampler", list(CALLS_PER_STEP))
 def test_multi_evaluation_and_multistep_samplers_count_sampler_steps(pack, svd, sampler, caplog):
+    """k-diffusion calls back after a step's first model call: the later ones (heun's at the next step's
+    sigma) still belong to that step."""
+    import comfy.patcher_extension as pe
+
     caplog.set_level(logging.INFO)
+    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
     reference = plain_sample(svd, sampler)
     assert torch.equal(rehash_sample(pack, svd, sampler, interval=1), reference)
-    out = rehash_sample(pack, svd, sampler, interval=2)
+    steps, model = [], svd.clone()
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "steps", lambda ex, *a, **k: (
+        ex(*a, **k), steps.append(context.current().rehash.controller._call[0]))[0])
+    out = rehash_sample(pack, model, sampler, interval=2)
     text = report(caplog)
     assert "3 of 5 steps ran the whole U-Net (0, 2, 4), 2 reused the cached feature (1, 3)" in text, text
+    assert [steps.count(i) for i in range(STEPS)] == CALLS_PER_STEP[sampler] and steps == sorted(steps), steps
     assert torch.isfinite(out).all() and rel(out, reference) < 0.5
 
 
@@ -343,15 +356,21 @@ def same_step_reuse(pack, model, errors):
         run = context.current().rehash
         fresh = lambda: [a if i != 4 or a is None else {k: list(v) for k, v in a.items()}  # noqa: E731
                          for i, a in enumerate(args)]  # apply_control pops what it adds
+        before = dict(run._at_next)  # the step clock as the call found it: the repeat must see the same
         full = executor(*fresh(), **kwargs)
+        if run.mode != "rehash":  # a run that calibrates computes every step whole
+            return full
         state = run.controller.state
-        step = run.step_of(float(args[5]["sigmas"].flatten()[0]))
+        step = run.controller._call[0]  # the step the call just ran as
         if step in state._keys and step < state.steps - 1:
             state._keys.discard(step)
+            after, run._at_next = run._at_next, before
             try:
                 reused = executor(*fresh(), **kwargs)
+                assert run.controller._call[0] == step
             finally:
                 state._keys.add(step)
+                run._at_next = after
             errors.append(rel(reused, full))
         return full
 
@@ -380,3 +399,119 @@ def test_a_reuse_step_from_its_own_steps_capture_equals_the_full_step(pack, svd,
     assert len(errors) == 2 * 2 and max(errors) <= 1e-5, errors  # key steps 0 and 2 of 0, 2, 4, at each cut
     if calls is not None:
         assert len(calls) == 2 * STEPS, "the ControlNet ran at every step, reuse steps included"
+
+
+# -- what users combine, pairwise --------------------------------------------------------------------
+
+FACTORS = {
+    "sampler": ["euler", "heun", "dpm_2", "dpmpp_2s_ancestral", "uni_pc"],
+    "conds": ["batched", "apart at reuse steps", "apart at key steps"],
+    "with": ["nothing", "ControlNet", "FreeU"],
+    "streamline": ["plain", "Streamline Model"],
+    "profiler": ["no profiler", "VRAM Profiler"],
+    "schedule": ["uniform interval", "target key steps"],
+}
+
+
+def pairwise_cases() -> list[tuple]:
+    """Every pair of factor values in at least one case (allpairspy's covering array)."""
+    from allpairspy import AllPairs
+
+    return [tuple(case) for case in AllPairs(list(FACTORS.values()))]
+
+
+@pytest.mark.parametrize("case", pairwise_cases(), ids=lambda c: ", ".join(c))
+def test_combinations_pairwise(pack, svd, folder, case, caplog):
+    """Each case: every key call also run as a reuse step from its own capture (equal within 1e-5), the
+    key steps the run reports, no branch without its cached feature, the profiler's marks."""
+    import sys
+
+    import comfy.patcher_extension as pe
+    from comfy_extras.nodes_freelunch import FreeU
+
+    sampler, conds, around, streamline, profiler, schedule = case
+    caplog.set_level(logging.INFO)
+    context = sys.modules[pack.__name__ + ".streamlined_core.context"]
+    positive, negative, latent = conditioning(3, 8, 12)
+    model, calls = svd, None
+    if around == "ControlNet":
+        (positive, negative), calls = controlnet((positive, negative))
+    elif around == "FreeU":
+        (model,) = FreeU().patch(model, 1.3, 1.4, 0.9, 0.2)
+    if profiler == "VRAM Profiler":
+        (model,) = pack.NODE_CLASS_MAPPINGS["VRAMProfiler"]().patch(model, "step", 0, ", ".join(case))
+    if streamline == "Streamline Model":
+        (model,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(model, "upper bound", 3, 0.0, "all")
+
+    base, host = svd.model, svd.model.memory_required
+    state = {"apart": False, "calls": []}
+    model = model.clone()
+    if conds != "batched":
+        def flip(executor, *args, **kwargs):  # ComfyUI runs conds apart where its estimate says both do not fit
+            callback = args[5]
+
+            def apart(step):
+                run = context.current().rehash
+                key = run.mode != "rehash" or run.controller.state.is_key(step)
+                return key == (conds == "apart at key steps")
+
+            def on_step(i, *rest):
+                state["apart"] = apart(i + 1)
+                return callback(i, *rest)
+            state["apart"] = conds == "apart at key steps"
+            return executor(*args[:5], on_step, *args[6:], **kwargs)
+
+        model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "flip", flip)
+        base.memory_required = lambda s, cond_shapes={}: 1e30 if state["apart"] else host(s, cond_shapes)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "rows",
+                               lambda ex, x, *a, **k: state["calls"].append(x.shape[0]) or ex(x, *a, **k))
+    errors = []
+    node = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"]()
+    try:
+        runs = 2 if schedule == "target key steps" else 1  # the first run calibrates
+        for _ in range(runs):
+            state["calls"].clear()
+            (out,) = node.sample(same_step_reuse(pack, model, errors), 7, STEPS, 2.5, sampler, "karras", positive,
+                                 negative, latent, 1.0, **options(schedule=schedule, key_steps=3, interval=2))
+    finally:
+        base.__dict__.pop("memory_required", None)
+    text = report(caplog)
+    assert "3 of 5 steps ran the whole U-Net" in text and "no cached feature" not in text, text
+    assert errors and max(errors) <= 1e-5, errors
+    assert torch.isfinite(out["samples"]).all()
+    if conds != "batched":
+        assert {3, 6} <= set(state["calls"]), "some calls ran one cond, some both"
+    if profiler == "VRAM Profiler":
+        doc = list(sys.modules[pack.__name__ + ".nodes.vram_profiler"]._HISTORY.values())[-1]
+        marks = [s.get("rehash") for s in doc["steps"]]
+        assert marks.count("key") == 3 and marks.count("reuse") == 2, marks
+        assert [s["step"] for s in doc["steps"]] == list(range(STEPS))
+
+
+def test_a_sampler_that_corrects_at_the_next_sigma_is_learnt_and_reported(pack, svd, caplog):
+    """A heun-like sampler under another name: its first correction counts as the next step's (said in the
+    report); from the second step on, steps are counted as for heun."""
+    import comfy.k_diffusion.sampling as k
+    import comfy.patcher_extension as pe
+    import comfy.samplers
+    from comfy_extras import nodes_custom_sampler as custom
+
+    caplog.set_level(logging.INFO)
+    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    positive, negative, latent = conditioning(3, 8, 12)
+
+    def my_corrector(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        return k.sample_heun(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+    steps, model = [], svd.clone()
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "steps", lambda ex, *a, **kw: (
+        ex(*a, **kw), steps.append(context.current().rehash.controller._call[0]))[0])
+    (guider,) = pack.NODE_CLASS_MAPPINGS["StepRehashGuider"]().get_guider(model, positive, negative, 2.5,
+                                                                          **options(interval=2))
+    (sigmas,) = custom.BasicScheduler().get_sigmas(svd, "karras", STEPS, 1.0)
+    (noise,) = custom.RandomNoise().get_noise(7)
+    custom.SamplerCustomAdvanced().sample(noise, guider, comfy.samplers.KSAMPLER(my_corrector), sigmas, latent)
+    text = report(caplog)
+    assert "evaluates at the next step's sigma within a step (as heun does); until step 1 that call counted as the " \
+           "next step's" in text, text
+    assert [steps.count(i) for i in range(STEPS)] == [1, 3, 2, 2, 1], steps

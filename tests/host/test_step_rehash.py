@@ -515,3 +515,21 @@ def test_a_sampler_that_corrects_at_the_next_sigma_is_learnt_and_reported(pack, 
     assert "evaluates at the next step's sigma within a step (as heun does); until step 1 that call counted as the " \
            "next step's" in text, text
     assert [steps.count(i) for i in range(STEPS)] == [1, 3, 2, 2, 1], steps
+
+
+def test_start_and_end_steps_sample_a_sub_schedule(pack, svd, caplog):
+    """KSamplerAdvanced's start and end steps, sampled as KSamplerAdvanced samples them: steps 2 to 6 of 8."""
+    import sys
+
+    import comfy.sample
+
+    caplog.set_level(logging.INFO)
+    step_rehash = sys.modules[pack.__name__ + ".nodes.step_rehash"]
+    model = step_rehash.with_rehash(svd, step_rehash.RehashOptions(**options(interval=2), sampler="euler",
+                                                                   scheduler="karras"))
+    positive, negative, latent = conditioning(3, 8, 12)
+    noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(7))
+    out = comfy.sample.sample(model, noise, 8, 2.5, "euler", "karras", positive, negative, latent["samples"],
+                              start_step=2, last_step=6)
+    assert torch.isfinite(out).all()
+    assert "3 of 4 steps ran the whole U-Net (0, 2-3), 1 reused the cached feature (1)" in report(caplog)

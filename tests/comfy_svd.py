@@ -28,6 +28,15 @@ def conditioning(frames, h, w):
     return positive, negative, {"samples": torch.zeros(frames, 4, h, w)}
 
 
+def ksample(model, frames=3, h=8, w=12, steps=2, sampler="euler"):
+    """KSampler (karras, cfg 2.5), as SVD workflows run it."""
+    import nodes
+
+    positive, negative, latent = conditioning(frames, h, w)
+    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, sampler, "karras", positive, negative, latent, denoise=1.0)
+    return out["samples"]
+
+
 # Sampling from sigma 700 (EDM) scales each call's rounding by up to ~700 in the latent, so final
 # latents are compared at 2e-3 while every U-Net call is held to 1e-5 (BENCHMARKS.md).
 LATENT_TOL = 2e-3

@@ -4,21 +4,12 @@ import pytest
 import torch
 from contract import ComfyProbe
 
-from comfy_svd import LATENT_TOL, build_svd, conditioning, rel
+from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
 
 
 @pytest.fixture(scope="module")
 def svd_patcher(comfyui):
     return build_svd()
-
-
-def ksample(model, frames=3, h=8, w=12, steps=2):
-    """KSampler (euler, karras, cfg 2.5), as SVD workflows run it."""
-    import nodes
-
-    positive, negative, latent = conditioning(frames, h, w)
-    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, "euler", "karras", positive, negative, latent, denoise=1.0)
-    return out["samples"]
 
 
 def checked(patcher):

@@ -8,38 +8,12 @@ import re
 import pytest
 import torch
 
-from streamlined_core import configs
-
-
-def build_svd():
-    """A tiny SVD built the way ComfyUI builds one, seeded (ComfyUI leaves weights uninitialised)."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    model_config = comfy.supported_models.SVD_img2vid(dict(configs.TINY_COMFY_SVD_CONFIG))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = model_config.get_model({}, "", device=torch.device("cpu"))
-    configs.seed_weights(model, std=0.05)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+from comfy_svd import build_svd, ksample
 
 
 @pytest.fixture(scope="module")
 def svd_patcher(comfyui):
     return build_svd()
-
-
-def ksample(model, frames=3, h=8, w=12, steps=2):
-    import nodes
-
-    gen = torch.Generator().manual_seed(1)
-    extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0,
-             "concat_latent_image": torch.randn(1, 4, h, w, generator=gen)}
-    positive = [[torch.randn(1, 1, 64, generator=gen), dict(extra)]]
-    negative = [[torch.zeros(1, 1, 64), dict(extra, concat_latent_image=torch.zeros(1, 4, h, w))]]
-    latent = {"samples": torch.zeros(frames, 4, h, w)}
-    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, "euler", "karras", positive, negative, latent, denoise=1.0)
-    return out["samples"]
 
 
 def module(pack):

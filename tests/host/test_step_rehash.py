@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from comfy_svd import LATENT_TOL, build_svd, conditioning, rel
+from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
 
 STEPS = 5
 
@@ -45,12 +45,8 @@ def rehash_sample(pack, model, sampler="euler", steps=STEPS, frames=3, h=8, w=12
     return out["samples"]
 
 
-def plain_sample(model, sampler="euler", steps=STEPS, frames=3, h=8, w=12):
-    import nodes
-
-    positive, negative, latent = conditioning(frames, h, w)
-    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, sampler, "karras", positive, negative, latent, denoise=1.0)
-    return out["samples"]
+def plain_sample(model, sampler="euler", steps=STEPS):
+    return ksample(model, steps=steps, sampler=sampler)
 
 
 def report(caplog) -> str:

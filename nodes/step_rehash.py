@@ -6,7 +6,7 @@ their skips).
 Both make a clone of the MODEL with two keyed wrappers, as ComfyUI's EasyCache does, never the
 single-slot U-Net function wrapper:
 
-- OUTER_SAMPLE (:class:`RehashOuter`): creates the run's state (:class:`RehashRun`) in the run's
+- OUTER_SAMPLE (:class:`RehashOuter`): creates the run's state (:class:`HostRun`) in the run's
   context, wraps the sampler's callback so that each callback ends a step (key steps count sampler
   steps, not model calls), and in ``finally`` frees the cache, logs which steps were key and shows it
   on the node, also after an error or an interrupt;
@@ -101,19 +101,14 @@ class RehashOptions:
         if self.cut not in CUTS:
             raise ValueError(f"cut must be one of {', '.join(CUTS)} (the last up block's cuts whose tail takes fresh "
                              f"input); got {self.cut!r}")
-        if isinstance(self.key_steps, bool) or not isinstance(self.key_steps, int) or self.key_steps < 0:
-            raise ValueError(f"key_steps must be 0 (13 of 25 steps, scaled) or a number of steps; got {self.key_steps!r}")
+        _whole("key_steps", self.key_steps, 0, "0 (13 of 25 steps, scaled) or a number of steps")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be a similarity from 0 to 1; got {self.gamma}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval must be a whole number of steps, at least 1; got {self.interval!r}")
+        _whole("interval", self.interval, 1, "a whole number of steps, at least 1")
         if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
             raise ValueError(f"start_percent and end_percent must satisfy 0 <= start_percent <= end_percent <= 1; got "
                              f"{self.start_percent} and {self.end_percent}")
-        if isinstance(self.max_consecutive_reuses, bool) or not isinstance(self.max_consecutive_reuses, int) \
-                or self.max_consecutive_reuses < 0:
-            raise ValueError(f"max_consecutive_reuses must be 0 (no limit) or a number of steps; got "
-                             f"{self.max_consecutive_reuses!r}")
+        _whole("max_consecutive_reuses", self.max_consecutive_reuses, 0, "0 (no limit) or a number of steps")
         if self.schedule != "uniform interval" and self.calibration != AUTO:
             _calibration_path(self.calibration)
 
@@ -122,11 +117,16 @@ class RehashOptions:
         return self.schedule != "uniform interval"
 
 
+def _whole(name: str, value: Any, least: int, accepted: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be {accepted}; got {value!r}")
+
+
 # -- one run -------------------------------------------------------------------------------------------
 
 
 @dataclass
-class RehashRun:
+class HostRun:
     """One sampling run under Step Rehash: its steps, the callback clock, and the controller that the
     streamlined forward consults (``RunContext.rehash``): :class:`HostRehash`, or
     :class:`HostCalibration` on a run that calibrates."""
@@ -139,6 +139,7 @@ class RehashRun:
     step: int = 0  # callbacks seen
     by_sigmas: bool = False  # the sampler skipped callbacks: steps come from matching sigmas
     heun_like: bool = False  # the sampler evaluates at the next step's sigma before that step starts
+    learn: bool = True  # off where guidance calls the model again at a step's sigma (PAG, SAG)
     _at_next: dict = field(default_factory=dict)  # branch -> its calls at the next step's sigma since the callback
     controller: Any = None
     mode: str = ""  # "rehash" or "calibrate"
@@ -167,7 +168,7 @@ class RehashRun:
         """The sampler's callback. k-diffusion's samplers call it right after a step's first model call,
         before its later ones (heun's correction, dpm_2's midpoint), so the calls that follow belong to
         step ``i`` until the call at step ``i + 1``'s scheduled sigma."""
-        if max(self._at_next.values(), default=0) >= 2 and not self.heun_like:  # a branch called twice here
+        if max(self._at_next.values(), default=0) >= 2 and not self.heun_like and self.learn:  # a branch, twice
             self.heun_like = True
             self.lines.append(f"the sampler evaluates at the next step's sigma within a step (as heun does); until "
                               f"step {i} that call counted as the next step's")
@@ -212,6 +213,9 @@ class RehashRun:
         ids = options.get("uuids") or options.get("cond_or_uncond") or [0]
         ad = options.get("ad_params") or {}
         window = tuple(int(i) for i in ad["sub_idxs"]) if ad.get("sub_idxs") is not None else None
+        own = getattr(options.get("context_window"), "index_list", None)  # ComfyUI's own context windows
+        if own is not None:
+            window = (window, tuple(int(i) for i in own))
         return tuple((window, str(u)) for u in ids)
 
     # the first U-Net call decides what the run does
@@ -240,7 +244,11 @@ class RehashRun:
         else:
             count = self.options.key_steps or default_count(self.steps)
             config = RehashConfig(schedule=schedule, cut=self.options.cut, count=min(count, self.steps), override=True)
-        self._use(config.schedule.key_steps, f"{self.options.schedule} on the calibration's maps")
+        keys, how = config.schedule.key_steps, f"{self.options.schedule} on the calibration's maps"
+        if schedule.steps != self.steps:  # made for another step count (overridden)
+            keys = [k for k in keys if k < self.steps]
+            how += f" (made for {schedule.steps} steps: those below {self.steps})"
+        self._use(keys, how)
 
     def _find_calibration(self) -> Schedule | None:
         if self.options.calibration != AUTO:
@@ -248,7 +256,7 @@ class RehashRun:
             try:
                 schedule = Schedule.load(path)
                 schedule.check(self._made_for, self.options.override_calibration)
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 raise ValueError(f"calibration={self.options.calibration!r}: {e}".replace(
                     "pass override=True", "turn on override_calibration")) from None
             if not schedule.maps:
@@ -323,7 +331,21 @@ class RehashRun:
         return text
 
     def _save_calibration(self) -> str:
+        try:
+            return self._write_calibration()
+        except Exception as exc:  # noqa: BLE001 - the sampled latent must survive a calibration that cannot be kept
+            log.warning("Step Rehash: calibration not saved", exc_info=True)
+            return f"the calibration was not saved ({type(exc).__name__}: {exc})"
+
+    def _write_calibration(self) -> str:
+        if self.controller.overflow:
+            return (f"the calibration stopped: its sampled features exceeded "
+                    f"{self.controller.sampler.cap_bytes / 2**20:.0f} MiB; nothing saved (use interval, or fewer frames)")
         cal = self.controller.calibration(self.steps, self._made_for)
+        wrong = [c for c, m in cal.maps.items() if tuple(m.shape) != (self.steps, self.steps)]
+        if wrong or self.options.cut not in cal.maps:
+            return (f"the calibration's maps do not cover this run's {self.steps} steps at {self.options.cut}; nothing "
+                    f"saved")
         m = self._made_for
         denoise = "" if m.get("denoise") in (None, 1.0) else f"-denoise{m['denoise']:g}"
         name = f"{m['model'][:12]}-{m['steps']}steps-{_slug(m['sampler'])}-{_slug(m['scheduler'])}{denoise}.json"
@@ -387,13 +409,14 @@ class RehashOuter:
         guider = executor.class_obj
         with run_context() as ctx:
             if ctx.rehash is not None:
-                log.warning("Step Rehash: this run already has Step Rehash (two Step Rehash nodes on one model); "
-                            "the outer one runs it")
+                log.warning("Step Rehash: a sampling run inside another's Step Rehash run; the outer run's "
+                            "Step Rehash applies")
                 return executor(*args, **kwargs)
             sigmas = [float(s) for s in sigmas_arg.flatten()]
             sampler = self.options.sampler or _sampler_name(sampler_arg)
-            run = RehashRun(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
-                            self.node_id, heun_like=sampler in HEUN_LIKE)
+            extra_calls = bool(guider.model_options.get("sampler_post_cfg_function"))
+            run = HostRun(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
+                          self.node_id, heun_like=sampler in HEUN_LIKE, learn=not extra_calls)
 
             def on_step(i, *rest):
                 run.on_step(int(i))
@@ -425,7 +448,7 @@ class RehashCall:
 
     def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
         run = getattr(current(), "rehash", None)
-        if isinstance(run, RehashRun):
+        if isinstance(run, HostRun):
             options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {}) or {}
             run.at_call(executor.class_obj, options, args[0])
         return executor(*args, **kwargs)
@@ -450,10 +473,15 @@ def with_rehash(model: Any, options: RehashOptions, node_id: str | None = None) 
     if not comfy_unet.matches(unet):
         raise ValueError(f"Step Rehash supports ComfyUI's UNetModel (SVD, SVD-XT, and SD1.5 / SDXL with AnimateDiff-"
                          f"Evolved); this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}")
+    adapter = engine_adapter(unet)
+    if adapter.forward is not comfy_unet.streamlined_forward:
+        raise ValueError("Step Rehash runs a reuse step's tail by Streamline's stages, which reproduce ComfyUI's "
+                         "UNetModel._forward of the versions it knows; this ComfyUI's differs. Use KSampler here, or "
+                         "a ComfyUI version listed in the README")
     patched = model.clone()
     existing = patched.object_patches.get("diffusion_model._forward")
     if existing is None:
-        engine = _Passthrough(unet, engine_adapter(unet), 1, None)
+        engine = _Passthrough(unet, adapter, 1, None)
         patched.add_object_patch("diffusion_model._forward", engine)
     elif not isinstance(existing, Streamliner):
         raise ValueError(f"this MODEL's U-Net forward is already replaced by {type(existing).__module__}."
@@ -512,9 +540,7 @@ def _rehash_inputs() -> dict:
 
 
 def _options(kw: dict, **known: Any) -> RehashOptions:
-    names = ("schedule", "key_steps", "gamma", "interval", "cut", "calibration", "start_percent", "end_percent",
-             "max_consecutive_reuses", "override_calibration")
-    return RehashOptions(**{n: kw[n] for n in names}, **known)
+    return RehashOptions(**{n: kw[n] for n in _rehash_inputs()}, **known)
 
 
 class StepRehashSampler:

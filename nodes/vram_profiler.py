@@ -206,7 +206,8 @@ def _streamlined(unet: Any) -> bool:
     """Whether Streamline's engine runs this U-Net (its groups then come as the engine's events)."""
     from ..streamlined_core.api import Streamliner
 
-    return isinstance(unet.__dict__.get("_forward"), Streamliner)
+    engine = unet.__dict__.get("_forward")
+    return isinstance(engine, Streamliner) and not engine.passthrough  # Step Rehash's own engine runs the host's
 
 
 def _block_hooks(unet: Any, recorder: Recorder) -> list:

@@ -172,8 +172,11 @@ class Streamliner:
             if ctx.request is not None:
                 raise ValueError("a stage_request() block around a U-Net under Step Rehash (or its calibration): the two "
                                  "would both decide what the call captures; remove one")
-            runner = Runner(decide, ctx.listeners)
-            runner.request, token = controller.before(self._cuts(), runner.emit, self.adapter.call_shape(arguments)[0])
+            # a pass-through engine is not Streamline's slicing: its groups are not reported (a profiler
+            # observes the host's blocks instead), only what Step Rehash did
+            runner = Runner(decide, [] if self.passthrough else ctx.listeners)
+            emit = lambda event: [listener(event) for listener in list(ctx.listeners)]  # noqa: E731
+            runner.request, token = controller.before(self._cuts(), emit, self.adapter.call_shape(arguments)[0])
             try:
                 if self.passthrough and runner.request.start is None and not self._upsample_at(runner.request.capture):
                     out = self._own_forward_capturing(args, kwargs, runner.request)

@@ -535,7 +535,7 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
             recorder.rehash(event.kind)
 
     handles = [model.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    if granularity == "group" and getattr(model, "_streamline_handle", None) is None:
+    if granularity == "group" and getattr(getattr(model, "_streamline_handle", None), "passthrough", True):
         # Not streamlined: the U-Net's own blocks are the groups (forward hooks change nothing they observe).
         for name in ("down_blocks", "mid_block", "up_blocks", "conv_out"):
             blocks = getattr(model, name, None)

@@ -461,8 +461,8 @@ class RehashRun:
             if state.h.shape[0] % len(branches):
                 raise ValueError(f"Step Rehash: a U-Net call of {state.h.shape[0]} rows carries {len(branches)} "
                                  "branches; expected equal shares")
-            for b, h in zip(branches, state.h.chunk(len(branches))):
-                self.cache[b] = CutState(state.cut, h, [], state.pending)
+            for b, h in zip(branches, state.h.chunk(len(branches))):  # copies: a view would keep all rows alive
+                self.cache[b] = CutState(state.cut, h.clone(), [], state.pending)
         self.cache_peak_bytes = max(self.cache_peak_bytes, self.cache_bytes)
 
     @property
@@ -722,12 +722,13 @@ class HostCalibration:
         self._step = 0
         self._seen: set[tuple[Hashable, int]] = set()
         self.calls = 0
+        self.overflow = False  # the sampled features reached the cap: the run goes on, nothing more is kept
 
     def at(self, step: int, branches: Sequence[Hashable]) -> None:
         self._step, self._branches = step, tuple(branches)
 
     def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
-        if any((b, self._step) in self._seen for b in self._branches):
+        if self.overflow or any((b, self._step) in self._seen for b in self._branches):
             return StageRequest(), None  # a sampler's later evaluation within the step: one feature per step
         self._seen.update((b, self._step) for b in self._branches)
         if not self.calls:  # the candidates this U-Net has (a small U-Net's last up block has fewer layers)
@@ -742,7 +743,17 @@ class HostCalibration:
             raise ValueError(f"calibration: a U-Net call of {rows} samples carries {len(self._branches)} branches")
         self.sampler.row_branches = [(b, r) for b in self._branches for r in range(per)]
         self.calls += 1
-        return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self.sampler.reduce), None
+        return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self._reduce), None
+
+    def _reduce(self, cut: str, h: torch.Tensor) -> None:
+        if self.overflow:
+            return
+        try:
+            self.sampler.reduce(cut, h)
+        except MemoryError:
+            self.overflow = True
+            log.warning("calibration: the sampled features reached the cap of %.0f MiB; this run keeps no more",
+                        self.sampler.cap_bytes / 2**20)
 
     def after(self, request: StageRequest, token: Any, ok: bool) -> None:
         pass

@@ -120,6 +120,13 @@ def beaten_by(row: Row, rows: Sequence[Row]) -> list[Row]:
             and r.unet_time_ratio < row.unet_time_ratio]
 
 
+def choose_default(tried: Sequence[tuple[str, Row]], rows: Sequence[Row]) -> str:
+    """The cut of the candidate (cut, row) closest to full compute that no row beats on both axes (the
+    cheaper of equals); the closest of them all when every candidate is beaten."""
+    unbeaten = [(cut, row) for cut, row in tried if not beaten_by(row, rows)]
+    return max(unbeaten or tried, key=lambda pair: (_db(pair[1]), -pair[1].unet_time_ratio))[0]
+
+
 def _db(row: Row) -> float:
     """PSNR for comparisons: a result identical to full compute (no error) is infinitely close."""
     return math.inf if row.psnr_db is None else row.psnr_db
@@ -365,8 +372,7 @@ def bench_rehash(weights: str | None = None, clips: int = 4, calibration_clips: 
         say(f"calibration clips [{i + 1}/{len(cal_settings)}]: {s.setting}: {_shown(cal_rows[-1].psnr_db)} dB")
     tried = [(s.cut, row) for s, row in zip(cal_settings, cal_rows)
              if s.method == "rehash" and s.cut in candidates and s.count == count]
-    unbeaten = [(cut, row) for cut, row in tried if not beaten_by(row, cal_rows)]
-    default_cut = max(unbeaten or tried, key=lambda pair: (_db(pair[1]), -pair[1].unet_time_ratio))[0]
+    default_cut = choose_default(tried, cal_rows)
 
     seeds = list(data.EVAL_SEEDS[:clips])
     batches, ref, full_s = reference(seeds)
@@ -440,8 +446,8 @@ def format_markdown(r: RehashBenchResult, limit: int | None = None) -> str:
     checks = "\n".join(f"- {name}: {'not measured' if ok is None else 'holds' if ok else 'does not hold'}"
                        for name, ok in r.checks().items())
     def candidate(row: Row) -> str:
-        better = beaten_by(row, r.calibration_rows)
-        beaten = "" if not better else f", beaten by {max(better, key=_db).setting} ({_shown(max(better, key=_db).psnr_db)} dB)"
+        better = max(beaten_by(row, r.calibration_rows), key=_db, default=None)
+        beaten = "" if better is None else f", beaten by {better.setting} ({_shown(better.psnr_db)} dB)"
         return f"{row.setting}: {_shown(row.psnr_db)} dB at {row.unet_time_ratio:.3f}{beaten}"
     cal = "; ".join(candidate(row) for row in r.candidates)
     e2e = ""
@@ -491,4 +497,4 @@ def plot(r: RehashBenchResult, path: str) -> str:
     return path
 
 
-__all__ = ["Row", "RehashBenchResult", "WholeStepReuse", "bench_rehash", "format_markdown", "plot"]
+__all__ = ["Row", "RehashBenchResult", "WholeStepReuse", "bench_rehash", "choose_default", "format_markdown", "plot"]

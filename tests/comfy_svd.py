@@ -1,4 +1,7 @@
-"""A tiny SVD built the way ComfyUI builds one, its conditioning, and how host tests compare latents."""
+"""A tiny SVD built the way ComfyUI builds one, its conditioning, how host tests compare latents, and the
+Step Rehash nodes' inputs and report."""
+
+from contextlib import contextmanager
 
 import torch
 
@@ -44,3 +47,37 @@ LATENT_TOL = 2e-3
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def rehash_options(**kw):
+    """The Step Rehash nodes' inputs: a uniform interval of 2 at up0.0.attn unless ``kw`` says otherwise."""
+    base = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
+                calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
+                override_calibration=False)
+    return base | kw
+
+
+def rehash_report(caplog) -> str:
+    """The last run's Step Rehash report in the log."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")]
+    assert lines, "Step Rehash logged no report"
+    return lines[-1]
+
+
+@contextmanager
+def calibration_folder(path):
+    """Step Rehash's calibration folder (models/streamline_rehash) pointed at ``path`` for the block."""
+    import folder_paths
+
+    name = "streamline_rehash"
+    previous = folder_paths.folder_names_and_paths.get(name)
+    folder_paths.folder_names_and_paths[name] = ([str(path)], {".json"})
+    getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
+    try:
+        yield path
+    finally:
+        if previous is None:
+            folder_paths.folder_names_and_paths.pop(name, None)
+        else:
+            folder_paths.folder_names_and_paths[name] = previous
+        getattr(folder_paths, "filename_list_cache", {}).pop(name, None)

@@ -493,3 +493,18 @@ def test_a_call_carrying_several_branches_caches_each_and_reuse_calls_join_them_
     uneven.captures.append({"up0.0.attn": CutState("up0.0.attn", h, [], None)})
     with pytest.raises(ValueError, match="4 rows carries 3 branches"):
         run.store(["a", "b", "c"], uneven)
+
+
+def test_the_bench_chooses_the_most_accurate_unbeaten_cut_and_the_cheaper_of_equals():
+    from streamlined_core.rehash_bench import Row, choose_default
+
+    def row(setting, time, db, method="rehash"):
+        return Row(method, setting, 13, time, db, 0.0, time)
+
+    a, b, c = row("a", 0.67, 58.0), row("b", 0.57, 52.0), row("c", 0.60, 52.0)
+    rival = row("replay, 16", 0.64, 69.0)
+    assert choose_default([("a", a), ("b", b), ("c", c)], [a, b, c, rival]) == "b"  # a is beaten; b is cheaper than c
+    assert choose_default([("a", a), ("b", b)], [a, b]) == "a"  # nothing beats a: the most accurate
+    assert choose_default([("a", a)], [a, rival]) == "a"  # every candidate beaten: still the most accurate
+    pab = row("pab", 0.10, 90.0, method="pab")  # timed end to end: not compared
+    assert choose_default([("a", a), ("b", b)], [a, b, pab]) == "a"

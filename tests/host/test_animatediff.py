@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from comfy_svd import rehash_options, rehash_report
 from contract import ComfyProbe, Coverage
 
 from streamlined_core.arch import comfy_unet
@@ -197,11 +198,8 @@ def rehash_sample(pack, model, frames, **kw):
     if not kw:
         (out,) = nodes.KSampler().sample(model, 7, REHASH_STEPS, 7.0, "euler", "normal", positive, negative, latent, 1.0)
         return out["samples"]
-    options = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
-                   calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
-                   override_calibration=False) | kw
     (out,) = pack.NODE_CLASS_MAPPINGS["StepRehashSampler"]().sample(model, 7, REHASH_STEPS, 7.0, "euler", "normal", positive,
-                                                                    negative, latent, 1.0, **options)
+                                                                    negative, latent, 1.0, **rehash_options(**kw))
     return out["samples"]
 
 
@@ -229,7 +227,7 @@ def test_evolved_sampling_keeps_one_cache_per_window_and_guidance_branch(pack, a
     watched = model.clone()
     watched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "watch", watch)
     out = rehash_sample(pack, watched, frames, interval=2)
-    text = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")][-1]
+    text = rehash_report(caplog)
     assert "reused the cached feature (1)" in text and "no cached feature" not in text, text
     expected_windows = 1 if context is None else 2
     assert len(windows) == expected_windows, windows

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfy_svd import calibration_folder, rehash_report
 from workflow import api_prompt, object_info
 
 from streamlined_core import configs
@@ -348,23 +349,19 @@ def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, 
     loader["inputs"]["frames"] = data.MIN_FRAMES
     previous = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
-    calibrations = folder_paths.folder_names_and_paths.get("streamline_rehash")
-    folder_paths.folder_names_and_paths["streamline_rehash"] = ([str(tmp_path / "calibrations")], {".json"})
     caplog.set_level(logging.INFO)
     try:
-        outputs = execute(prompt)
-        if sampler_type == "StepRehashSampler":  # the first run calibrated; the second uses the calibration
-            assert len(list((tmp_path / "calibrations").glob("*.json"))) == 1
+        with calibration_folder(tmp_path / "calibrations"):
             outputs = execute(prompt)
-            text = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")]
-            assert "this run calibrates" in text[0] and "found for this model and setting" in text[-1], text
-            assert "2 of 3 steps ran the whole U-Net (0, 2), 1 reused the cached feature (1)" in text[-1], text
+            if sampler_type == "StepRehashSampler":  # the first run calibrated; the second uses the calibration
+                assert "this run calibrates" in rehash_report(caplog)
+                assert len(list((tmp_path / "calibrations").glob("*.json"))) == 1
+                outputs = execute(prompt)
+                text = rehash_report(caplog)
+                assert "found for this model and setting" in text, text
+                assert "2 of 3 steps ran the whole U-Net (0, 2), 1 reused the cached feature (1)" in text, text
     finally:
         folder_paths.set_output_directory(previous)
-        if calibrations is None:
-            folder_paths.folder_names_and_paths.pop("streamline_rehash", None)
-        else:
-            folder_paths.folder_names_and_paths["streamline_rehash"] = calibrations
     frames_id = next(i for i, n in prompt.items() if n["class_type"] == "StreamlineDemoFrames")
     (frames,) = outputs[frames_id]
     n_frames = data.MIN_FRAMES

@@ -4,7 +4,8 @@ import logging
 
 import pytest
 import torch
-from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
+from comfy_svd import (LATENT_TOL, build_svd, calibration_folder, conditioning, ksample, rehash_options, rehash_report,
+                       rel)
 
 STEPS = 5
 
@@ -16,26 +17,12 @@ def svd(comfyui):
 
 @pytest.fixture
 def folder(pack, tmp_path):
-    """The calibration folder, pointed at a fresh directory for the test."""
-    import folder_paths
-
-    name = "streamline_rehash"
-    previous = folder_paths.folder_names_and_paths.get(name)
-    folder_paths.folder_names_and_paths[name] = ([str(tmp_path)], {".json"})
-    folder_paths.filename_list_cache.pop(name, None) if hasattr(folder_paths, "filename_list_cache") else None
-    yield tmp_path
-    if previous is None:
-        folder_paths.folder_names_and_paths.pop(name, None)
-    else:
-        folder_paths.folder_names_and_paths[name] = previous
-    folder_paths.filename_list_cache.pop(name, None) if hasattr(folder_paths, "filename_list_cache") else None
+    with calibration_folder(tmp_path):
+        yield tmp_path
 
 
-def options(**kw):
-    base = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
-                calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
-                override_calibration=False)
-    return base | kw
+options = rehash_options
+report = rehash_report
 
 
 def rehash_sample(pack, model, sampler="euler", steps=STEPS, frames=3, h=8, w=12, **kw):
@@ -47,12 +34,6 @@ def rehash_sample(pack, model, sampler="euler", steps=STEPS, frames=3, h=8, w=12
 
 def plain_sample(model, sampler="euler", steps=STEPS):
     return ksample(model, steps=steps, sampler=sampler)
-
-
-def report(caplog) -> str:
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Step Rehash: ")]
-    assert lines, "Step Rehash logged no report"
-    return lines[-1]
 
 
 def test_every_step_key_equals_the_plain_ksampler_bit_for_bit(pack, svd, caplog):
@@ -161,6 +142,9 @@ def test_multi_evaluation_and_multistep_samplers_count_sampler_steps(pack, svd, 
 
 
 def test_an_interrupted_run_frees_the_cache_and_leaves_the_model(pack, svd, caplog):
+    import gc
+    import weakref
+
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
 
@@ -168,7 +152,7 @@ def test_an_interrupted_run_frees_the_cache_and_leaves_the_model(pack, svd, capl
     context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
     reference = plain_sample(svd)
     model = svd.clone()
-    seen = []
+    cached = []
 
     def interrupt(executor, *args, **kwargs):
         callback = args[5]
@@ -176,17 +160,17 @@ def test_an_interrupted_run_frees_the_cache_and_leaves_the_model(pack, svd, capl
         def on_step(i, *rest):
             callback(i, *rest)
             if i == 1:
-                run = context.current().rehash
-                seen.append(run.controller.state.cache_bytes)
+                state = context.current().rehash.controller.state
+                cached.extend(weakref.ref(c.h) for c in state.cache.values())
                 raise mm.InterruptProcessingException()
         return executor(*args[:5], on_step, *args[6:], **kwargs)
 
     model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "interrupt", interrupt)
     with pytest.raises(mm.InterruptProcessingException):
         rehash_sample(pack, model, interval=2)
-    assert seen and seen[0] > 0, "the cache held the key step's feature during the run"
-    text = report(caplog)
-    assert "ended early" in text and "cache 0.0 MiB" not in text
+    gc.collect()
+    assert cached and all(ref() is None for ref in cached), "the cached features were freed"
+    assert "ended early" in report(caplog)
     assert context.current() is None
     assert torch.equal(plain_sample(svd), reference)
 
@@ -215,14 +199,25 @@ def test_the_guider_counts_the_sub_schedule_it_receives(pack, svd, caplog):
 
 
 def test_start_and_end_percent_and_the_reuse_limit(pack, svd, caplog):
+    """Steps whose sigma lies outside start_percent..end_percent (ComfyUI's percent_to_sigma) run whole."""
+    from comfy_extras import nodes_custom_sampler as custom
+
     caplog.set_level(logging.INFO)
     rehash_sample(pack, svd, steps=9, interval=9)
     assert "2 of 9 steps ran the whole U-Net (0, 8)" in report(caplog)
     rehash_sample(pack, svd, steps=9, interval=9, max_consecutive_reuses=2)
     assert "4 of 9 steps ran the whole U-Net (0, 3, 6, 8)" in report(caplog)
-    rehash_sample(pack, svd, steps=9, interval=9, end_percent=0.5)
-    text = report(caplog)
-    assert "(0, " in text and "8)" in text and "2 of 9 steps" not in text, text
+    (sigmas,) = custom.BasicScheduler().get_sigmas(svd, "karras", 9, 1.0)
+    sampling = svd.get_model_object("model_sampling")
+    for start, end in ((0.0, 0.5), (0.3, 1.0), (0.2, 0.7)):
+        hi, lo = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+        whole = sorted({0, 8} | {i for i in range(9) if not lo <= float(sigmas[i]) <= hi})
+        assert 2 < len(whole) < 9, "the range makes some steps whole, not all"
+        rehash_sample(pack, svd, steps=9, interval=9, start_percent=start, end_percent=end)
+        text = report(caplog)
+        assert f"{len(whole)} of 9 steps ran the whole U-Net" in text, (start, end, whole, text)
+        reused = [i for i in range(9) if i not in whole]
+        assert f"{len(reused)} reused" in text
 
 
 def test_the_first_run_calibrates_and_later_runs_use_the_calibration(pack, svd, folder, caplog):
@@ -448,8 +443,9 @@ def test_combinations_pairwise(pack, svd, folder, case, caplog):
 
             def apart(step):
                 run = context.current().rehash
-                key = run.mode != "rehash" or run.controller.state.is_key(step)
-                return key == (conds == "apart at key steps")
+                if run.mode != "rehash":  # a calibrating run: batched at some steps, apart at others
+                    return step % 2 == (conds == "apart at key steps")
+                return run.controller.state.is_key(step) == (conds == "apart at key steps")
 
             def on_step(i, *rest):
                 state["apart"] = apart(i + 1)
@@ -529,3 +525,63 @@ def test_start_and_end_steps_sample_a_sub_schedule(pack, svd, caplog):
                               start_step=2, last_step=6)
     assert torch.isfinite(out).all()
     assert "3 of 4 steps ran the whole U-Net (0, 2-3), 1 reused the cached feature (1)" in report(caplog)
+
+
+def test_comfyuis_own_context_windows_keep_one_cache_per_window(pack, svd, caplog):
+    """Context Windows (Manual) over SVD's frames: each window has its own cached feature per cond."""
+    import sys
+
+    import comfy.context_windows as cw
+    import comfy.patcher_extension as pe
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    caplog.set_level(logging.INFO)
+    windowed = ContextWindowsManualNode.execute(svd, 4, 2, cw.ContextSchedules.STATIC_STANDARD, 1, False,
+                                                cw.ContextFuseMethods.PYRAMID, 0)
+    windowed = windowed[0] if isinstance(windowed, tuple) else windowed.result[0]
+    context = sys.modules[pack.__name__ + ".streamlined_core.context"]
+    windows, cached = set(), []
+
+    def watch(executor, *args, **kwargs):
+        window = args[5].get("context_window")
+        windows.add(None if window is None else tuple(window.index_list))
+        out = executor(*args, **kwargs)
+        cached.append(len(context.current().rehash.controller.state.cache))
+        return out
+
+    model = windowed.clone()
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "watch", watch)
+    out = rehash_sample(pack, model, frames=6, interval=2)
+    assert len(windows) == 2 and None not in windows, windows
+    assert max(cached) == 2 * len(windows), "one cached feature per window and cond"
+    text = report(caplog)
+    assert "2 reused the cached feature (1, 3)" in text and "no cached feature" not in text, text
+    assert torch.isfinite(out).all()
+
+
+def test_guidance_that_calls_the_model_again_at_a_steps_sigma_is_not_taken_for_heun(pack, svd, caplog):
+    """Perturbed-Attention Guidance calls the model once more per step, at the same sigma."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+
+    caplog.set_level(logging.INFO)
+    node = PerturbedAttentionGuidance
+    pag = node.execute(svd, 3.0).result[0] if hasattr(node, "execute") else node().patch(svd, 3.0)[0]  # V3 or V1
+    rehash_sample(pack, pag, interval=2)
+    text = report(caplog)
+    assert "3 of 5 steps ran the whole U-Net (0, 2, 4), 2 reused" in text and "as heun does" not in text, text
+
+
+def test_a_calibration_that_cannot_be_written_is_reported_and_the_run_kept(pack, svd, folder, caplog, monkeypatch):
+    import sys
+
+    caplog.set_level(logging.INFO)
+    rehash = sys.modules[pack.__name__ + ".streamlined_core.rehash"]
+
+    def no_space(self, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rehash.Calibration, "save", no_space)
+    out = rehash_sample(pack, svd, schedule="target key steps", key_steps=3)
+    assert torch.equal(out, plain_sample(svd))
+    assert "the calibration was not saved (OSError: [Errno 28] No space left on device)" in report(caplog)
+    assert not list(folder.iterdir())

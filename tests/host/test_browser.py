@@ -531,3 +531,38 @@ def test_write_html_draws_the_same_panel_from_a_file(session, browser, out_dir):
         page.screenshot(path=str(out_dir / "profile-html.png"))
     finally:
         page.close()
+
+
+def test_the_step_rehash_workflow_loads_with_the_nodes_widgets(session, out_dir, frontend):
+    """The CPU demo with Step Rehash, loaded into the page: the Step Rehash Sampler shows KSampler's
+    widgets, then its own, with the workflow's values; a picture of it for the README."""
+    page, _ = session
+    workflow = json.loads((ROOT / "example_workflows" / "streamline_demo_cpu_step_rehash.json").read_text())
+    page.evaluate("async (w) => { await window.comfyAPI.app.app.loadGraphData(w); }", workflow)
+    node = page.evaluate("""() => {
+        const app = window.comfyAPI.app.app;
+        const n = app.graph._nodes.find(x => x.type === 'StepRehashSampler');
+        return n && {title: n.title, widgets: n.widgets.map(w => [w.name, w.value]), pos: n.pos, size: n.size};
+    }""")
+    assert node is not None and node["title"] == "Step Rehash Sampler", node
+    names = [name for name, _ in node["widgets"]]
+    assert names[:3] == ["seed", "control_after_generate", "steps"], names
+    assert names[-10:] == ["schedule", "key_steps", "gamma", "interval", "cut", "calibration", "start_percent",
+                           "end_percent", "max_consecutive_reuses", "override_calibration"], names
+    values = dict(node["widgets"])
+    assert values["schedule"] == "target key steps" and values["calibration"] == "auto (find or make one)"
+    page.evaluate("() => window.comfyAPI.app.app.extensionManager.command.execute('Workspace.ToggleBottomPanel')")
+    page.locator(".sl-panel").wait_for(state="hidden", timeout=15_000)
+    clip = page.evaluate("""() => { const app = window.comfyAPI.app.app;
+        const n = app.graph._nodes.find(x => x.type === 'StepRehashSampler');
+        const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+        app.canvas.ds.scale = 1.0;
+        app.canvas.ds.offset = [60 - n.pos[0], 60 + title - n.pos[1]];
+        app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        return {x: r.left + 45, y: r.top + 45, width: n.size[0] + 30, height: n.size[1] + title + 30}; }""")
+    page.wait_for_timeout(500)
+    picture = page.screenshot(clip=clip)
+    (out_dir / "step_rehash_node.png").write_bytes(picture)
+    if os.environ.get("STREAMLINE_UPDATE_SCREENSHOT") == "1" and frontend[1] is None:  # the environment's frontend
+        (ROOT / "docs" / "step_rehash_node.png").write_bytes(picture)

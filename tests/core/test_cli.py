@@ -181,7 +181,7 @@ def test_bench_decode_puts_the_error_at_the_cuts_and_none_in_the_groups(capsys, 
 
 def test_calibrate_writes_the_maps_the_schedule_and_a_picture(capsys, tmp_path):
     """One calibration clip, 4 steps: six maps, key steps by Algorithm 1, files that load back."""
-    from streamlined_core.rehash import LAST_UP_BLOCK, Schedule
+    from streamlined_core.rehash import DEFAULT_CUT, LAST_UP_BLOCK, Schedule
 
     png = tmp_path / "maps.png"
     assert main(["calibrate", "--clips", "1", "--steps", "4", "--count", "3", "--positions", "256", "--threads", "1",
@@ -189,7 +189,7 @@ def test_calibrate_writes_the_maps_the_schedule_and_a_picture(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert all(f"| {cut}" in printed for cut in LAST_UP_BLOCK) and "not on SVD" in printed
     schedule = Schedule.load(tmp_path / "s.json")
-    assert schedule.steps == 4 and schedule.cut == "up0.0.attn" and len(schedule.key_steps) <= 3
+    assert schedule.steps == 4 and schedule.cut == DEFAULT_CUT and len(schedule.key_steps) <= 3
     assert set(schedule.maps) == set(LAST_UP_BLOCK)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -50,7 +50,8 @@ def rel(a, b):
 
 
 def rehash_options(**kw):
-X
+    """The Step Rehash nodes' inputs: a uniform interval of 2 at up0.0.attn unless ``kw`` says otherwise (the
+    tiny U-Net's last up block has two layers: up0.1.attn, the default, only replays there)."""
     base = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
                 calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
                 override_calibration=False)

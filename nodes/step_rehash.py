@@ -142,15 +142,17 @@ class HostRun:
     learn: bool = True  # off where guidance calls the model again at a step's sigma (PAG, SAG)
     _at_next: dict = field(default_factory=dict)  # branch -> its calls at the next step's sigma since the callback
     controller: Any = None
-    mode: str = ""  # "rehash" or "calibrate"
-    saved_to: Path | None = None
     lines: list[str] = field(default_factory=list)
     _made_for: dict[str, Any] | None = None
-    _key_steps: list[int] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return len(self.sigmas) - 1
+
+    @property
+    def mode(self) -> str:
+        """"rehash", "calibrate", or "" before the first U-Net call."""
+        return {HostRehash: "rehash", HostCalibration: "calibrate"}.get(type(self.controller), "")
 
     # the controller's side, for the streamlined forward
     @property
@@ -233,7 +235,6 @@ class HostRun:
             self._made_for["denoise"] = self.options.denoise
         schedule = self._find_calibration()
         if schedule is None:
-            self.mode = "calibrate"
             self.controller = HostCalibration()
             self.lines.append(f"no calibration for this model and setting in {calibration_folder()}: this run "
                               "calibrates (every step runs the whole U-Net)")
@@ -278,8 +279,6 @@ class HostRun:
 
     def _use(self, keys: list[int], how: str) -> None:
         keys = self._limited(keys)
-        self._key_steps = keys
-        self.mode = "rehash"
         self.controller = HostRehash(RehashConfig(key_steps=keys, cut=self.options.cut), self.steps, {})
         self.lines.append(f"key steps by {how}")
         self.progress(f"Step Rehash: step 1/{self.steps} key")
@@ -302,7 +301,7 @@ class HostRun:
                     run = 0
         return sorted(keys)
 
-    def at_call(self, unet: Any, options: dict, x: Any) -> None:
+    def at_call(self, unet: Any, options: dict) -> None:
         """Before a U-Net call: its step and branches."""
         if self.controller is None:
             self.start(unet)
@@ -351,7 +350,6 @@ class HostRun:
         name = f"{m['model'][:12]}-{m['steps']}steps-{_slug(m['sampler'])}-{_slug(m['scheduler'])}{denoise}.json"
         path = calibration_folder() / name
         json_path, _ = cal.save(path, cut=self.options.cut, count=default_count(self.steps))
-        self.saved_to = json_path
         return (f"calibrated on this run and saved {json_path.name} in {json_path.parent}; the next runs with this "
                 f"model and setting use it (refresh the node definitions to see it in the calibration list)")
 
@@ -450,7 +448,7 @@ class RehashCall:
         run = getattr(current(), "rehash", None)
         if isinstance(run, HostRun):
             options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {}) or {}
-            run.at_call(executor.class_obj, options, args[0])
+            run.at_call(executor.class_obj, options)
         return executor(*args, **kwargs)
 
 
@@ -460,9 +458,6 @@ class _Passthrough(Streamliner):
     by stages, unsliced."""
 
     passthrough = True
-
-    def _original_forward(self) -> Any:
-        return getattr(type(self.unet), self.adapter.slot).__get__(self.unet)
 
 
 def with_rehash(model: Any, options: RehashOptions, node_id: str | None = None) -> Any:
@@ -578,16 +573,10 @@ class StepRehashGuider:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model, or SD1.5 / SDXL with AnimateDiff-Evolved."}),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                **_rehash_inputs(),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        from comfy_extras.nodes_custom_sampler import CFGGuider
+
+        guider = CFGGuider.INPUT_TYPES()
+        return {"required": {**guider["required"], **_rehash_inputs()}, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("GUIDER",)
     FUNCTION = "get_guider"

@@ -152,7 +152,6 @@ class Streamliner:
         return arguments
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        arguments = self._arguments(args, kwargs)
         with run_context() as ctx:
             if ctx.request is not None and ctx.request.stop is not None:
                 raise ValueError("StageRequest(stop=...) ends a forward at a cut and returns its state, which a host "
@@ -160,6 +159,7 @@ class Streamliner:
             controller = self._controller(ctx)
             if controller is None and self.passthrough:  # nothing to capture or reuse: the model's own forward
                 return self._original_forward()(*args, **kwargs)
+            arguments = self._arguments(args, kwargs)
             if self.slices != "auto" and self.budget_bytes is None:
                 k, axes = self.slices, self.axes
                 decide = lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")  # noqa: E731
@@ -214,7 +214,8 @@ class Streamliner:
                 h.remove()
 
     def _original_forward(self) -> Any:
-        raise NotImplementedError
+        """The host's own forward (the class's method in the engine's slot)."""
+        return getattr(type(self.unet), self.adapter.slot).__get__(self.unet)
 
     def _upsample_at(self, names: frozenset[str]) -> bool:
         """Whether a cut among ``names`` ends an up unit whose upsampler the stage loop leaves pending."""
@@ -381,9 +382,7 @@ class StreamlineHandle(Streamliner):
                     self.last_plan = ctx.plans[-1]
 
     def _original_forward(self) -> Any:
-        if self._previous is not None:
-            return self._previous
-        return getattr(type(self.unet), self._slot).__get__(self.unet)
+        return self._previous if self._previous is not None else super()._original_forward()
 
     def remove(self) -> None:
         """Restore the U-Net exactly as it was; calling it again does nothing. Under Step Rehash

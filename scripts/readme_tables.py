@@ -10,6 +10,7 @@
     .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
     .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
     .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; ~40 min)
+    .venv/bin/python scripts/readme_tables.py --rehash-comfyui  # also bench --rehash --comfyui-only (a ComfyUI checkout)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """
@@ -115,6 +116,12 @@ def main() -> None:
         rehash_plot(result, str(README.parent / "docs" / "rehash_bench.png"))
         text = replace(text, "rehash-bench", rehash_markdown(result) + "\n![error against U-Net time of every setting]"
                        "(docs/rehash_bench.png)\n")
+    if "--rehash-comfyui" in sys.argv[1:]:
+        from streamlined_core.rehash_bench_comfyui import bench_rehash_comfyui
+        from streamlined_core.rehash_bench_comfyui import format_markdown as host_markdown
+
+        shares = result.shares if "--rehash" in sys.argv[1:] else None
+        text = replace(text, "rehash-comfyui", host_markdown(bench_rehash_comfyui(shares=shares, progress=say)))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

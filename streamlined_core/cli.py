@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Iterator, Sequence
 
 
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, metavar="PNG", help="--rehash: also draw error against U-Net time")
     bench.add_argument("--quick", action="store_true",
                        help="--rehash: a few settings and no end-to-end timing (a check that it runs, not a measurement)")
+    bench.add_argument("--comfyui", nargs="?", const="", default=None, metavar="PATH",
+                       help="--rehash: also compare inside ComfyUI, through its own nodes: ComfyUI's EasyCache node and "
+                            "the Step Rehash Sampler on the fixture model (the demo model). PATH: a ComfyUI checkout "
+                            "(default: $COMFYUI_PATH, the ComfyUI this pack is installed in, or ~/comfy/ComfyUI)")
+    bench.add_argument("--comfyui-only", action="store_true",
+                       help="--rehash: only the comparison inside ComfyUI (implies --comfyui)")
     bench.set_defaults(parser=bench)  # errors about bench's options show bench's usage
 
     prof = sub.add_parser(
@@ -320,7 +327,8 @@ def _check_bench(args: argparse.Namespace) -> None:
                 parser.error(f"argument {option}: not with --decode")
         return
     if not args.rehash:
-        for option, value in (("--json", args.json), ("--plot", args.plot), ("--quick", args.quick)):
+        for option, value in (("--json", args.json), ("--plot", args.plot), ("--quick", args.quick),
+                              ("--comfyui", args.comfyui is not None), ("--comfyui-only", args.comfyui_only)):
             if value:
                 parser.error(f"argument {option}: only with --rehash")
     if args.rehash:
@@ -330,6 +338,8 @@ def _check_bench(args: argparse.Namespace) -> None:
                 parser.error(f"argument {option}: not with --rehash")
         if args.config == "full":
             parser.error("argument --config: --rehash times the cuts on mid (default) or tiny")
+        if args.comfyui_only and args.plot is not None:
+            parser.error("argument --plot: the plot draws the diffusers comparison; not with --comfyui-only")
         args.config = args.config or "mid"
         from .fixture import data
 
@@ -472,7 +482,7 @@ def _bench_fixture(args: argparse.Namespace) -> int:
 
 
 def _bench_rehash(args: argparse.Namespace) -> int:
-    """``streamline bench --rehash``: the step-cache comparison on the fixture model."""
+    """``streamline bench --rehash``: the step-cache comparison on the fixture model (and inside ComfyUI)."""
     from .rehash_bench import bench_rehash, format_markdown, plot
 
     if args.plot is not None and (why := _check_json_out(args.plot)) is not None:
@@ -481,16 +491,49 @@ def _bench_rehash(args: argparse.Namespace) -> int:
     if args.weights is not None and not os.path.isfile(args.weights):
         print(f"streamline: --weights {args.weights}: no such file", file=sys.stderr)
         return 2
+    comfyui = None
+    if args.comfyui is not None or args.comfyui_only:
+        from .comfy_host import find_comfyui, is_comfyui
+
+        if args.comfyui:
+            comfyui = Path(args.comfyui).expanduser().resolve()
+            if not is_comfyui(comfyui):
+                print(f"streamline: --comfyui {args.comfyui}: not a ComfyUI checkout (no comfy/model_patcher.py and "
+                      "main.py there)", file=sys.stderr)
+                return 2
+        else:
+            comfyui, why = find_comfyui()
+            if comfyui is None:
+                print(f"streamline: --comfyui: {why}; give the checkout's path", file=sys.stderr)
+                return 2
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    clips = args.clips or 4
+    steps = args.steps or 25
+    result = host = None
     with _stdout_to_stderr():
-        clips = args.clips or 4
-        result = bench_rehash(args.weights, clips=clips, calibration_clips=min(clips, 4) if args.quick else 4,
-                              steps=args.steps or 25, frames=args.frames, threads=args.threads, cuts_config=args.config,
-                              quick=args.quick, end_to_end=not args.quick,
-                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not args.comfyui_only:
+            result = bench_rehash(args.weights, clips=clips, calibration_clips=min(clips, 4) if args.quick else 4,
+                                  steps=steps, frames=args.frames, threads=args.threads, cuts_config=args.config,
+                                  quick=args.quick, end_to_end=not args.quick, progress=say)
+        if comfyui is not None:
+            from .rehash_bench import EASYCACHE_THRESHOLDS
+            from .rehash_bench_comfyui import bench_rehash_comfyui
+
+            host = bench_rehash_comfyui(comfyui, clips=clips, steps=steps, frames=args.frames, threads=args.threads,
+                                        shares=result.shares if result else None,
+                                        shares_from=result.shares_from if result else None, cuts_config=args.config,
+                                        thresholds=(0.2,) if args.quick else EASYCACHE_THRESHOLDS,
+                                        weights=args.weights, quick=args.quick, progress=say)
     if args.json:
-        print(json.dumps([r.as_dict() for r in result.rows], indent=2))
+        rows = (result.rows if result else []) + (host.rows if host else [])
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
-        print(format_markdown(result), end="")
+        if result is not None:
+            print(format_markdown(result), end="")
+        if host is not None:
+            from .rehash_bench_comfyui import format_markdown as format_host
+
+            print(("\n" if result is not None else "") + "Inside ComfyUI:\n\n" + format_host(host), end="")
     if args.plot is not None:
         print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
     return 0

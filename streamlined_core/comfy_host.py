@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,41 @@ def animatediff_evolved(module: str):
 
 def _loaded_ade(module: str):
     return next((m for name, m in list(sys.modules.items()) if ADE_FOLDER in name and name.endswith("." + module)), None)
+
+
+def load_pack_nodes(required: str = "StepRehashSampler") -> dict:
+    """This pack's nodes, loaded as ComfyUI loads it from ``custom_nodes`` (once; import ComfyUI first):
+    ComfyUI's ``NODE_CLASS_MAPPINGS``, with ``required`` in it."""
+    import asyncio
+    import inspect
+
+    import nodes
+
+    if required not in nodes.NODE_CLASS_MAPPINGS:
+        if not (PACK_ROOT / "__init__.py").is_file() or not (PACK_ROOT / "nodes").is_dir():
+            raise ModuleNotFoundError(f"this pack's ComfyUI nodes are not beside streamlined_core in {PACK_ROOT}: run "
+                                      "from a clone of the pack, or from ComfyUI/custom_nodes where it is installed")
+        loaded = nodes.load_custom_node(str(PACK_ROOT))
+        if inspect.iscoroutine(loaded):
+            loaded = asyncio.run(loaded)
+        if not loaded or required not in nodes.NODE_CLASS_MAPPINGS:
+            raise ModuleNotFoundError(f"ComfyUI could not load this pack's nodes from {PACK_ROOT} (see the log above)")
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@contextmanager
+def model_folder(name: str, path: Path | str, extensions: set[str]):
+    """ComfyUI's ``folder_paths`` entry ``name`` pointed at ``path`` alone for the block, then restored."""
+    import folder_paths
+
+    previous = folder_paths.folder_names_and_paths.get(name)
+    folder_paths.folder_names_and_paths[name] = ([str(path)], set(extensions))
+    getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
+    try:
+        yield Path(path)
+    finally:
+        if previous is None:
+            folder_paths.folder_names_and_paths.pop(name, None)
+        else:
+            folder_paths.folder_names_and_paths[name] = previous
+        getattr(folder_paths, "filename_list_cache", {}).pop(name, None)

@@ -75,6 +75,7 @@ class Row:
     measured_ratio: float  # wall time of the run over the full-compute run's, on this CPU (fixture model)
     default: bool = False
     split: str = "held-out"
+    error: str | None = None  # what the setting raised instead of sampling (no figures then)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,9 +115,10 @@ class RehashBenchResult:
 
 
 def beaten_by(row: Row, rows: Sequence[Row]) -> list[Row]:
-    """The rows closer to full compute than ``row`` at less U-Net time. Pyramid attention broadcast's time
-    is measured end to end, not modelled from the cut fractions, so it is not compared."""
-    return [r for r in rows if r is not row and r.method not in ("full", "pab") and _db(r) > _db(row)
+    """The rows closer to full compute than ``row`` at less U-Net time (rows that raised have neither).
+    Pyramid attention broadcast's time is measured end to end, not modelled from the cut fractions, so it
+    is not compared."""
+    return [r for r in rows if r is not row and r.error is None and r.method not in ("full", "pab") and _db(r) > _db(row)
             and r.unet_time_ratio < row.unet_time_ratio]
 
 

@@ -1,8 +1,6 @@
 """A tiny SVD built the way ComfyUI builds one, its conditioning, how host tests compare latents, and the
 Step Rehash nodes' inputs and report."""
 
-from contextlib import contextmanager
-
 import torch
 
 from streamlined_core import configs
@@ -65,20 +63,8 @@ def rehash_report(caplog) -> str:
     return lines[-1]
 
 
-@contextmanager
 def calibration_folder(path):
     """Step Rehash's calibration folder (models/streamline_rehash) pointed at ``path`` for the block."""
-    import folder_paths
+    from streamlined_core.comfy_host import model_folder
 
-    name = "streamline_rehash"
-    previous = folder_paths.folder_names_and_paths.get(name)
-    folder_paths.folder_names_and_paths[name] = ([str(path)], {".json"})
-    getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
-    try:
-        yield path
-    finally:
-        if previous is None:
-            folder_paths.folder_names_and_paths.pop(name, None)
-        else:
-            folder_paths.folder_names_and_paths[name] = previous
-        getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
+    return model_folder("streamline_rehash", path, {".json"})

@@ -227,3 +227,15 @@ def test_bench_rehash_options_belong_to_it(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--rehash", "--config", "full"])
     assert "--config" in capsys.readouterr().err
+    for option in (["--comfyui"], ["--comfyui-only"]):
+        with pytest.raises(SystemExit):
+            main(["bench", "--latency", *option])
+        assert f"{option[0]}: only with --rehash" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--rehash", "--comfyui-only", "--plot", "p.png"])
+    assert "--plot" in capsys.readouterr().err
+
+
+def test_bench_rehash_names_a_comfyui_path_that_is_not_a_checkout(capsys, tmp_path):
+    assert main(["bench", "--rehash", "--comfyui", str(tmp_path), "--comfyui-only"]) == 2
+    assert f"--comfyui {tmp_path}: not a ComfyUI checkout" in capsys.readouterr().err

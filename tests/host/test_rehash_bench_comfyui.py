@@ -1,0 +1,91 @@
+"""``streamline bench --rehash --comfyui``: ComfyUI's own EasyCache node and the Step Rehash Sampler on the
+fixture model inside the host, each scored against KSampler at full compute from the same seed."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from streamlined_core.cli import main
+from streamlined_core.rehash import LAST_UP_BLOCK, interval_key_steps
+from streamlined_core.rehash_bench import DEEPCACHE_CUT
+from streamlined_core.rehash_bench_comfyui import EASYCACHE_NODE, bench_rehash_comfyui, format_markdown
+
+STEPS = 8
+# Given shares (each cut's reuse step as a share of a full forward), so that U-Net time can be checked exactly.
+SHARES = {cut: 0.1 * (i + 1) for i, cut in enumerate(LAST_UP_BLOCK)}
+NEVER, AT_ONCE = 0.0, 3.0  # EasyCache thresholds: never skips; skips whenever its rule may (the widget's maximum)
+
+
+@pytest.fixture(scope="module")
+def result(comfyui, pack):
+    import os
+
+    import folder_paths
+
+    r = bench_rehash_comfyui(comfyui, clips=1, steps=STEPS, threads=torch.get_num_threads(), shares=SHARES,
+                             shares_from="given", thresholds=(NEVER, AT_ONCE))
+    # The node's calibration folder is models/streamline_rehash again; the bench's own is gone.
+    [folder], _ = folder_paths.folder_names_and_paths["streamline_rehash"]
+    assert folder == os.path.join(folder_paths.models_dir, "streamline_rehash")
+    return r
+
+
+def _ratio(full: int, share: float) -> float:
+    return (full + (STEPS - full) * share) / STEPS
+
+
+def test_ksampler_at_full_compute_is_the_reference(result):
+    full = result.rows[0]
+    assert (full.method, full.full_steps, full.error, full.split) == ("full", STEPS, None, "comfyui")
+    assert result.host.startswith("ComfyUI ")
+
+
+def test_the_step_rehash_samplers_defaults_reuse_steps_from_its_own_calibration(result):
+    d = result.default()
+    assert d.method == "rehash" and d.error is None and "up0.1.attn" in d.setting
+    assert 0 < d.full_steps < STEPS and f"{d.full_steps} key steps (0" in d.setting  # counted == reported
+    assert d.unet_time_ratio == pytest.approx(_ratio(d.full_steps, SHARES["up0.1.attn"]))
+    assert math.isfinite(d.psnr_db) and d.psnr_db > 10 and d.centroid_px >= 0
+    assert result.calibration.startswith("saved as ") and result.calibration.endswith(f"-{STEPS}steps-euler-karras.json")
+
+
+def test_deepcaches_setting_runs_every_other_step_as_counted_at_the_middle_block(result):
+    [row] = [r for r in result.rows if r.method == "deepcache"]
+    assert row.error is None and DEEPCACHE_CUT in row.setting
+    assert row.full_steps == len(interval_key_steps(STEPS, 2))
+    assert row.unet_time_ratio == pytest.approx(_ratio(row.full_steps, SHARES[DEEPCACHE_CUT]))
+    assert row.psnr_db is not None  # it reused steps, so it differs from full compute
+
+
+def test_comfyuis_own_easycache_node_runs_on_the_fixture_as_shipped(result):
+    never, at_once = [r for r in result.rows if r.method == EASYCACHE_NODE]
+    assert never.error is None and never.full_steps == STEPS and never.psnr_db is None  # skipped nothing: identical
+    # Where its rule skips, ComfyUI 0.3.52 to 0.3.64 raise on a model whose input carries concatenated channels
+    # (SVD's first frame) with cond and uncond batched; a host that runs it must show skipped steps.
+    if at_once.error is not None:
+        assert at_once.error.startswith("RuntimeError") and "must match the size" in at_once.error
+    else:
+        assert at_once.full_steps < STEPS and at_once.unet_time_ratio == pytest.approx(at_once.full_steps / STEPS)
+
+
+def test_the_table_shows_failures_and_the_targets(result):
+    text = format_markdown(result)
+    assert text.count("\n| ") == len(result.rows) and "Targets:" in text and result.host in text
+    for row in result.rows:
+        if row.error is not None:
+            assert f"raised {row.error}" in text
+    checks = result.checks()
+    assert checks["inside ComfyUI: its U-Net time no more than DeepCache's setting's"] is not None
+
+
+def test_the_command_prints_the_rows_inside_comfyui(comfyui, pack, capsys):
+    assert main(["bench", "--rehash", "--comfyui", str(comfyui), "--comfyui-only", "--quick", "--config", "tiny",
+                 "--clips", "1", "--steps", "6", "--threads", str(torch.get_num_threads()), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["split"] for r in rows} == {"comfyui"}
+    assert [r["method"] for r in rows] == ["full", "rehash", "deepcache", EASYCACHE_NODE]
+    assert sum(r["default"] for r in rows) == 1 and rows[1]["default"]
+    for r in rows:
+        assert {"method", "setting", "full_steps", "unet_time_ratio", "psnr_db", "default", "error"} <= set(r)

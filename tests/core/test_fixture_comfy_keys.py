@@ -77,6 +77,8 @@ def test_demo_clip_is_deterministic_and_its_augmentation_is_on_the_packed_first_
     assert torch.equal(a.time_ids, torch.tensor([[data.FPS - 1, a.motion_bucket_id, 0.1]]))
     assert not torch.equal(fixture_demo.demo_clip(6, 9, 0.1).aug_noise, a.aug_noise)
     assert torch.equal(fixture_demo.demo_clip(5, 9, 0.0).augmented_first_frame, a.first_frame)
+    c = fixture_demo.demo_clip(5, 9, 0.1, split="calibration")  # what a calibration runs on: other clips
+    assert c.spec.seed == data.CALIBRATION_SEEDS[5] and not torch.equal(c.frames, a.frames)
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -84,6 +86,7 @@ def test_demo_clip_is_deterministic_and_its_augmentation_is_on_the_packed_first_
     (dict(index=0, frames=7), "frames"), (dict(index=0, frames=17), "frames"),
     (dict(index=0, augmentation_level=-0.01), "augmentation_level"),
     (dict(index=0, augmentation_level=math.nan), "augmentation_level"),
+    (dict(index=0, split="train"), "split"),
 ])
 def test_demo_clip_names_the_bad_argument(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}="):

@@ -241,18 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="measure Step Rehash's step-similarity maps on the fixture model and save key steps",
+        help="measure Step Rehash's step-similarity maps (the fixture model, or a local SVD pipeline) and save key steps",
         description="Sample calibration clips (a seed range disjoint from training and evaluation) with the fixture "
-        "model at full compute, measure at each cut point of the last up block the cosine similarity of every "
+        "model at full compute, or, with --pipeline, run a local diffusers SVD pipeline on --image at full compute, "
+        "measure at each cut point of the last up block the cosine similarity of every "
         "step's feature to every other step's (fixed random positions per sample and guidance branch), and save "
         "the maps (safetensors) and the key steps of the paper's Algorithm 1 (JSON), with what they were made for: "
-        "the model's fingerprint, steps, sampler, scheduler and denoise. Figures measured on the fixture model, "
-        "not on SVD.",
+        "the model's fingerprint, steps, sampler, scheduler and denoise; rehash(pipe, RehashConfig(schedule=...)) "
+        "loads them. Figures measured on the fixture model are not properties of SVD.",
     )
     cal.add_argument("--weights", default=None, metavar="PATH", help="a fixture safetensors file (default: shipped)")
+    cal.add_argument("--pipeline", default=None, metavar="DIR",
+                     help="calibrate a diffusers StableVideoDiffusionPipeline saved in a local folder (SVD, SVD-XT, "
+                          "a fine-tune) instead of the fixture model; needs --image. Its runs use the pipeline's own "
+                          "scheduler and guidance, noise from seeds 0 to --clips - 1")
+    cal.add_argument("--image", action="append", default=None, metavar="PATH",
+                     help="--pipeline: a conditioning image (repeat for more; the runs take them in turn)")
+    cal.add_argument("--height", type=_positive, default=None, help="--pipeline: pixels (default: 576)")
+    cal.add_argument("--width", type=_positive, default=None, help="--pipeline: pixels (default: 1024)")
+    cal.add_argument("--device", default=None,
+                     help="--pipeline: torch device (default: cuda when available, else cpu)")
+    cal.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                     help="--pipeline: weight dtype (default: fp16 on CUDA, fp32 on the CPU)")
     cal.add_argument("--clips", type=_positive, default=4, help="calibration clips (default: 4)")
     cal.add_argument("--steps", type=_positive, default=25, help="sampling steps (default: 25)")
-    cal.add_argument("--frames", type=_positive, default=None, help="frames (default: the fixture's 8)")
+    cal.add_argument("--frames", type=_positive, default=None,
+                     help="frames (default: the fixture's 8; with --pipeline, the U-Net's num_frames)")
     cal.add_argument("--cut", default=None, help="the cut whose key steps are saved (default: Step Rehash's)")
     keys = cal.add_mutually_exclusive_group()
     keys.add_argument("--count", type=_positive, default=None,
@@ -294,6 +308,14 @@ def _calibrate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.pipeline is not None:
+        return _calibrate_pipeline(args, cut)
+    for option, value in (("--image", args.image), ("--height", args.height), ("--width", args.width),
+                          ("--device", args.device), ("--dtype", args.dtype)):
+        if value is not None:
+            print(f"streamline: {option}: only with --pipeline (the fixture model's clips bring their own)",
+                  file=sys.stderr)
+            return 2
     try:
         unet = fixture.load_unet(args.weights)
     except (FileNotFoundError, OSError, RuntimeError) as exc:
@@ -308,6 +330,85 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"streamline: {exc}", file=sys.stderr)
         return 2
     print(format_calibration(result, args.clips, frames, args.gamma, args.count), end="", flush=True)
+    print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
+    if args.png is not None:
+        from .rehash_chart import draw_maps
+
+        print(f"wrote {draw_maps(result, args.png, args.gamma, args.count)}", file=sys.stderr)
+    return 0
+
+
+def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
+    """``streamline calibrate --pipeline DIR``: similarity maps and key steps of a local SVD pipeline."""
+    import torch
+
+    from .rehash import calibrate, describe_scheduler, format_calibration
+
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    def fail(message: str) -> int:
+        print(f"streamline: {message}", file=sys.stderr)
+        return 2
+
+    if args.weights is not None:
+        return fail("--weights: a fixture file; not with --pipeline")
+    if not os.path.isdir(args.pipeline):
+        return fail(f"--pipeline {args.pipeline}: not a folder (expected a pipeline saved with save_pretrained, "
+                    "with its model_index.json)")
+    if not args.image:
+        return fail("--pipeline: needs --image (the picture SVD animates; repeat --image for more)")
+    missing = [p for p in args.image if not os.path.isfile(p)]
+    if missing:
+        return fail(f"--image {missing[0]}: no such file")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        return fail(f"--device {args.device}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device}: no CUDA device here; --device cpu runs on the CPU (slowly)")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    from diffusers import DiffusionPipeline, StableVideoDiffusionPipeline
+    from diffusers.utils import load_image
+
+    images = []
+    for path in args.image:
+        try:
+            images.append(load_image(path))
+        except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for a file that is not an image
+            return fail(f"--image {path}: not an image ({type(exc).__name__}: {exc})")
+    say(f"loading {args.pipeline} ({str(dtype).removeprefix('torch.')}, {device})")
+    with _stdout_to_stderr():
+        try:
+            pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            return fail(f"--pipeline {args.pipeline}: could not load a diffusers pipeline ({exc})")
+    if not isinstance(pipe, StableVideoDiffusionPipeline):
+        return fail(f"--pipeline {args.pipeline}: a {type(pipe).__name__}; the command calibrates "
+                    "StableVideoDiffusionPipeline folders. For other pipelines, call "
+                    "streamlined_core.calibrate(pipe, run) with a run that samples one calibration prompt")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    frames = args.frames or pipe.unet.config.num_frames
+    height, width = args.height or 576, args.width or 1024
+    factor = pipe.vae_scale_factor
+    if height % factor or width % factor:
+        return fail(f"--height {height} --width {width}: each must be a multiple of the VAE's factor, {factor}")
+
+    def run(i: int) -> None:
+        say(f"calibration run {i + 1}/{args.clips}: image {(i % len(images)) + 1}, seed {i}")
+        pipe(images[i % len(images)], height=height, width=width, num_frames=frames, num_inference_steps=args.steps,
+             generator=torch.Generator().manual_seed(i), output_type="latent")
+
+    try:
+        result = calibrate(pipe, run, runs=args.clips, positions=args.positions)
+        json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, args.count)
+    except (ValueError, MemoryError) as exc:
+        return fail(f"the calibration stopped: {exc}")
+    on = f"the pipeline in {args.pipeline} ({height}x{width}, {', '.join(describe_scheduler(pipe.scheduler))})"
+    print(format_calibration(result, args.clips, frames, args.gamma, args.count, on=on, runs="calibration runs"),
+          end="", flush=True)
     print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
     if args.png is not None:
         from .rehash_chart import draw_maps

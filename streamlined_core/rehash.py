@@ -889,8 +889,10 @@ def default_count(steps: int) -> int:
 
 
 def format_calibration(cal: Calibration, clips: int, frames: int, gamma: float | None = None,
-                       count: int | None = None) -> str:
-    """The calibration as a table: per cut, how similar adjacent steps are and the key steps found."""
+                       count: int | None = None, on: str = "the fixture model (not on SVD)",
+                       runs: str = "calibration clips") -> str:
+    """The calibration as a table: per cut, how similar adjacent steps are and the key steps found
+    (measured ``on`` a model, over ``clips`` ``runs``)."""
     count = count if gamma is None else None
     head = ["cut", "adjacent steps (mean / min)", "key steps", "gamma"]
     rows = []
@@ -902,7 +904,7 @@ def format_calibration(cal: Calibration, clips: int, frames: int, gamma: float |
                      f"{len(sched.key_steps)}: {_ranges(sched.key_steps)}", f"{sched.gamma:.4f}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
     by = f"gamma {gamma}" if gamma is not None else f"the count closest to {count or default_count(cal.steps)}, never more"
-    note = (f"Measured on the fixture model (not on SVD): {clips} calibration clips of {frames} frames, {cal.steps} steps, "
+    note = (f"Measured on {on}: {clips} {runs} of {frames} frames, {cal.steps} steps, "
             f"cosine similarity at {cal.positions} positions per sample and guidance branch. Key steps by Algorithm 1 "
             f"at {by}. Model fingerprint {cal.made_for.get('model')}.")
     return "\n".join(lines) + "\n\n" + note + "\n"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from streamlined_core.cli import main
 
@@ -239,3 +240,73 @@ def test_bench_rehash_options_belong_to_it(capsys):
 def test_bench_rehash_names_a_comfyui_path_that_is_not_a_checkout(capsys, tmp_path):
     assert main(["bench", "--rehash", "--comfyui", str(tmp_path), "--comfyui-only"]) == 2
     assert f"--comfyui {tmp_path}: not a ComfyUI checkout" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def svd_pipeline_dir(tmp_path_factory):
+    """A tiny StableVideoDiffusionPipeline saved as a local folder (real diffusers and transformers classes,
+    seeded weights), and a conditioning image."""
+    from diffusers import StableVideoDiffusionPipeline
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from streamlined_core import configs
+    from streamlined_core.fixture import model as fixture
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=1, num_attention_heads=2, image_size=224, patch_size=32,
+        intermediate_size=37))
+    pipe = StableVideoDiffusionPipeline(
+        vae=configs.build_tiny_svd_vae(), image_encoder=encoder, unet=configs.build_tiny_diffusers_svd(),
+        scheduler=fixture.make_scheduler(), feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    root = tmp_path_factory.mktemp("svd")
+    pipe.save_pretrained(root / "pipe")
+    image = root / "frame.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()).save(image)
+    return root / "pipe", image
+
+
+def test_calibrate_a_local_svd_pipeline_writes_a_schedule_rehash_accepts(svd_pipeline_dir, capsys, tmp_path):
+    from diffusers import StableVideoDiffusionPipeline
+    from PIL import Image
+
+    from streamlined_core import RehashConfig, rehash
+    from streamlined_core.rehash import Schedule, fingerprint
+
+    folder, image = svd_pipeline_dir
+    out = tmp_path / "svd"
+    assert main(["calibrate", "--pipeline", str(folder), "--image", str(image), "--height", "32", "--width", "32",
+                 "--frames", "3", "--steps", "5", "--clips", "2", "--count", "3", "--positions", "64",
+                 "--device", "cpu", "--cut", "up0.0.attn", "--out", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr()
+    assert f"Measured on the pipeline in {folder} (32x32" in printed.out and "2 calibration runs of 3 frames" in printed.out
+    assert "calibration run 2/2: image 1, seed 1" in printed.err
+    schedule = Schedule.load(out.with_suffix(".json"))
+    pipe = StableVideoDiffusionPipeline.from_pretrained(folder)
+    assert schedule.made_for["model"] == fingerprint(pipe.unet) and schedule.made_for["steps"] == 5
+    assert schedule.cut == "up0.0.attn" and len(schedule.key_steps) <= 3 and schedule.key_steps[0] == 0
+    pipe.set_progress_bar_config(disable=True)
+    with rehash(pipe, RehashConfig(schedule=str(out.with_suffix(".json")))) as handle:
+        pipe(Image.open(image), height=32, width=32, num_frames=3, num_inference_steps=5, output_type="latent")
+    assert [r.step for r in handle.last_run.records if r.kind == "reuse"]  # the schedule reused steps
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--pipeline: needs --image"),
+    (["--image", "missing.png"], "--image missing.png: no such file"),
+    (["--image", "IMAGE", "--weights", "w.safetensors"], "--weights: a fixture file; not with --pipeline"),
+    (["--image", "IMAGE", "--height", "33"], "must be a multiple of the VAE's factor, 2"),
+])
+def test_calibrate_pipeline_names_bad_options(svd_pipeline_dir, capsys, tmp_path, extra, message):
+    folder, image = svd_pipeline_dir
+    extra = [str(image) if a == "IMAGE" else a for a in extra]
+    assert main(["calibrate", "--pipeline", str(folder), "--device", "cpu", "--out", str(tmp_path / "s"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_names_pipeline_options_without_a_pipeline(capsys, tmp_path):
+    assert main(["calibrate", "--image", "x.png", "--out", str(tmp_path / "s")]) == 2
+    assert "--image: only with --pipeline" in capsys.readouterr().err
+    assert main(["calibrate", "--pipeline", str(tmp_path / "nothing"), "--image", "x.png"]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -120,8 +120,8 @@ def main() -> None:
         from streamlined_core.rehash_bench_comfyui import bench_rehash_comfyui
         from streamlined_core.rehash_bench_comfyui import format_markdown as host_markdown
 
-        shares = result.shares if "--rehash" in sys.argv[1:] else None
-        text = replace(text, "rehash-comfyui", host_markdown(bench_rehash_comfyui(shares=shares, progress=say)))
+        given = dict(shares=result.shares, shares_from=result.shares_from) if "--rehash" in sys.argv[1:] else {}
+        text = replace(text, "rehash-comfyui", host_markdown(bench_rehash_comfyui(**given, progress=say)))
     if "--no-simulate" not in sys.argv[1:]:
         text = replace(text, "simulate", format_markdown(simulate(progress=say)))
     README.write_text(text)

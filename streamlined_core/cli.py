@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "scheduler and guidance, noise from seeds 0 to --clips - 1")
     cal.add_argument("--image", action="append", default=None, metavar="PATH",
                      help="--pipeline: a conditioning image (repeat for more; the runs take them in turn)")
-    cal.add_argument("--height", type=_positive, default=None, help="--pipeline: pixels (default: 576)")
-    cal.add_argument("--width", type=_positive, default=None, help="--pipeline: pixels (default: 1024)")
+    cal.add_argument("--resolution", type=_resolution, default=None, metavar="HxW",
+                     help="--pipeline: pixels, multiples of 8 (default: 576x1024)")
     cal.add_argument("--device", default=None,
                      help="--pipeline: torch device (default: cuda when available, else cpu)")
     cal.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
@@ -310,8 +310,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.pipeline is not None:
         return _calibrate_pipeline(args, cut)
-    for option, value in (("--image", args.image), ("--height", args.height), ("--width", args.width),
-                          ("--device", args.device), ("--dtype", args.dtype)):
+    for option, value in (("--image", args.image), ("--resolution", args.resolution), ("--device", args.device),
+                          ("--dtype", args.dtype)):
         if value is not None:
             print(f"streamline: {option}: only with --pipeline (the fixture model's clips bring their own)",
                   file=sys.stderr)
@@ -391,10 +391,7 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     frames = args.frames or pipe.unet.config.num_frames
-    height, width = args.height or 576, args.width or 1024
-    factor = pipe.vae_scale_factor
-    if height % factor or width % factor:
-        return fail(f"--height {height} --width {width}: each must be a multiple of the VAE's factor, {factor}")
+    height, width = args.resolution or (576, 1024)
 
     def run(i: int) -> None:
         say(f"calibration run {i + 1}/{args.clips}: image {(i % len(images)) + 1}, seed {i}")
@@ -404,8 +401,8 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     try:
         result = calibrate(pipe, run, runs=args.clips, positions=args.positions)
         json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, args.count)
-    except (ValueError, MemoryError) as exc:
-        return fail(f"the calibration stopped: {exc}")
+    except (ValueError, RuntimeError, MemoryError) as exc:  # torch's out-of-memory error is a RuntimeError
+        return fail(f"the calibration stopped: {type(exc).__name__}: {exc}")
     on = f"the pipeline in {args.pipeline} ({height}x{width}, {', '.join(describe_scheduler(pipe.scheduler))})"
     print(format_calibration(result, args.clips, frames, args.gamma, args.count, on=on, runs="calibration runs"),
           end="", flush=True)
@@ -420,6 +417,11 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
 def _check_bench(args: argparse.Namespace) -> None:
     """Bench options that belong to one mode only, and the default --config of each mode."""
     parser = args.parser
+    if not args.rehash:
+        for option, value in (("--json", args.json), ("--plot", args.plot), ("--quick", args.quick),
+                              ("--comfyui", args.comfyui is not None), ("--comfyui-only", args.comfyui_only)):
+            if value:
+                parser.error(f"argument {option}: only with --rehash")
     if args.decode:
         for option, value in (("--config", args.config), ("--model", args.model), ("--implementation", args.implementation),
                               ("--deadline", args.deadline), ("--clips", args.clips), ("--steps", args.steps),
@@ -427,11 +429,6 @@ def _check_bench(args: argparse.Namespace) -> None:
             if value is not None:
                 parser.error(f"argument {option}: not with --decode")
         return
-    if not args.rehash:
-        for option, value in (("--json", args.json), ("--plot", args.plot), ("--quick", args.quick),
-                              ("--comfyui", args.comfyui is not None), ("--comfyui-only", args.comfyui_only)):
-            if value:
-                parser.error(f"argument {option}: only with --rehash")
     if args.rehash:
         for option, value in (("--model", args.model), ("--implementation", args.implementation),
                               ("--deadline", args.deadline), ("--grid", args.grid), ("--json-out", args.json_out)):
@@ -607,6 +604,14 @@ def _bench_rehash(args: argparse.Namespace) -> int:
             if comfyui is None:
                 print(f"streamline: --comfyui: {why}; give the checkout's path", file=sys.stderr)
                 return 2
+        from .rehash_bench_comfyui import prepare
+
+        try:
+            with _stdout_to_stderr():
+                prepare(comfyui)  # before the long diffusers run: ComfyUI imports and loads the pack's nodes
+        except ModuleNotFoundError as exc:
+            print(f"streamline: --comfyui {comfyui}: {exc}", file=sys.stderr)
+            return 2
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     clips = args.clips or 4
     steps = args.steps or 25
@@ -620,11 +625,21 @@ def _bench_rehash(args: argparse.Namespace) -> int:
             from .rehash_bench import EASYCACHE_THRESHOLDS
             from .rehash_bench_comfyui import bench_rehash_comfyui
 
-            host = bench_rehash_comfyui(comfyui, clips=clips, steps=steps, frames=args.frames, threads=args.threads,
-                                        shares=result.shares if result else None,
-                                        shares_from=result.shares_from if result else None, cuts_config=args.config,
-                                        thresholds=(0.2,) if args.quick else EASYCACHE_THRESHOLDS,
-                                        weights=args.weights, quick=args.quick, progress=say)
+            try:
+                host = bench_rehash_comfyui(comfyui, clips=clips, steps=steps, frames=args.frames,
+                                            threads=args.threads, shares=result.shares if result else None,
+                                            shares_from=result.shares_from if result else None,
+                                            cuts_config=args.config,
+                                            thresholds=(0.2,) if args.quick else EASYCACHE_THRESHOLDS,
+                                            weights=args.weights, quick=args.quick, progress=say)
+            except Exception:  # noqa: BLE001 - the diffusers comparison above is still printed
+                if result is None:
+                    raise
+                import traceback
+
+                traceback.print_exc()
+                print("streamline: the comparison inside ComfyUI stopped (above); the diffusers comparison follows",
+                      file=sys.stderr)
     if args.json:
         rows = (result.rows if result else []) + (host.rows if host else [])
         print(json.dumps([r.as_dict() for r in rows], indent=2))
@@ -637,7 +652,7 @@ def _bench_rehash(args: argparse.Namespace) -> int:
             print(("\n" if result is not None else "") + "Inside ComfyUI:\n\n" + format_host(host), end="")
     if args.plot is not None:
         print(f"wrote {plot(result, args.plot)}", file=sys.stderr)
-    return 0
+    return 0 if comfyui is None or host is not None else 1
 
 
 def _profile(args: argparse.Namespace) -> int:

@@ -73,18 +73,12 @@ def animatediff_evolved(module: str):
     the custom node from the checkout's ``custom_nodes`` (import ComfyUI first)."""
     found = _loaded_ade(module)
     if found is None:
-        import asyncio
-        import inspect
-
         import comfy.model_management
-        import nodes
 
         root = Path(comfy.model_management.__file__).resolve().parents[1] / "custom_nodes" / ADE_FOLDER
         if not (root / "__init__.py").is_file():
             raise ModuleNotFoundError(f"AnimateDiff-Evolved is not in {root.parent}")
-        loaded = nodes.load_custom_node(str(root))
-        if inspect.iscoroutine(loaded):
-            loaded = asyncio.run(loaded)
+        loaded = load_custom_node(root)
         found = _loaded_ade(module)
         if not loaded or found is None:
             raise ModuleNotFoundError(f"ComfyUI could not load AnimateDiff-Evolved from {root}")
@@ -95,21 +89,28 @@ def _loaded_ade(module: str):
     return next((m for name, m in list(sys.modules.items()) if ADE_FOLDER in name and name.endswith("." + module)), None)
 
 
-def load_pack_nodes(required: str = "StepRehashSampler") -> dict:
-    """This pack's nodes, loaded as ComfyUI loads it from ``custom_nodes`` (once; import ComfyUI first):
-    ComfyUI's ``NODE_CLASS_MAPPINGS``, with ``required`` in it."""
+def load_custom_node(root: Path) -> bool:
+    """Load the custom node at ``root`` with ComfyUI's own loader (synchronous or, in newer ComfyUI, a
+    coroutine); whether it loaded."""
     import asyncio
     import inspect
 
+    import nodes
+
+    loaded = nodes.load_custom_node(str(root))
+    return bool(asyncio.run(loaded) if inspect.iscoroutine(loaded) else loaded)
+
+
+def load_pack_nodes(required: str = "StepRehashSampler") -> dict:
+    """This pack's nodes, loaded as ComfyUI loads it from ``custom_nodes`` (once; import ComfyUI first):
+    ComfyUI's ``NODE_CLASS_MAPPINGS``, with ``required`` in it."""
     import nodes
 
     if required not in nodes.NODE_CLASS_MAPPINGS:
         if not (PACK_ROOT / "__init__.py").is_file() or not (PACK_ROOT / "nodes").is_dir():
             raise ModuleNotFoundError(f"this pack's ComfyUI nodes are not beside streamlined_core in {PACK_ROOT}: run "
                                       "from a clone of the pack, or from ComfyUI/custom_nodes where it is installed")
-        loaded = nodes.load_custom_node(str(PACK_ROOT))
-        if inspect.iscoroutine(loaded):
-            loaded = asyncio.run(loaded)
+        loaded = load_custom_node(PACK_ROOT)
         if not loaded or required not in nodes.NODE_CLASS_MAPPINGS:
             raise ModuleNotFoundError(f"ComfyUI could not load this pack's nodes from {PACK_ROOT} (see the log above)")
     return nodes.NODE_CLASS_MAPPINGS

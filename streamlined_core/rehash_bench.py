@@ -129,6 +129,12 @@ def choose_default(tried: Sequence[tuple[str, Row]], rows: Sequence[Row]) -> str
     return max(unbeaten or tried, key=lambda pair: (_db(pair[1]), -pair[1].unet_time_ratio))[0]
 
 
+def unet_time(full_steps: float, steps: int, share: float) -> float:
+    """U-Net time of a run, as a share of full compute: ``full_steps`` whole forwards, each other step
+    costing ``share`` of one (a reuse step's shallow path and tail; a skipped step 0)."""
+    return (full_steps + (steps - full_steps) * share) / steps
+
+
 def _db(row: Row) -> float:
     """PSNR for comparisons: a result identical to full compute (no error) is infinitely close."""
     return math.inf if row.psnr_db is None else row.psnr_db
@@ -322,8 +328,7 @@ def _run(setting: Setting, batches, reference, full_s: float, seeds, steps, fram
     if setting.method == "pab":
         ratio = measured
     else:
-        share = setting.share if setting.share is not None else shares[setting.cut]
-        ratio = (full_steps + (steps - full_steps) * share) / steps
+        ratio = unet_time(full_steps, steps, setting.share if setting.share is not None else shares[setting.cut])
     return Row(setting.method, setting.setting, full_steps, ratio, psnr(got, reference),
                centroid_px(got, reference, seeds, frames), measured, split=split)
 

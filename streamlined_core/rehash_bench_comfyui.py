@@ -33,7 +33,7 @@ import torch
 from .fixture import data
 from .fixture import demo as fixture_demo
 from .rehash_bench import DEEPCACHE_CUT, EASYCACHE_END, EASYCACHE_START, EASYCACHE_THRESHOLDS, Row, _db, _shown
-from .rehash_bench import beaten_by, centroid_px, psnr
+from .rehash_bench import beaten_by, centroid_px, psnr, unet_time
 
 SPLIT = "comfyui"
 CFG, MIN_CFG = 3.0, 1.0  # SVD's pipeline guidance, rising across the frames (VideoLinearCFGGuidance)
@@ -46,6 +46,7 @@ KEYS = re.compile(r"(\d+) of \d+ steps ran the whole U-Net \(([^)]*)\)")
 class ComfyRehashResult:
     rows: list[Row]
     host: str
+    device: str  # where ComfyUI ran the model
     calibration: str  # the Step Rehash Sampler's report of its calibrating run
     steps: int
     clips: int
@@ -102,147 +103,170 @@ def bench_rehash_comfyui(comfyui: str | Path | None = None, clips: int = 4, step
                          progress: Callable[[str], None] | None = None) -> ComfyRehashResult:
     """Run the comparison inside the ComfyUI checkout at ``comfyui`` (None: ``comfy_host.find_comfyui``).
     ``shares``: each cut's reuse-step share of a full forward (None: timed now with ``bench --cuts`` on
-    ``cuts_config``). ``quick``: fewer cut timings, for tests."""
-    from .comfy_host import import_comfy, load_pack_nodes, model_folder
-
+    ``cuts_config``). ``quick``: fewer cut timings, for tests. Torch's thread count is restored after."""
     say = progress or (lambda _m: None)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    frames = frames or data.DEFAULT_FRAMES
-    if shares is None:
-        from .bench import cuts as cut_costs
+    try:
+        if shares is None:
+            from .bench import cuts as cut_costs
 
-        say(f"timing each cut's tail on the {cuts_config} configuration (bench --cuts)")
-        costs = cut_costs(cuts_config, warmup=0 if quick else 1, repeats=1 if quick else 3, threads=threads,
-                          direct=(DEEPCACHE_CUT,))
-        torch.set_num_threads(threads)
-        shares = {c.cut: c.shallow_tail for c in costs.cuts}
-        shares_from = f"bench --cuts, {cuts_config} configuration"
+            say(f"timing each cut's tail on the {cuts_config} configuration (bench --cuts)")
+            costs = cut_costs(cuts_config, warmup=0 if quick else 1, repeats=1 if quick else 3, threads=threads,
+                              direct=(DEEPCACHE_CUT,))
+            torch.set_num_threads(threads)
+            shares = {c.cut: c.shallow_tail for c in costs.cuts}
+            shares_from = f"bench --cuts, {cuts_config} configuration"
+        return _in_comfyui(comfyui, clips, steps, frames or data.DEFAULT_FRAMES, threads, shares,
+                           shares_from or "given shares", thresholds, weights, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def prepare(comfyui: str | Path | None = None) -> dict:
+    """Import the ComfyUI checkout and load this pack's nodes into it (raises, naming what is missing);
+    ComfyUI's node mappings. Cheap: a caller checks this before a long run."""
+    from .comfy_host import import_comfy, load_pack_nodes
+
     import_comfy(Path(comfyui).expanduser().resolve() if comfyui is not None else None)
-    mappings = load_pack_nodes()
-    import comfy.model_management
+    return load_pack_nodes("StreamlineDemoLoader")
+
+
+def _saved_calibration(report: str) -> str:
+    """What the Step Rehash Sampler's report of its calibrating run says about the file."""
+    saved = re.search(r"and saved (\S+\.json) in ", report)
+    return f"saved as {saved[1]}" if saved else f"not saved: {report or 'no report'}"
+
+
+def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shares: dict[str, float],
+                shares_from: str, thresholds: Sequence[float], weights: str | None,
+                say: Callable[[str], None]) -> ComfyRehashResult:
+    from .comfy_host import model_folder
+
+    mappings = prepare(comfyui)
+    import comfy.model_management as mm
     import nodes
     from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
 
+    try:
+        from comfy_extras.nodes_easycache import EasyCacheNode
+    except ImportError:  # ComfyUI before its EasyCache node
+        EasyCacheNode = None
     host = _host()
-    say(f"inside {host} ({Path(comfy.model_management.__file__).resolve().parents[1]})")
+    device = str(mm.get_torch_device())
+    say(f"inside {host} ({Path(mm.__file__).resolve().parents[1]}), on {device}")
     rehash_node = mappings["StepRehashSampler"]
     rehash_module = sys.modules[rehash_node.__module__]
     demo_module = sys.modules[mappings["StreamlineDemoLoader"].__module__]
-    model = demo_module.load_fixture_model(weights)
-    (guided,) = VideoLinearCFGGuidance().patch(model, MIN_CFG)
-    unet = guided.get_model_object("diffusion_model")
-    calls = [0]
-    hook = unet.middle_block[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    reports = _Reports()
-    rehash_log = rehash_module.log
-    level = rehash_log.level
-    rehash_log.addHandler(reports)
-    rehash_log.setLevel(logging.INFO)
     ksampler_inputs = set(nodes.KSampler.INPUT_TYPES()["required"])
     defaults = {name: spec[1]["default"] for name, spec in rehash_node.INPUT_TYPES()["required"].items()
                 if name not in ksampler_inputs}
+    model = demo_module.load_fixture_model(weights)
+    (guided,) = VideoLinearCFGGuidance().patch(model, MIN_CFG)
+    unet = guided.get_model_object("diffusion_model")
+    seeds = [data.EVAL_SEEDS[k] for k in range(clips)]
 
-    def inputs(index: int, split: str = "eval"):
+    def inputs(index: int, split: str):
         clip = fixture_demo.demo_clip(index, frames, split=split)
         positive, negative = demo_module.conditioning(clip)
         _, _, h, w = clip.first_frame.shape
-        return positive, negative, {"samples": torch.zeros(frames, 4, h, w)}
+        # KSampler's noise seed: the clip's index for held-out clips, a seed none of them uses otherwise
+        seed = index if split == "eval" else data.CALIBRATION_SEEDS[index]
+        return seed, positive, negative, {"samples": torch.zeros(frames, 4, h, w)}
 
-    def ksampler(m: Any) -> Callable[[int, str], torch.Tensor]:
+    def ksampler(make_model: Callable[[], Any]) -> Callable[..., torch.Tensor]:
         def sample(index: int, split: str = "eval") -> torch.Tensor:
-            positive, negative, latent = inputs(index, split)
-            (out,) = nodes.KSampler().sample(m, index, steps, CFG, SAMPLER, SCHEDULER, positive, negative, latent,
-                                             denoise=1.0)
+            seed, positive, negative, latent = inputs(index, split)
+            (out,) = nodes.KSampler().sample(make_model(), seed, steps, CFG, SAMPLER, SCHEDULER, positive, negative,
+                                             latent, denoise=1.0)
             return out["samples"]
         return sample
 
-    def step_rehash(**options: Any) -> Callable[[int, str], torch.Tensor]:
+    def step_rehash(**options: Any) -> Callable[..., torch.Tensor]:
         def sample(index: int, split: str = "eval") -> torch.Tensor:
-            positive, negative, latent = inputs(index, split)
-            (out,) = rehash_node().sample(guided, index, steps, CFG, SAMPLER, SCHEDULER, positive, negative, latent,
+            seed, positive, negative, latent = inputs(index, split)
+            (out,) = rehash_node().sample(guided, seed, steps, CFG, SAMPLER, SCHEDULER, positive, negative, latent,
                                           denoise=1.0, **(defaults | options))
             return out["samples"]
         return sample
 
-    seeds = [data.EVAL_SEEDS[k] for k in range(clips)]
+    def easycache(threshold: float) -> Any:
+        out = EasyCacheNode.execute(guided, reuse_threshold=threshold, start_percent=EASYCACHE_START,
+                                    end_percent=EASYCACHE_END, verbose=False)
+        return out.result[0] if hasattr(out, "result") else out[0]  # io.NodeOutput, or a tuple
 
-    def run(method: str, setting: str, sample: Callable[[int], torch.Tensor], share: float | None,
-            reference: torch.Tensor | None, full: tuple[int, float] | None) -> tuple[Row, torch.Tensor | None]:
-        calls[0] = 0
-        got = []
-        start = time.perf_counter()
-        try:
-            for k in range(clips):
-                got.append(data.unpack(sample(k).float()).clamp(0, 1))
-                say(f"{setting}: clip {k + 1} of {clips}")
-        except Exception as exc:  # noqa: BLE001 - a setting that fails is a result, reported with its error
-            say(f"{setting}: raised {type(exc).__name__}: {exc}")
-            return Row(method, setting, 0, None, None, None, None, split=SPLIT,
-                       error=f"{type(exc).__name__}: {exc}"), None
-        seconds = time.perf_counter() - start
-        clip_batch = torch.stack(got)
-        if full is None:  # the reference itself
-            return Row(method, setting, steps, 1.0, None, 0.0, 1.0, split=SPLIT), clip_batch
-        full_calls, full_s = full
-        ran = calls[0] * steps / full_calls  # full steps per clip, on average
-        ratio = (ran + (steps - ran) * share) / steps
-        return Row(method, setting, round(ran), ratio, psnr(clip_batch, reference),
-                   centroid_px(clip_batch, reference, seeds, frames), seconds / full_s, split=SPLIT), clip_batch
-
+    calls = [0]
+    reports = _Reports()
+    rehash_log, level = rehash_module.log, rehash_module.log.level
+    hook = unet.middle_block[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     folder = tempfile.TemporaryDirectory(prefix="streamline-bench-")
-    rows: list[Row] = []
     try:
-        with model_folder(rehash_module.FOLDER, folder.name, {".json"}):
-            start = time.perf_counter()
-            full_row, reference = run("full", f"KSampler, {steps} of {steps} steps", ksampler(guided), None, None,
-                                      None)
-            if full_row.error is not None:
-                raise RuntimeError(f"KSampler at full compute failed inside {host}: {full_row.error}")
-            full = (calls[0], time.perf_counter() - start)
-            rows.append(full_row)
-            say(f"full compute on {clips} held-out clips: {full[1]:.1f} s")
+        rehash_log.addHandler(reports)
+        rehash_log.setLevel(logging.INFO)
 
+        def run(method: str, setting: str, sample: Callable[[int], torch.Tensor], share: float = 0.0,
+                tolerate: bool = False) -> Row:
+            """Sample every held-out clip; ``tolerate``: a setting that raises is a result (ComfyUI's own
+            nodes), otherwise (this pack's nodes, the reference) the error stops the bench."""
+            calls[0] = 0
+            got = []
+            start = time.perf_counter()
+            try:
+                for k in range(clips):
+                    got.append(data.unpack(sample(k).float()).clamp(0, 1))
+                    say(f"{setting}: clip {k + 1} of {clips}")
+            except Exception as exc:
+                if not tolerate:
+                    raise
+                say(f"{setting}: raised {type(exc).__name__}: {exc}")
+                return Row(method, setting, 0, None, None, None, None, split=SPLIT, error=f"{type(exc).__name__}: {exc}")
+            seconds = time.perf_counter() - start
+            clip_batch = torch.stack(got)
+            if not rows:  # the reference itself
+                runs.update(reference=clip_batch, calls=calls[0], seconds=seconds)
+                return Row(method, setting, steps, 1.0, None, 0.0, 1.0, split=SPLIT)
+            ran = calls[0] * steps / runs["calls"]  # full steps per clip, on average
+            return Row(method, setting, round(ran), unet_time(ran, steps, share), psnr(clip_batch, runs["reference"]),
+                       centroid_px(clip_batch, runs["reference"], seeds, frames), seconds / runs["seconds"],
+                       split=SPLIT)
+
+        rows: list[Row] = []
+        runs: dict[str, Any] = {}
+        with model_folder(rehash_module.FOLDER, folder.name, {".json"}):
+            rows.append(run("full", f"KSampler, {steps} of {steps} steps", ksampler(lambda: guided)))
+            say(f"full compute on {clips} held-out clips: {runs['seconds']:.1f} s")
             say("the Step Rehash Sampler calibrates on its first run (calibration clip 0)")
             step_rehash()(0, "calibration")
-            saved = re.search(r"saved (\S+)", reports.lines[-1] if reports.lines else "")
-            calibration = f"saved as {saved[1]}" if saved else f"not saved ({reports.lines[-1:] or 'no report'})"
-            default = step_rehash()
+            calibration = _saved_calibration(reports.lines[-1] if reports.lines else "")
             del reports.lines[:]
-            row, _ = run("rehash", f"Step Rehash Sampler defaults ({defaults['cut']}, target key steps)", default,
-                         shares[defaults["cut"]], reference, full)
+            row = run("rehash", f"Step Rehash Sampler defaults ({defaults['cut']}, target key steps)", step_rehash(),
+                      shares[defaults["cut"]])
             keys = [m for line in reports.lines if (m := KEYS.search(line))]
             if keys:  # the first held-out clip's key steps, as the node reported them
                 row.setting += f": {keys[0][1]} key steps ({keys[0][2]})"
             row.default = True
             rows.append(row)
-            row, _ = run("deepcache", f"Step Rehash Sampler at {DEEPCACHE_CUT}, uniform interval 2",
-                         step_rehash(schedule="uniform interval", interval=2, cut=DEEPCACHE_CUT),
-                         shares[DEEPCACHE_CUT], reference, full)
-            rows.append(row)
-            try:
-                from comfy_extras.nodes_easycache import EasyCacheNode
-            except ImportError as exc:
+            rows.append(run("deepcache", f"Step Rehash Sampler at {DEEPCACHE_CUT}, uniform interval 2",
+                            step_rehash(schedule="uniform interval", interval=2, cut=DEEPCACHE_CUT),
+                            shares[DEEPCACHE_CUT]))
+            if EasyCacheNode is None:
                 rows.append(Row(EASYCACHE_NODE, "EasyCache", 0, None, None, None, None, split=SPLIT,
-                                error=f"this ComfyUI has no EasyCache node ({exc})"))
-                thresholds = ()
-            for t in thresholds:
-                out = EasyCacheNode.execute(guided, reuse_threshold=t, start_percent=EASYCACHE_START,
-                                            end_percent=EASYCACHE_END, verbose=False)
-                cached = out.result[0] if hasattr(out, "result") else out[0]
-                row, _ = run(EASYCACHE_NODE, f"EasyCache node, reuse_threshold {t}", ksampler(cached), 0.0,
-                             reference, full)
-                rows.append(row)
+                                error=f"{host} has no EasyCache node (comfy_extras.nodes_easycache)"))
+            for t in thresholds if EasyCacheNode is not None else ():
+                rows.append(run(EASYCACHE_NODE, f"EasyCache node, reuse_threshold {t}",
+                                ksampler(lambda t=t: easycache(t)), tolerate=True))
     finally:
         hook.remove()
         rehash_log.removeHandler(reports)
         rehash_log.setLevel(level)
         folder.cleanup()
-    return ComfyRehashResult(rows, host, calibration, steps, clips, frames, threads, shares,
-                             shares_from or "given shares")
+    return ComfyRehashResult(rows, host, device, calibration, steps, clips, frames, threads, shares, shares_from)
 
 
 def format_markdown(r: ComfyRehashResult) -> str:
-    head = ["method", "setting", "full steps", "U-Net time", "PSNR (dB)", "centroid error (px)", "wall time (CPU)", ""]
+    where = "CPU" if r.device == "cpu" else r.device
+    head = ["method", "setting", "full steps", "U-Net time", "PSNR (dB)", "centroid error (px)", f"wall time ({where})",
+            ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in r.rows:
         if row.error is not None:
@@ -258,10 +282,10 @@ def format_markdown(r: ComfyRehashResult) -> str:
             f"VideoLinearCFGGuidance and EasyCache nodes and this pack's Step Rehash Sampler: {r.clips} held-out clips "
             f"of {r.frames} frames, {r.steps} steps ({SAMPLER}, {SCHEDULER}, guidance {MIN_CFG:g} to {CFG:g}), each "
             f"against KSampler at full compute from the same seed. Full steps counted at the U-Net's middle block; "
-            f"U-Net time: a reuse step costs its cut's share ({r.shares_from}), a skipped step nothing. Wall time: this "
-            f"CPU, {r.threads} threads. The Step Rehash Sampler's defaults use the calibration the node made itself on "
-            f"its first run, on a calibration clip ({r.calibration}).")
+            f"U-Net time: a reuse step costs its cut's share ({r.shares_from}), a skipped step nothing. Wall time: "
+            f"{'this CPU' if where == 'CPU' else where}, {r.threads} CPU threads. The Step Rehash Sampler's defaults "
+            f"use the calibration the node made itself on its first run, on a calibration clip ({r.calibration}).")
     return "\n".join(lines) + "\n\n" + note + "\n\nTargets:\n" + checks + "\n"
 
 
-__all__ = ["ComfyRehashResult", "bench_rehash_comfyui", "format_markdown"]
+__all__ = ["ComfyRehashResult", "bench_rehash_comfyui", "format_markdown", "prepare"]

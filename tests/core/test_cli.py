@@ -276,7 +276,7 @@ def test_calibrate_a_local_svd_pipeline_writes_a_schedule_rehash_accepts(svd_pip
 
     folder, image = svd_pipeline_dir
     out = tmp_path / "svd"
-    assert main(["calibrate", "--pipeline", str(folder), "--image", str(image), "--height", "32", "--width", "32",
+    assert main(["calibrate", "--pipeline", str(folder), "--image", str(image), "--resolution", "32x32",
                  "--frames", "3", "--steps", "5", "--clips", "2", "--count", "3", "--positions", "64",
                  "--device", "cpu", "--cut", "up0.0.attn", "--out", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr()
@@ -296,7 +296,6 @@ def test_calibrate_a_local_svd_pipeline_writes_a_schedule_rehash_accepts(svd_pip
     ([], "--pipeline: needs --image"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
     (["--image", "IMAGE", "--weights", "w.safetensors"], "--weights: a fixture file; not with --pipeline"),
-    (["--image", "IMAGE", "--height", "33"], "must be a multiple of the VAE's factor, 2"),
 ])
 def test_calibrate_pipeline_names_bad_options(svd_pipeline_dir, capsys, tmp_path, extra, message):
     folder, image = svd_pipeline_dir
@@ -308,5 +307,8 @@ def test_calibrate_pipeline_names_bad_options(svd_pipeline_dir, capsys, tmp_path
 def test_calibrate_names_pipeline_options_without_a_pipeline(capsys, tmp_path):
     assert main(["calibrate", "--image", "x.png", "--out", str(tmp_path / "s")]) == 2
     assert "--image: only with --pipeline" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--pipeline", str(tmp_path), "--resolution", "36x32"])
+    assert "multiples of 8" in capsys.readouterr().err
     assert main(["calibrate", "--pipeline", str(tmp_path / "nothing"), "--image", "x.png"]) == 2
     assert "not a folder" in capsys.readouterr().err

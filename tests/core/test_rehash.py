@@ -508,3 +508,15 @@ def test_the_bench_chooses_the_most_accurate_unbeaten_cut_and_the_cheaper_of_equ
     assert choose_default([("a", a)], [a, rival]) == "a"  # every candidate beaten: still the most accurate
     pab = row("pab", 0.10, 90.0, method="pab")  # timed end to end: not compared
     assert choose_default([("a", a), ("b", b)], [a, b, pab]) == "a"
+    failed = Row("easycache (ComfyUI node)", "raised", 0, None, None, None, None, error="RuntimeError: x")
+    assert choose_default([("a", a), ("b", b)], [a, b, failed]) == "a"  # a setting that raised beats nothing
+
+
+def test_the_comfyui_bench_reads_whether_the_node_saved_its_calibration():
+    from streamlined_core.rehash_bench_comfyui import _saved_calibration
+
+    saved = ("no calibration for this model and setting in /tmp/x: this run calibrates; calibrated on this run and "
+             "saved abc-25steps-euler-karras.json in /tmp/x; the next runs with this model and setting use it")
+    assert _saved_calibration(saved) == "saved as abc-25steps-euler-karras.json"
+    for text in ("the calibration was not saved (ValueError: bad)", "nothing saved (use interval, or fewer frames)"):
+        assert _saved_calibration(text) == f"not saved: {text}"

@@ -19,18 +19,12 @@ def comfyui():
 @pytest.fixture(scope="session")
 def pack(comfyui):
     """This pack, loaded by ComfyUI's own loader as ComfyUI loads it from custom_nodes."""
-    import asyncio
-    import inspect
     import sys
-    from pathlib import Path
 
-    import nodes
+    from streamlined_core.comfy_host import PACK_ROOT, load_pack_nodes
 
-    root = str(Path(__file__).resolve().parents[2])
-    loaded = nodes.load_custom_node(root)
-    loaded = asyncio.run(loaded) if inspect.iscoroutine(loaded) else loaded
-    assert loaded, "ComfyUI could not load the pack"
-    return sys.modules[root.replace(".", "_x_")]
+    load_pack_nodes()  # raises, naming why, when ComfyUI cannot load it
+    return sys.modules[str(PACK_ROOT).replace(".", "_x_")]
 
 
 def pytest_report_header(config):
@@ -43,19 +37,17 @@ ADE_DIR = "custom_nodes/ComfyUI-AnimateDiff-Evolved"
 @pytest.fixture(scope="session")
 def ade(comfyui, pack):
     """AnimateDiff-Evolved, loaded by ComfyUI's own loader from the checkout's custom_nodes."""
-    import asyncio
-    import inspect
     from pathlib import Path
 
     import nodes
+
+    from streamlined_core.comfy_host import load_custom_node
 
     path = Path(comfyui) / ADE_DIR
     if not (path / "__init__.py").exists():
         pytest.skip(f"AnimateDiff-Evolved is not in {path.parent} (HOST.md: commit 90fb133 there)")
     if "ADE_UseEvolvedSampling" not in nodes.NODE_CLASS_MAPPINGS:
-        loaded = nodes.load_custom_node(str(path))
-        loaded = asyncio.run(loaded) if inspect.iscoroutine(loaded) else loaded
-        assert loaded, "ComfyUI could not load AnimateDiff-Evolved"
+        assert load_custom_node(path), "ComfyUI could not load AnimateDiff-Evolved"
     return nodes.NODE_CLASS_MAPPINGS
 
 

@@ -9,8 +9,8 @@
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
     .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
     .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
-    .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; ~40 min)
-    .venv/bin/python scripts/readme_tables.py --rehash-comfyui  # also bench --rehash --comfyui-only (a ComfyUI checkout)
+    .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; about 2.5 h on 2 cores)
+    .venv/bin/python scripts/readme_tables.py --rehash-comfyui  # also bench --rehash --comfyui-only (a ComfyUI checkout; ~12 min)
 
 ``--no-simulate`` leaves the simulate table as it is. Each table sits between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers.
 """

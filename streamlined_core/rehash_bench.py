@@ -45,7 +45,7 @@ from .rehash import (
 )
 
 DEEPCACHE_CUT = "up0.0.attn"
-COUNTS = (7, 10, 13, 16, 19)
+COUNTS = (7, 10, 13, 16, 19, 22, 25)  # key steps swept, up to every step (full compute at 25 of 25)
 INTERVALS = (2, 3, 4, 5)
 EASYCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.4)
 EASYCACHE_START, EASYCACHE_END = 0.15, 0.95  # ComfyUI's EasyCache defaults, as shares of the steps

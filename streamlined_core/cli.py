@@ -241,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser(
         "calibrate",
-        help="measure Step Rehash's step-similarity maps (the fixture model, or a local SVD pipeline) and save key steps",
+        help="measure Step Rehash's step-similarity maps (the fixture model, or a local SVD or AnimateDiff pipeline) "
+        "and save key steps",
         description="Sample calibration clips (a seed range disjoint from training and evaluation) with the fixture "
-        "model at full compute, or, with --pipeline, run a local diffusers SVD pipeline on --image at full compute, "
+        "model at full compute, or, with --pipeline, run a local diffusers SVD pipeline on --image or AnimateDiff "
+        "pipeline on --prompt at full compute, "
         "measure at each cut point of the last up block the cosine similarity of every "
         "step's feature to every other step's (fixed random positions per sample and guidance branch), and save "
         "the maps (safetensors) and the key steps of the paper's Algorithm 1 (JSON), with what they were made for: "
@@ -252,13 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--weights", default=None, metavar="PATH", help="a fixture safetensors file (default: shipped)")
     cal.add_argument("--pipeline", default=None, metavar="DIR",
-                     help="calibrate a diffusers StableVideoDiffusionPipeline saved in a local folder (SVD, SVD-XT, "
-                          "a fine-tune) instead of the fixture model; needs --image. Its runs use the pipeline's own "
-                          "scheduler and guidance, noise from seeds 0 to --clips - 1")
+                     help="calibrate a diffusers pipeline saved in a local folder instead of the fixture model: a "
+                          "StableVideoDiffusionPipeline (SVD, SVD-XT, a fine-tune; needs --image) or an "
+                          "AnimateDiffPipeline (needs --prompt). Its runs use the pipeline's own scheduler and "
+                          "guidance, noise from seeds 0 to --clips - 1")
     cal.add_argument("--image", action="append", default=None, metavar="PATH",
-                     help="--pipeline: a conditioning image (repeat for more; the runs take them in turn)")
+                     help="--pipeline (SVD): a conditioning image (repeat for more; the runs take them in turn)")
+    cal.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                     help="--pipeline (AnimateDiff): a calibration prompt (repeat for more; the runs take them in turn)")
     cal.add_argument("--resolution", type=_resolution, default=None, metavar="HxW",
-                     help="--pipeline: pixels, multiples of 8 (default: 576x1024)")
+                     help="--pipeline: pixels, multiples of 8 (default: 576x1024 SVD, 512x512 AnimateDiff)")
     cal.add_argument("--device", default=None,
                      help="--pipeline: torch device (default: cuda when available, else cpu)")
     cal.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--clips", type=_positive, default=4, help="calibration clips (default: 4)")
     cal.add_argument("--steps", type=_positive, default=25, help="sampling steps (default: 25)")
     cal.add_argument("--frames", type=_positive, default=None,
-                     help="frames (default: the fixture's 8; with --pipeline, the U-Net's num_frames)")
+                     help="frames (default: the fixture's 8; with --pipeline, SVD's num_frames or AnimateDiff's 16)")
     cal.add_argument("--cut", default=None, help="the cut whose key steps are saved (default: Step Rehash's)")
     keys = cal.add_mutually_exclusive_group()
     keys.add_argument("--count", type=_positive, default=None,
@@ -310,8 +315,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     if args.pipeline is not None:
         return _calibrate_pipeline(args, cut)
-    for option, value in (("--image", args.image), ("--resolution", args.resolution), ("--device", args.device),
-                          ("--dtype", args.dtype)):
+    for option, value in (("--image", args.image), ("--prompt", args.prompt), ("--resolution", args.resolution),
+                          ("--device", args.device), ("--dtype", args.dtype)):
         if value is not None:
             print(f"streamline: {option}: only with --pipeline (the fixture model's clips bring their own)",
                   file=sys.stderr)
@@ -338,8 +343,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+PIPELINES = {  # what calibrate --pipeline runs: its input option, the default pixels and frames
+    "StableVideoDiffusionPipeline": ("--image", (576, 1024), None),  # frames: the U-Net's num_frames
+    "AnimateDiffPipeline": ("--prompt", (512, 512), 16),
+}
+
+
 def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
-    """``streamline calibrate --pipeline DIR``: similarity maps and key steps of a local SVD pipeline."""
+    """``streamline calibrate --pipeline DIR``: similarity maps and key steps of a local SVD or AnimateDiff
+    pipeline."""
     import torch
 
     from .rehash import calibrate, describe_scheduler, format_calibration
@@ -352,14 +364,29 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
 
     if args.weights is not None:
         return fail("--weights: a fixture file; not with --pipeline")
-    if not os.path.isdir(args.pipeline):
-        return fail(f"--pipeline {args.pipeline}: not a folder (expected a pipeline saved with save_pretrained, "
-                    "with its model_index.json)")
-    if not args.image:
-        return fail("--pipeline: needs --image (the picture SVD animates; repeat --image for more)")
-    missing = [p for p in args.image if not os.path.isfile(p)]
-    if missing:
-        return fail(f"--image {missing[0]}: no such file")
+    index = os.path.join(args.pipeline, "model_index.json")
+    try:
+        with open(index) as f:
+            kind = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return fail(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (expected one saved with "
+                    "save_pretrained, with its model_index.json)")
+    if kind not in PIPELINES:
+        return fail(f"--pipeline {args.pipeline}: a {kind}; the command calibrates StableVideoDiffusionPipeline "
+                    "(with --image) and AnimateDiffPipeline (with --prompt) folders. For other pipelines, call "
+                    "streamlined_core.calibrate(pipe, run) with a run that samples one calibration input")
+    option, default_resolution, default_frames = PIPELINES[kind]
+    other = "--prompt" if option == "--image" else "--image"
+    if getattr(args, other.lstrip("-")):
+        return fail(f"{other}: not for this {kind} (it takes {option})")
+    given = getattr(args, option.lstrip("-"))
+    if not given:
+        what = "the picture SVD animates" if option == "--image" else "a calibration prompt"
+        return fail(f"--pipeline: this {kind} needs {option} ({what}; repeat {option} for more)")
+    if option == "--image":
+        missing = [p for p in given if not os.path.isfile(p)]
+        if missing:
+            return fail(f"--image {missing[0]}: no such file")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -369,33 +396,31 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
         return fail(f"--device {args.device}: no CUDA device here; --device cpu runs on the CPU (slowly)")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    from diffusers import DiffusionPipeline, StableVideoDiffusionPipeline
+    from diffusers import DiffusionPipeline
     from diffusers.utils import load_image
 
-    images = []
-    for path in args.image:
-        try:
-            images.append(load_image(path))
-        except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for a file that is not an image
-            return fail(f"--image {path}: not an image ({type(exc).__name__}: {exc})")
-    say(f"loading {args.pipeline} ({str(dtype).removeprefix('torch.')}, {device})")
+    inputs = list(given)
+    if option == "--image":
+        for k, path in enumerate(given):
+            try:
+                inputs[k] = load_image(path)
+            except Exception as exc:  # noqa: BLE001 - PIL raises several kinds for a file that is not an image
+                return fail(f"--image {path}: not an image ({type(exc).__name__}: {exc})")
+    say(f"loading {args.pipeline} ({kind}, {str(dtype).removeprefix('torch.')}, {device})")
     with _stdout_to_stderr():
         try:
             pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
             return fail(f"--pipeline {args.pipeline}: could not load a diffusers pipeline ({exc})")
-    if not isinstance(pipe, StableVideoDiffusionPipeline):
-        return fail(f"--pipeline {args.pipeline}: a {type(pipe).__name__}; the command calibrates "
-                    "StableVideoDiffusionPipeline folders. For other pipelines, call "
-                    "streamlined_core.calibrate(pipe, run) with a run that samples one calibration prompt")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    frames = args.frames or pipe.unet.config.num_frames
-    height, width = args.resolution or (576, 1024)
+    frames = args.frames or default_frames or pipe.unet.config.num_frames
+    height, width = args.resolution or default_resolution
+    what = "image" if option == "--image" else "prompt"
 
     def run(i: int) -> None:
-        say(f"calibration run {i + 1}/{args.clips}: image {(i % len(images)) + 1}, seed {i}")
-        pipe(images[i % len(images)], height=height, width=width, num_frames=frames, num_inference_steps=args.steps,
+        say(f"calibration run {i + 1}/{args.clips}: {what} {(i % len(inputs)) + 1}, seed {i}")
+        pipe(inputs[i % len(inputs)], height=height, width=width, num_frames=frames, num_inference_steps=args.steps,
              generator=torch.Generator().manual_seed(i), output_type="latent")
 
     try:

@@ -293,7 +293,8 @@ def test_calibrate_a_local_svd_pipeline_writes_a_schedule_rehash_accepts(svd_pip
 
 
 @pytest.mark.parametrize("extra, message", [
-    ([], "--pipeline: needs --image"),
+    ([], "--pipeline: this StableVideoDiffusionPipeline needs --image"),
+    (["--prompt", "a red square"], "--prompt: not for this StableVideoDiffusionPipeline (it takes --image)"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
     (["--image", "IMAGE", "--weights", "w.safetensors"], "--weights: a fixture file; not with --pipeline"),
 ])
@@ -311,4 +312,57 @@ def test_calibrate_names_pipeline_options_without_a_pipeline(capsys, tmp_path):
         main(["calibrate", "--pipeline", str(tmp_path), "--resolution", "36x32"])
     assert "multiples of 8" in capsys.readouterr().err
     assert main(["calibrate", "--pipeline", str(tmp_path / "nothing"), "--image", "x.png"]) == 2
-    assert "not a folder" in capsys.readouterr().err
+    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def animatediff_pipeline_dir(tmp_path_factory):
+    """A tiny AnimateDiffPipeline saved as a local folder (real diffusers and transformers classes, seeded
+    weights, a CLIP tokenizer over a few letters)."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from streamlined_core import configs
+
+    root = tmp_path_factory.mktemp("animatediff")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16))
+    pipe = AnimateDiffPipeline(vae=configs.build_tiny_sd_vae(), text_encoder=encoder, tokenizer=tokenizer,
+                               unet=configs.build_tiny_diffusers_animatediff(), motion_adapter=None,
+                               scheduler=DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False))
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+def test_calibrate_a_local_animatediff_pipeline_from_prompts(animatediff_pipeline_dir, capsys, tmp_path):
+    from diffusers import AnimateDiffPipeline
+
+    from streamlined_core.rehash import Schedule, fingerprint
+
+    out = tmp_path / "ad"
+    assert main(["calibrate", "--pipeline", str(animatediff_pipeline_dir), "--prompt", "a red square", "--prompt",
+                 "a blue disc", "--resolution", "32x32", "--frames", "3", "--steps", "4", "--clips", "2",
+                 "--positions", "64", "--device", "cpu", "--cut", "up0.0.attn", "--out", str(out),
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "2 calibration runs of 3 frames" in printed.out and "calibration run 2/2: prompt 2, seed 1" in printed.err
+    schedule = Schedule.load(out.with_suffix(".json"))
+    pipe = AnimateDiffPipeline.from_pretrained(animatediff_pipeline_dir)
+    assert schedule.made_for["model"] == fingerprint(pipe.unet) and schedule.made_for["steps"] == 4
+    assert schedule.made_for["sampler"] == "DDIMScheduler" and schedule.maps
+    from streamlined_core import RehashConfig, rehash
+
+    pipe.set_progress_bar_config(disable=True)
+    with rehash(pipe, RehashConfig(schedule=str(out.with_suffix(".json")))) as handle:
+        pipe("a red square", height=32, width=32, num_frames=3, num_inference_steps=4, output_type="latent")
+    keys = [r.step for r in handle.last_run.records if r.kind != "reuse"]
+    assert keys == schedule.key_steps and len(keys) < 4  # the calibrated key steps ran; the others reused
+    assert main(["calibrate", "--pipeline", str(animatediff_pipeline_dir), "--out", str(tmp_path / "s")]) == 2
+    assert "--pipeline: this AnimateDiffPipeline needs --prompt" in capsys.readouterr().err

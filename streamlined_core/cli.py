@@ -344,8 +344,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 PIPELINES = {  # what calibrate --pipeline runs: its input option, the default pixels and frames
-    "StableVideoDiffusionPipeline": ("--image", (576, 1024), None),  # frames: the U-Net's num_frames
-    "AnimateDiffPipeline": ("--prompt", (512, 512), 16),
+    "StableVideoDiffusionPipeline": ("--image", (576, 1024), None),  # the pipeline's defaults
+    "AnimateDiffPipeline": ("--prompt", None, 16),  # pixels: the U-Net's sample size, as the pipeline's default
 }
 
 
@@ -371,8 +371,8 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     except (OSError, ValueError, AttributeError):
         return fail(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (expected one saved with "
                     "save_pretrained, with its model_index.json)")
-    if kind not in PIPELINES:
-        return fail(f"--pipeline {args.pipeline}: a {kind}; the command calibrates StableVideoDiffusionPipeline "
+    if not isinstance(kind, str) or kind not in PIPELINES:
+        return fail(f"--pipeline {args.pipeline}: a {kind!r} pipeline; the command calibrates StableVideoDiffusionPipeline "
                     "(with --image) and AnimateDiffPipeline (with --prompt) folders. For other pipelines, call "
                     "streamlined_core.calibrate(pipe, run) with a run that samples one calibration input")
     option, default_resolution, default_frames = PIPELINES[kind]
@@ -394,8 +394,13 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
         return fail(f"--device {args.device}: {exc}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail(f"--device {args.device}: no CUDA device here; --device cpu runs on the CPU (slowly)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                    f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    if len(given) > args.clips:
+        say(f"note: {len(given)} {option} values and --clips {args.clips}: the runs use the first {args.clips}")
     from diffusers import DiffusionPipeline
     from diffusers.utils import load_image
 
@@ -409,13 +414,21 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     say(f"loading {args.pipeline} ({kind}, {str(dtype).removeprefix('torch.')}, {device})")
     with _stdout_to_stderr():
         try:
-            pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=dtype, local_files_only=True)
-        except (OSError, ValueError, TypeError) as exc:
-            return fail(f"--pipeline {args.pipeline}: could not load a diffusers pipeline ({exc})")
-    pipe.to(device)
+            pipe = DiffusionPipeline.from_pretrained(args.pipeline, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError, TypeError, ImportError, AttributeError) as exc:
+            return fail(f"--pipeline {args.pipeline}: could not load a diffusers pipeline ({type(exc).__name__}: {exc})")
+    try:
+        pipe.to(device)
+    except (RuntimeError, AssertionError) as exc:  # a device this torch lacks; out of memory
+        hint = "; --dtype fp16 takes half the memory" if "out of memory" in str(exc) and dtype != torch.float16 else ""
+        return fail(f"--device {device}: the pipeline could not be moved there ({type(exc).__name__}: {exc}){hint}")
     pipe.set_progress_bar_config(disable=True)
     frames = args.frames or default_frames or pipe.unet.config.num_frames
-    height, width = args.resolution or default_resolution
+    longest = getattr(pipe.unet.config, "motion_max_seq_length", None)
+    if longest is not None and frames > longest:
+        return fail(f"--frames {frames}: this pipeline's motion modules take at most {longest} frames")
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = args.resolution or default_resolution or (side, side)
     what = "image" if option == "--image" else "prompt"
 
     def run(i: int) -> None:
@@ -426,7 +439,7 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     try:
         result = calibrate(pipe, run, runs=args.clips, positions=args.positions)
         json_path, maps_path = result.save(args.out + ".json", cut, args.gamma, args.count)
-    except (ValueError, RuntimeError, MemoryError) as exc:  # torch's out-of-memory error is a RuntimeError
+    except (ValueError, RuntimeError, MemoryError, OSError) as exc:  # torch's out-of-memory error is a RuntimeError
         return fail(f"the calibration stopped: {type(exc).__name__}: {exc}")
     on = f"the pipeline in {args.pipeline} ({height}x{width}, {', '.join(describe_scheduler(pipe.scheduler))})"
     print(format_calibration(result, args.clips, frames, args.gamma, args.count, on=on, runs="calibration runs"),
@@ -634,8 +647,10 @@ def _bench_rehash(args: argparse.Namespace) -> int:
         try:
             with _stdout_to_stderr():
                 prepare(comfyui)  # before the long diffusers run: ComfyUI imports and loads the pack's nodes
-        except ModuleNotFoundError as exc:
-            print(f"streamline: --comfyui {comfyui}: {exc}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"streamline: --comfyui {comfyui}: could not import ComfyUI or load this pack's nodes into it "
+                  f"({type(exc).__name__}: {exc}); ComfyUI's requirements.txt must be installed in this Python",
+                  file=sys.stderr)
             return 2
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     clips = args.clips or 4

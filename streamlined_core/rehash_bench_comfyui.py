@@ -203,11 +203,14 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
     try:
         rehash_log.addHandler(reports)
         rehash_log.setLevel(logging.INFO)
+        rows: list[Row] = []
+        runs: dict[str, Any] = {}  # the reference's clips, middle-block calls and seconds
 
         def run(method: str, setting: str, sample: Callable[[int], torch.Tensor], share: float = 0.0,
-                tolerate: bool = False) -> Row:
-            """Sample every held-out clip; ``tolerate``: a setting that raises is a result (ComfyUI's own
-            nodes), otherwise (this pack's nodes, the reference) the error stops the bench."""
+                tolerate: bool = False, reference: bool = False) -> Row:
+            """Sample every held-out clip; ``reference``: this is full compute, what the others are scored
+            against; ``tolerate``: a setting that raises is a result (ComfyUI's own nodes), otherwise (this
+            pack's nodes, the reference) the error stops the bench."""
             calls[0] = 0
             got = []
             start = time.perf_counter()
@@ -222,7 +225,9 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
                 return Row(method, setting, 0, None, None, None, None, split=SPLIT, error=f"{type(exc).__name__}: {exc}")
             seconds = time.perf_counter() - start
             clip_batch = torch.stack(got)
-            if not rows:  # the reference itself
+            if reference:
+                if not calls[0]:
+                    raise RuntimeError("no call reached the U-Net's middle block during full compute")
                 runs.update(reference=clip_batch, calls=calls[0], seconds=seconds)
                 return Row(method, setting, steps, 1.0, None, 0.0, 1.0, split=SPLIT)
             ran = calls[0] * steps / runs["calls"]  # full steps per clip, on average
@@ -230,10 +235,8 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
                        centroid_px(clip_batch, runs["reference"], seeds, frames), seconds / runs["seconds"],
                        split=SPLIT)
 
-        rows: list[Row] = []
-        runs: dict[str, Any] = {}
         with model_folder(rehash_module.FOLDER, folder.name, {".json"}):
-            rows.append(run("full", f"KSampler, {steps} of {steps} steps", ksampler(lambda: guided)))
+            rows.append(run("full", f"KSampler, {steps} of {steps} steps", ksampler(lambda: guided), reference=True))
             say(f"full compute on {clips} held-out clips: {runs['seconds']:.1f} s")
             say("the Step Rehash Sampler calibrates on its first run (calibration clip 0)")
             step_rehash()(0, "calibration")

@@ -297,12 +297,15 @@ def test_calibrate_a_local_svd_pipeline_writes_a_schedule_rehash_accepts(svd_pip
     (["--prompt", "a red square"], "--prompt: not for this StableVideoDiffusionPipeline (it takes --image)"),
     (["--image", "missing.png"], "--image missing.png: no such file"),
     (["--image", "IMAGE", "--weights", "w.safetensors"], "--weights: a fixture file; not with --pipeline"),
+    (["--image", "NOT_AN_IMAGE"], "not an image"),
 ])
 def test_calibrate_pipeline_names_bad_options(svd_pipeline_dir, capsys, tmp_path, extra, message):
     folder, image = svd_pipeline_dir
-    extra = [str(image) if a == "IMAGE" else a for a in extra]
+    (tmp_path / "notes.png").write_text("not a picture")
+    extra = [str(image) if a == "IMAGE" else str(tmp_path / "notes.png") if a == "NOT_AN_IMAGE" else a for a in extra]
     assert main(["calibrate", "--pipeline", str(folder), "--device", "cpu", "--out", str(tmp_path / "s"), *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "loading" not in err  # refused before the pipeline loads
 
 
 def test_calibrate_names_pipeline_options_without_a_pipeline(capsys, tmp_path):
@@ -333,7 +336,8 @@ def animatediff_pipeline_dir(tmp_path_factory):
     tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
     encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16))
+                                           num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                           bos_token_id=0, eos_token_id=1, pad_token_id=1))
     pipe = AnimateDiffPipeline(vae=configs.build_tiny_sd_vae(), text_encoder=encoder, tokenizer=tokenizer,
                                unet=configs.build_tiny_diffusers_animatediff(), motion_adapter=None,
                                scheduler=DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False))
@@ -352,6 +356,7 @@ def test_calibrate_a_local_animatediff_pipeline_from_prompts(animatediff_pipelin
                  "--positions", "64", "--device", "cpu", "--cut", "up0.0.attn", "--out", str(out),
                  "--threads", "1"]) == 0
     printed = capsys.readouterr()
+    assert f"Measured on the pipeline in {animatediff_pipeline_dir} (32x32, DDIMScheduler" in printed.out
     assert "2 calibration runs of 3 frames" in printed.out and "calibration run 2/2: prompt 2, seed 1" in printed.err
     schedule = Schedule.load(out.with_suffix(".json"))
     pipe = AnimateDiffPipeline.from_pretrained(animatediff_pipeline_dir)
@@ -364,5 +369,32 @@ def test_calibrate_a_local_animatediff_pipeline_from_prompts(animatediff_pipelin
         pipe("a red square", height=32, width=32, num_frames=3, num_inference_steps=4, output_type="latent")
     keys = [r.step for r in handle.last_run.records if r.kind != "reuse"]
     assert keys == schedule.key_steps and len(keys) < 4  # the calibrated key steps ran; the others reused
-    assert main(["calibrate", "--pipeline", str(animatediff_pipeline_dir), "--out", str(tmp_path / "s")]) == 2
-    assert "--pipeline: this AnimateDiffPipeline needs --prompt" in capsys.readouterr().err
+    for extra, message in (([], "--pipeline: this AnimateDiffPipeline needs --prompt"),
+                           (["--prompt", "a", "--image", "x.png"], "--image: not for this AnimateDiffPipeline"),
+                           (["--prompt", "a", "--frames", "40"], "--frames 40: this pipeline's motion modules take "
+                                                                 "at most 32 frames")):
+        assert main(["calibrate", "--pipeline", str(animatediff_pipeline_dir), "--out", str(tmp_path / "s"),
+                     "--device", "cpu", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_pipeline_it_does_not_run(capsys, tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    assert main(["calibrate", "--pipeline", str(tmp_path), "--prompt", "a", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "'StableDiffusionPipeline' pipeline" in err and "StableVideoDiffusionPipeline (with --image)" in err
+
+
+def test_bench_rehash_names_a_comfyui_it_cannot_import(tmp_path):
+    """A folder that looks like a checkout but whose ComfyUI does not import: exit 2 before any bench runs
+    (in a child process: the failed import must not leave a half-imported ComfyUI in this one)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "main.py").touch()
+    (tmp_path / "comfy" / "model_patcher.py").touch()
+    done = subprocess.run([sys.executable, "-m", "streamlined_core.cli", "bench", "--rehash", "--comfyui", str(tmp_path),
+                           "--comfyui-only"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not done.stdout
+    assert f"--comfyui {tmp_path}: could not import ComfyUI" in done.stderr and "comfy.cli_args" in done.stderr

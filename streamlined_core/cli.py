@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 
 def _resolution(text: str) -> tuple[int, int]:
@@ -293,7 +293,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .fixture import data
     from .fixture import model as fixture
     from .fixture.calibration import calibrate_fixture
-    from .rehash import DEFAULT_CUT, LAST_UP_BLOCK, format_calibration
+    from .rehash import DEFAULT_CUT, LAST_UP_BLOCK
 
     for option, path in (("--out", args.out + ".json"), ("--png", args.png)):
         if path is not None and (why := _check_json_out(path)) is not None:
@@ -334,7 +334,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     except (ValueError, MemoryError) as exc:
         print(f"streamline: {exc}", file=sys.stderr)
         return 2
-    print(format_calibration(result, args.clips, frames, args.gamma, args.count), end="", flush=True)
+    return _report_calibration(args, result, frames, json_path, maps_path)
+
+
+def _report_calibration(args: argparse.Namespace, result: Any, frames: int, json_path: Any, maps_path: Any,
+                        **where: str) -> int:
+    """``streamline calibrate``'s output: the table on stdout, the files written (and the maps drawn)."""
+    from .rehash import format_calibration
+
+    print(format_calibration(result, args.clips, frames, args.gamma, args.count, **where), end="", flush=True)
     print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
     if args.png is not None:
         from .rehash_chart import draw_maps
@@ -354,7 +362,7 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     pipeline."""
     import torch
 
-    from .rehash import calibrate, describe_scheduler, format_calibration
+    from .rehash import calibrate, describe_scheduler
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -442,14 +450,7 @@ def _calibrate_pipeline(args: argparse.Namespace, cut: str) -> int:
     except (ValueError, RuntimeError, MemoryError, OSError) as exc:  # torch's out-of-memory error is a RuntimeError
         return fail(f"the calibration stopped: {type(exc).__name__}: {exc}")
     on = f"the pipeline in {args.pipeline} ({height}x{width}, {', '.join(describe_scheduler(pipe.scheduler))})"
-    print(format_calibration(result, args.clips, frames, args.gamma, args.count, on=on, runs="calibration runs"),
-          end="", flush=True)
-    print(f"wrote {json_path} and {maps_path}", file=sys.stderr)
-    if args.png is not None:
-        from .rehash_chart import draw_maps
-
-        print(f"wrote {draw_maps(result, args.png, args.gamma, args.count)}", file=sys.stderr)
-    return 0
+    return _report_calibration(args, result, frames, json_path, maps_path, on=on, runs="calibration runs")
 
 
 def _check_bench(args: argparse.Namespace) -> None:

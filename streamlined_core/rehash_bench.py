@@ -442,16 +442,30 @@ PAPER_TABLE_2 = (
 )
 
 
-def format_markdown(r: RehashBenchResult, limit: int | None = None) -> str:
-    head = ["method", "setting", "full steps", "U-Net time", "PSNR (dB)", "centroid error (px)", "wall time (CPU)", ""]
+def markdown_rows(rows: Sequence[Row], wall: str = "CPU") -> str:
+    """The settings as a Markdown table; a row that raised shows its error instead of figures."""
+    head = ["method", "setting", "full steps", "U-Net time", "PSNR (dB)", "centroid error (px)", f"wall time ({wall})", ""]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in r.rows:
-        lines.append("| " + " | ".join([
-            row.method, row.setting, str(row.full_steps), f"{row.unet_time_ratio:.3f}",
-            "-" if row.method == "full" else _shown(row.psnr_db), "-" if row.centroid_px is None else f"{row.centroid_px:.3f}",
-            f"{row.measured_ratio:.2f}", "**default**" if row.default else ""]) + " |")
-    checks = "\n".join(f"- {name}: {'not measured' if ok is None else 'holds' if ok else 'does not hold'}"
-                       for name, ok in r.checks().items())
+    for row in rows:
+        if row.error is not None:
+            cells = [row.method, row.setting, "-", "-", "-", "-", "-", f"raised {row.error}"]
+        else:
+            cells = [row.method, row.setting, str(row.full_steps), f"{row.unet_time_ratio:.3f}",
+                     "-" if row.method == "full" else _shown(row.psnr_db),
+                     "-" if row.centroid_px is None else f"{row.centroid_px:.3f}", f"{row.measured_ratio:.2f}",
+                     "**default**" if row.default else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_checks(checks: dict[str, bool | None]) -> str:
+    return "\n".join(f"- {name}: {'not measured' if ok is None else 'holds' if ok else 'does not hold'}"
+                     for name, ok in checks.items())
+
+
+def format_markdown(r: RehashBenchResult) -> str:
+    table = markdown_rows(r.rows)
+    checks = format_checks(r.checks())
     def candidate(row: Row) -> str:
         better = max(beaten_by(row, r.calibration_rows), key=_db, default=None)
         beaten = "" if better is None else f", beaten by {better.setting} ({_shown(better.psnr_db)} dB)"
@@ -468,7 +482,7 @@ def format_markdown(r: RehashBenchResult, limit: int | None = None) -> str:
             f"broadcast timed end to end. Wall time: this CPU, {r.threads} threads. Default chosen on {r.calibration_clips} "
             f"calibration clips, where {len(r.calibration_rows)} settings ran, as the cut closest to full compute among "
             f"those no dearer than DeepCache's that no setting beats on both axes there: {cal}.{e2e}")
-    return "\n".join(lines) + "\n\n" + note + "\n\nTargets:\n" + checks + "\n\n" + PAPER_TABLE_2 + "\n"
+    return table + "\n\n" + note + "\n\nTargets:\n" + checks + "\n\n" + PAPER_TABLE_2 + "\n"
 
 
 def plot(r: RehashBenchResult, path: str) -> str:

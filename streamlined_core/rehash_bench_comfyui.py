@@ -32,8 +32,8 @@ import torch
 
 from .fixture import data
 from .fixture import demo as fixture_demo
-from .rehash_bench import DEEPCACHE_CUT, EASYCACHE_END, EASYCACHE_START, EASYCACHE_THRESHOLDS, Row, _db, _shown
-from .rehash_bench import beaten_by, centroid_px, psnr, unet_time
+from .rehash_bench import DEEPCACHE_CUT, EASYCACHE_END, EASYCACHE_START, EASYCACHE_THRESHOLDS, Row, _db, beaten_by
+from .rehash_bench import centroid_px, format_checks, markdown_rows, psnr, unet_time
 
 SPLIT = "comfyui"
 CFG, MIN_CFG = 3.0, 1.0  # SVD's pipeline guidance, rising across the frames (VideoLinearCFGGuidance)
@@ -63,14 +63,12 @@ class ComfyRehashResult:
         d = self.default()
         dc = next((r for r in self.rows if r.method == "deepcache" and r.error is None), None)
         ran = [r for r in self.rows if r.method == EASYCACHE_NODE and r.error is None]
-        ok = d.error is None
-        return {
+        return {  # the default never carries an error: this pack's nodes stop the bench when they raise
             "inside ComfyUI: the Step Rehash Sampler's default closer to full compute than DeepCache's setting":
-                None if dc is None or not ok else _db(d) > _db(dc),
+                None if dc is None else _db(d) > _db(dc),
             "inside ComfyUI: its U-Net time no more than DeepCache's setting's":
-                None if dc is None or not ok else d.unet_time_ratio <= dc.unet_time_ratio + 1e-9,
-            "inside ComfyUI: no EasyCache node setting better on both axes":
-                None if not ran or not ok else not beaten_by(d, ran),
+                None if dc is None else d.unet_time_ratio <= dc.unet_time_ratio + 1e-9,
+            "inside ComfyUI: no EasyCache node setting better on both axes": None if not ran else not beaten_by(d, ran),
         }
 
 
@@ -130,6 +128,11 @@ def prepare(comfyui: str | Path | None = None) -> dict:
 
     import_comfy(Path(comfyui).expanduser().resolve() if comfyui is not None else None)
     return load_pack_nodes("StreamlineDemoLoader")
+
+
+def _raised(method: str, setting: str, error: str) -> Row:
+    """A setting of ComfyUI's own nodes that could not sample: no figures, its error."""
+    return Row(method, setting, 0, None, None, None, None, split=SPLIT, error=error)
 
 
 def _saved_calibration(report: str) -> str:
@@ -222,7 +225,7 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
                 if not tolerate:
                     raise
                 say(f"{setting}: raised {type(exc).__name__}: {exc}")
-                return Row(method, setting, 0, None, None, None, None, split=SPLIT, error=f"{type(exc).__name__}: {exc}")
+                return _raised(method, setting, f"{type(exc).__name__}: {exc}")
             seconds = time.perf_counter() - start
             clip_batch = torch.stack(got)
             if reference:
@@ -253,8 +256,7 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
                             step_rehash(schedule="uniform interval", interval=2, cut=DEEPCACHE_CUT),
                             shares[DEEPCACHE_CUT]))
             if EasyCacheNode is None:
-                rows.append(Row(EASYCACHE_NODE, "EasyCache", 0, None, None, None, None, split=SPLIT,
-                                error=f"{host} has no EasyCache node (comfy_extras.nodes_easycache)"))
+                rows.append(_raised(EASYCACHE_NODE, "EasyCache", f"{host} has no EasyCache node (comfy_extras.nodes_easycache)"))
             for t in thresholds if EasyCacheNode is not None else ():
                 rows.append(run(EASYCACHE_NODE, f"EasyCache node, reuse_threshold {t}",
                                 ksampler(lambda t=t: easycache(t)), tolerate=True))
@@ -268,19 +270,6 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
 
 def format_markdown(r: ComfyRehashResult) -> str:
     where = "CPU" if r.device == "cpu" else r.device
-    head = ["method", "setting", "full steps", "U-Net time", "PSNR (dB)", "centroid error (px)", f"wall time ({where})",
-            ""]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in r.rows:
-        if row.error is not None:
-            cells = [row.method, row.setting, "-", "-", "-", "-", "-", f"raised {row.error}"]
-        else:
-            cells = [row.method, row.setting, str(row.full_steps), f"{row.unet_time_ratio:.3f}",
-                     "-" if row.method == "full" else _shown(row.psnr_db), f"{row.centroid_px:.3f}",
-                     f"{row.measured_ratio:.2f}", "**default**" if row.default else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    checks = "\n".join(f"- {name}: {'not measured' if ok is None else 'holds' if ok else 'does not hold'}"
-                       for name, ok in r.checks().items())
     note = (f"Measured inside {r.host} on the fixture model (not on SVD), through ComfyUI's own KSampler, "
             f"VideoLinearCFGGuidance and EasyCache nodes and this pack's Step Rehash Sampler: {r.clips} held-out clips "
             f"of {r.frames} frames, {r.steps} steps ({SAMPLER}, {SCHEDULER}, guidance {MIN_CFG:g} to {CFG:g}), each "
@@ -288,7 +277,7 @@ def format_markdown(r: ComfyRehashResult) -> str:
             f"U-Net time: a reuse step costs its cut's share ({r.shares_from}), a skipped step nothing. Wall time: "
             f"{'this CPU' if where == 'CPU' else where}, {r.threads} CPU threads. The Step Rehash Sampler's defaults "
             f"use the calibration the node made itself on its first run, on a calibration clip ({r.calibration}).")
-    return "\n".join(lines) + "\n\n" + note + "\n\nTargets:\n" + checks + "\n"
+    return markdown_rows(r.rows, where) + "\n\n" + note + "\n\nTargets:\n" + format_checks(r.checks()) + "\n"
 
 
 __all__ = ["ComfyRehashResult", "bench_rehash_comfyui", "format_markdown", "prepare"]

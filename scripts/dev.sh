@@ -5,30 +5,39 @@
 #   bash scripts/dev.sh test                                     every test suite
 #
 # STREAMLINE_SUITES=web,browser (any of core, overhead, host, web, browser) runs only those suites.
-# The web suite (node --test tests/web/, and pytest tests/web) always runs; the browser suite (the
-# memory panel in Debian's chromium, tests/host/test_browser.py) runs once per ComfyUI checkout found.
-# `test` installs what those need when it is missing: node and chromium with apt-get (as root), the
-# Python playwright client into the environment.
+# The web suite (node --test tests/web/, and pytest tests/web) always runs; the host suite and the
+# browser suite (the memory panel in Debian's chromium, tests/host/test_browser.py) run once per
+# ComfyUI host. `test` installs what those need when it is missing: node and chromium with apt-get
+# (as root), the Python playwright client into the environment.
+#
+# The hosts are the ones tests/hosts.py finds: $COMFYUI_PATHS (colon-separated), else $COMFYUI_PATH,
+# else the ComfyUI this pack sits in or ~/comfy/ComfyUI, else the reference hosts packed in
+# ../shared/hosts, unpacked once into build/hosts/<version>/ComfyUI (again only when a tarball's
+# sha256 changes). With CI=true the host and browser suites fail when no host is found (or a
+# reference host is missing), when a host's suite runs no test, or when a test skips that
+# tests/allowed_skips.txt does not list; elsewhere they say "skipped (why)".
 #
 # The environment pins the torch/torchvision pair ComfyUI runs with; the package itself never
-# pins torch. When a ComfyUI checkout is found (COMFYUI_PATH, the ComfyUI this pack sits in,
-# ~/comfy/ComfyUI) its requirements are installed too, so the host tests and the simulator's
-# ComfyUI rows can run.
+# pins torch. The first host's requirements are installed too, and $COMFYUI_PATH points the core
+# suite and `simulate` at that host, so the simulator's ComfyUI rows run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 venv=${STREAMLINE_VENV:-$root/.venv}
 py=$venv/bin/python
 
-comfy_roots() {
-  # Every ComfyUI checkout to test against: $COMFYUI_PATHS (colon-separated), else the one found.
-  if [ -n "${COMFYUI_PATHS:-}" ]; then
-    tr ':' '\n' <<<"$COMFYUI_PATHS" | sed '/^$/d'
-    return
-  fi
-  for c in "${COMFYUI_PATH:-}" "$root/../.." "$HOME/comfy/ComfyUI"; do
-    if [ -n "$c" ] && [ -f "$c/comfy/model_patcher.py" ]; then (cd "$c" && pwd); return; fi
-  done
+is_ci() {
+  case "${CI:-}" in [Tt][Rr][Uu][Ee] | 1) return 0 ;; *) return 1 ;; esac
+}
+
+find_hosts() {
+  # roots: every ComfyUI host, one a line (tests/hosts.py, which unpacks the reference hosts when it
+  # comes to them); hosts_why: where they came from, or why there is none; hosts_ok: 0 when none was
+  # found or a reference host is missing.
+  hosts_ok=1
+  hosts_why=$("$py" tests/hosts.py --why) || hosts_ok=0
+  roots=$("$py" tests/hosts.py 2>/dev/null)
+  echo "== hosts: $hosts_why"
 }
 
 setup() {
@@ -39,8 +48,10 @@ setup() {
   fi
   echo "== installing torch==2.14.1 torchvision==0.29.1 and the package"
   "$py" -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+  find_hosts
   local first
-  first=$(comfy_roots | head -n 1)
+  first=$(head -n 1 <<<"$roots")
+  if [ -n "$first" ] && [ -z "${COMFYUI_PATH:-}" ]; then export COMFYUI_PATH=$first; fi
   if [ -n "$first" ] && [ -f "$first/requirements.txt" ]; then
     echo "== installing ComfyUI's requirements from $first"
     # The torch pair stays as pinned above; ComfyUI adds torchaudio and its other dependencies.
@@ -76,30 +87,23 @@ wanted() {
   [ -z "${STREAMLINE_SUITES:-}" ] || [[ ",$STREAMLINE_SUITES," == *",$1,"* ]]
 }
 
-browser_result() {
-  # "passed", "FAILED" or "skipped (why)" from a pytest JUnit XML file, given pytest's exit status.
-  "$py" - "$1" "$2" <<'PY'
-import sys
-import xml.etree.ElementTree as ET
+suite_result() {
+  # "passed (...)", "skipped (why)" or "FAILED (why)" from a pytest JUnit XML file and pytest's exit
+  # status (tests/skips.py; with CI=true a suite that ran no test, or an unlisted skip, fails).
+  local ci=()
+  is_ci && ci=(--ci)
+  "$py" tests/skips.py "$1" "$2" "${ci[@]}" || true
+}
 
-path, code = sys.argv[1], int(sys.argv[2])
-try:
-    cases = list(ET.parse(path).getroot().iter("testcase"))
-except (OSError, ET.ParseError) as exc:
-    print(f"FAILED (no test report: {exc})")
-    raise SystemExit
-failed = [c for c in cases if c.find("failure") is not None or c.find("error") is not None]
-skipped = [c.find("skipped") for c in cases if c.find("skipped") is not None]
-if failed or code not in (0, 5):
-    print(f"FAILED ({len(failed)} of {len(cases)} tests)")
-elif cases and len(skipped) == len(cases):
-    why = (skipped[0].get("message") or "").removeprefix("Skipped: ")
-    print(f"skipped ({why})")
-elif not cases:
-    print("skipped (no tests collected)")
-else:
-    print(f"passed ({len(cases) - len(skipped)} tests" + (f", {len(skipped)} skipped" if skipped else "") + ")")
-PY
+no_hosts() {
+  # The summary line of suite $1 when no host was found (or not every reference host); with CI=true
+  # the run fails.
+  if is_ci; then
+    status=1
+    summary+=("$1: FAILED (CI=true: $hosts_why)")
+  else
+    summary+=("$1: skipped ($hosts_why)")
+  fi
 }
 
 run_tests() {
@@ -108,6 +112,7 @@ run_tests() {
   if wanted core; then
     t0=$SECONDS
     echo "== suite core (tests/core)"
+    # $COMFYUI_PATH (the first host) lets the core suite's ComfyUI rows run, in a process of their own
     if "$py" -m pytest tests/core -q; then r=passed; else r=FAILED; status=1; fi
     summary+=("core: $r in $((SECONDS - t0)) s")
   fi
@@ -134,39 +139,50 @@ run_tests() {
     summary+=("web: node $node_r, pytest $r in $((SECONDS - t0)) s")
   fi
 
-  local roots
-  roots=$(comfy_roots || true)
+  local n=0
+  mkdir -p build/test-output
   if ! wanted host; then
     :
   elif [ -z "$roots" ]; then
-    summary+=("host: skipped: no ComfyUI checkout found (set COMFYUI_PATH, or put this pack in ComfyUI/custom_nodes, or unpack ComfyUI at ~/comfy/ComfyUI)")
+    no_hosts host
   else
+    [ $hosts_ok = 1 ] || no_hosts host
     while IFS= read -r c; do
       t0=$SECONDS
-      local version
-      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || echo unknown)
+      n=$((n + 1))
+      local version report code
+      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || true)
+      version=${version:-unknown}
+      report=build/test-output/host-$n-$version.xml
       echo "== suite host (tests/host) against ComfyUI $version at $c"
-      if COMFYUI_PATH=$c "$py" -m pytest tests/host -q --ignore=tests/host/test_browser.py; then r=passed; else r=FAILED; status=1; fi
+      code=0
+      COMFYUI_PATH=$c "$py" -m pytest tests/host -q -rs --ignore=tests/host/test_browser.py \
+        --junitxml="$report" -o junit_family=xunit1 || code=$?
+      r=$(suite_result "$report" $code)
+      [[ $r == FAILED* ]] && status=1
       summary+=("host (ComfyUI $version, $c): $r in $((SECONDS - t0)) s")
     done <<<"$roots"
   fi
 
+  n=0
   if ! wanted browser; then
     :
   elif [ -z "$roots" ]; then
-    summary+=("browser: skipped (no ComfyUI checkout found: set COMFYUI_PATH, or put this pack in ComfyUI/custom_nodes, or unpack ComfyUI at ~/comfy/ComfyUI)")
+    no_hosts browser
   else
-    mkdir -p build/test-output
+    [ $hosts_ok = 1 ] || no_hosts browser
     while IFS= read -r c; do
       t0=$SECONDS
+      n=$((n + 1))
       local version frontend report code
-      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || echo unknown)
+      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || true)
+      version=${version:-unknown}
       frontend=$(sed -n 's/^comfyui-frontend-package==//p' "$c/requirements.txt" 2>/dev/null | head -n 1)
-      report=build/test-output/browser-$version.xml
+      report=build/test-output/browser-$n-$version.xml
       echo "== suite browser (tests/host/test_browser.py) against ComfyUI $version, frontend ${frontend:-unknown}"
       code=0
-      COMFYUI_PATH=$c "$py" -m pytest tests/host/test_browser.py -q -rs --junitxml="$report" || code=$?
-      r=$(browser_result "$report" $code)
+      COMFYUI_PATH=$c "$py" -m pytest tests/host/test_browser.py -q -rs --junitxml="$report" -o junit_family=xunit1 || code=$?
+      r=$(suite_result "$report" $code)
       [[ $r == FAILED* ]] && status=1
       summary+=("browser: $r in $((SECONDS - t0)) s (ComfyUI $version, frontend ${frontend:-unknown}, $c)")
     done <<<"$roots"

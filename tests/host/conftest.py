@@ -1,10 +1,34 @@
-"""Host tests run against a real ComfyUI checkout (HOST.md); without one they skip, saying why."""
+"""Host tests run against a real ComfyUI checkout (HOST.md); without one they skip, saying why.
+
+scripts/dev.sh runs this suite once per host with ``$COMFYUI_PATH`` set. Run directly (``pytest tests/host``)
+without it, the suite takes the first host tests/hosts.py finds (``$COMFYUI_PATHS``, the ComfyUI this pack
+sits in, ``~/comfy/ComfyUI``, else the reference hosts of ``../shared/hosts`` unpacked in ``build/hosts``)
+and sets ``$COMFYUI_PATH`` to it, so that every ``find_comfyui()`` in the tests and in the commands they
+start finds that one.
+"""
+
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
 from streamlined_core.comfy_host import find_comfyui, import_comfy
 
+if not os.environ.get("COMFYUI_PATH"):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import hosts
+
+    _roots, _why, _ = hosts.find_hosts()
+    if _roots:
+        os.environ["COMFYUI_PATH"] = str(_roots[0])
+    HOSTS_WHY = f"the first of {len(_roots)} host(s) found, {_why}" if _roots else _why
+else:
+    HOSTS_WHY = None
+
 COMFYUI, WHY = find_comfyui()
+if COMFYUI is None and HOSTS_WHY is not None:
+    WHY = f"no ComfyUI host found: {HOSTS_WHY}"
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +52,9 @@ def pack(comfyui):
 
 
 def pytest_report_header(config):
-    return f"host: {WHY}" if COMFYUI is not None else f"host: skipping: {WHY}"
+    if COMFYUI is None:
+        return f"host: skipping: {WHY}"
+    return f"host: {WHY}" + (f" ({HOSTS_WHY})" if HOSTS_WHY else "")
 
 
 ADE_DIR = "custom_nodes/ComfyUI-AnimateDiff-Evolved"

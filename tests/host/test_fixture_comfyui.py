@@ -332,7 +332,7 @@ def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, 
     extras(comfyui, "nodes_video_model.py", "nodes_images.py")
     workflow = json.loads(WORKFLOWS[sampler_type].read_text())
     types = {n["type"] for n in workflow["nodes"]}
-    assert {"StreamlineDemoLoader", "StreamlineModel", "VideoLinearCFGGuidance", sampler_type,
+    assert {"StreamlineDemoLoader", "StreamlineModel", "VRAMProfiler", "VideoLinearCFGGuidance", sampler_type,
             "StreamlineDemoFrames", "SaveAnimatedWEBP"} <= types
     used = {t: nodes.NODE_CLASS_MAPPINGS[t] for t in types if t in nodes.NODE_CLASS_MAPPINGS}
     prompt = api_prompt(workflow, object_info(used))
@@ -350,6 +350,9 @@ def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, 
     previous = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
     caplog.set_level(logging.INFO)
+    profiler = sys.modules[f"{pack.__name__}.nodes.vram_profiler"]
+    [label] = [n["inputs"]["label"] for n in prompt.values() if n["class_type"] == "VRAMProfiler"]
+    recorded_before = sum(h["label"] == label for h in profiler.history())
     try:
         with calibration_folder(tmp_path / "calibrations"):
             outputs = execute(prompt)
@@ -362,6 +365,10 @@ def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, 
                 assert "2 of 3 steps ran the whole U-Net (0, 2), 1 reused the cached feature (1)" in text, text
     finally:
         folder_paths.set_output_directory(previous)
+    # The VRAM Profiler in the demo recorded every run (so a first run fills the memory panel), step by step.
+    runs = [h for h in profiler.history() if h["label"] == label]
+    assert len(runs) - recorded_before == (1 if sampler_type == "KSampler" else 2), runs
+    assert runs[0]["steps"] == sampler["inputs"]["steps"] and runs[0]["peak_bytes"] > 0, runs[0]
     frames_id = next(i for i, n in prompt.items() if n["class_type"] == "StreamlineDemoFrames")
     (frames,) = outputs[frames_id]
     n_frames = data.MIN_FRAMES

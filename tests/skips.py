@@ -14,7 +14,8 @@ Standard library only.
 
 from __future__ import annotations
 
-import fnmatch
+import ast
+import re
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -28,9 +29,13 @@ class Allowed:
     pattern: str
     reason: str
 
+    def matches(self, node: str) -> bool:
+        return re.fullmatch(".*".join(re.escape(part) for part in self.pattern.split("*")), node) is not None
+
 
 def allowed_skips(path: Path = ALLOWED) -> list[Allowed]:
-    """The allow-list: one ``<node id pattern> <why it may skip>`` a line (fnmatch patterns; ``#`` comments).
+    """The allow-list: one ``<node id pattern> <why it may skip>`` a line (``*`` matches anything, every other
+    character itself, brackets of parametrized ids included; ``#`` starts a comment line).
 
     A line without a reason is refused: every test listed says why it may skip.
     """
@@ -49,6 +54,8 @@ def allowed_skips(path: Path = ALLOWED) -> list[Allowed]:
 def node_id(case: ET.Element) -> str:
     """The pytest node id of a JUnit (xunit1) test case: ``tests/host/test_x.py::TestY::test_z[id]``."""
     file, classname, name = case.get("file"), case.get("classname") or "", case.get("name") or ""
+    if file and not classname and name == file.removesuffix(".py").replace("/", "."):
+        return file  # a module skipped as it was collected
     if not file:  # a report without file attributes (xunit2): the module's dotted name stands for its path
         parts = classname.split(".")
         return "/".join(parts) + ".py::" + name if classname else name
@@ -58,7 +65,13 @@ def node_id(case: ET.Element) -> str:
 
 
 def skip_reason(element: ET.Element) -> str:
-    return (element.get("message") or element.text or "").strip().removeprefix("Skipped: ")
+    message = (element.get("message") or "").strip()
+    if message == "collection skipped":  # the text is (file, line, reason)
+        try:
+            message = str(ast.literal_eval(element.text or "")[2])
+        except (ValueError, SyntaxError, IndexError, TypeError):
+            pass
+    return (message or (element.text or "").strip()).removeprefix("Skipped: ")
 
 
 def result(report: Path, code: int, ci: bool, allowed: list[Allowed] | None = None) -> tuple[bool, str]:
@@ -78,7 +91,7 @@ def result(report: Path, code: int, ci: bool, allowed: list[Allowed] | None = No
             why += f"; {len(skipped)} tests skipped"
         return (True, f"FAILED (no test ran: {why})") if ci else (False, f"skipped ({why})")
     allowed = allowed_skips() if allowed is None else allowed
-    unlisted = [(n, r) for n, r in skipped if not any(fnmatch.fnmatchcase(n, a.pattern) for a in allowed)]
+    unlisted = [(n, r) for n, r in skipped if not any(a.matches(n) for a in allowed)]
     line = f"{ran} tests"
     if skipped:
         line += f", {len(skipped)} skipped"

@@ -177,7 +177,7 @@ run_tests() {
       local version frontend report code
       version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || true)
       version=${version:-unknown}
-      frontend=$(sed -n 's/^comfyui-frontend-package==//p' "$c/requirements.txt" 2>/dev/null | head -n 1)
+      frontend=$(sed -n 's/^comfyui-frontend-package==//p' "$c/requirements.txt" 2>/dev/null | head -n 1 || true)
       report=build/test-output/browser-$n-$version.xml
       echo "== suite browser (tests/host/test_browser.py) against ComfyUI $version, frontend ${frontend:-unknown}"
       code=0

@@ -36,7 +36,7 @@ find_hosts() {
   # found or a reference host is missing.
   hosts_ok=1
   hosts_why=$("$py" tests/hosts.py --why) || hosts_ok=0
-  roots=$("$py" tests/hosts.py 2>/dev/null)
+  roots=$("$py" tests/hosts.py 2>/dev/null) || roots=""
   echo "== hosts: $hosts_why"
 }
 

@@ -89,11 +89,15 @@ def unpack(tarball: Path, target: Path, log=print) -> Path:
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
-        with tarfile.open(tarball) as tar:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(partial, filter="data")
-            else:  # Python without extraction filters: the tarball is our own
-                tar.extractall(partial)
+        try:
+            with tarfile.open(tarball) as tar:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(partial, filter="data")
+                else:  # Python without extraction filters: the tarball is our own
+                    tar.extractall(partial)
+        except (OSError, tarfile.TarError) as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RuntimeError(f"{tarball} could not be unpacked: {' '.join(str(exc).split())}") from exc
         if not is_comfyui(partial / "ComfyUI"):
             shutil.rmtree(partial, ignore_errors=True)
             raise RuntimeError(f"{tarball} does not unpack to a ComfyUI/ folder with comfy/model_patcher.py and main.py")
@@ -138,7 +142,10 @@ def find_hosts(log=None) -> tuple[list[Path], str, bool]:
 
 
 def main(argv: list[str]) -> int:
-    roots, why, complete = find_hosts()
+    try:
+        roots, why, complete = find_hosts()
+    except (OSError, RuntimeError, tarfile.TarError) as exc:
+        roots, why, complete = [], f"no host: {' '.join(str(exc).split())}", False
     if "--why" in argv:
         print(why)
         return 0 if complete else 1

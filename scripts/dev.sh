@@ -95,6 +95,13 @@ suite_result() {
   "$py" tests/skips.py "$1" "$2" "${ci[@]}" || true
 }
 
+host_version() {
+  # The ComfyUI version a checkout states (comfyui_version.py), or "unknown" (as tests/hosts.py's version()).
+  local v
+  v=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$1/comfyui_version.py" 2>/dev/null || true)
+  echo "${v:-unknown}"
+}
+
 no_hosts() {
   # The summary line of suite $1 when no host was found (or not every reference host); with CI=true
   # the run fails.
@@ -151,8 +158,7 @@ run_tests() {
       t0=$SECONDS
       n=$((n + 1))
       local version report code
-      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || true)
-      version=${version:-unknown}
+      version=$(host_version "$c")
       report=build/test-output/host-$n-$version.xml
       echo "== suite host (tests/host) against ComfyUI $version at $c"
       code=0
@@ -175,8 +181,7 @@ run_tests() {
       t0=$SECONDS
       n=$((n + 1))
       local version frontend report code
-      version=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$c/comfyui_version.py" 2>/dev/null || true)
-      version=${version:-unknown}
+      version=$(host_version "$c")
       frontend=$(sed -n 's/^comfyui-frontend-package==//p' "$c/requirements.txt" 2>/dev/null | head -n 1 || true)
       report=build/test-output/browser-$n-$version.xml
       echo "== suite browser (tests/host/test_browser.py) against ComfyUI $version, frontend ${frontend:-unknown}"

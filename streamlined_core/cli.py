@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "before, max_memory_reserved, device memory in use and the latency ratio beside the simulator's figures; it "
         "stops by itself at --deadline and lists the rows it did not reach; exit status 1 when a row failed. "
         "--fixture: sample held-out clips with the shipped fixture model (a small SVD-layout model trained on "
-        "synthetic clips) and print its quality bar: MSE and tracked-centroid error against the true clips beside "
-        "the trivial baselines, and the motion ratio; exit status 1 when the bar is not met.",
+        "synthetic clips) and print its quality bar, at guidance 1 and at SVD's guidance rising from 1 to 3: the "
+        "one-step denoiser's gain over its initialisation and over the identity's share, sampled frame 0 against the "
+        "given frame, whether samples follow their motion tokens (own and swapped headings), the tracked path length, "
+        "and MSE and tracked-centroid error against the true clips beside the trivial baselines; exit status 1 when "
+        "any line of the bar fails.",
     )
     what = bench.add_mutually_exclusive_group(required=True)
     what.add_argument("--latency", action="store_true", help="measure the latency ratio")

@@ -28,13 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..streamlined_core.api import Streamliner
-from ..streamlined_core.arch import comfy_unet, engine_adapter
-from ..streamlined_core.context import current, run_context
-from ..streamlined_core.rehash import (
-    DEFAULT_CUT, LAST_UP_BLOCK, HostCalibration, HostRehash, RehashConfig, Schedule, default_count, fingerprint,
-    interval_key_steps,
-)
+from ..streamlined_core.engine.api import Streamliner
+from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
+from ..streamlined_core.engine.context import current, run_context
+from ..streamlined_core.features.rehash import DEFAULT_CUT, LAST_UP_BLOCK, HostCalibration, HostRehash, RehashConfig, Schedule, default_count, fingerprint, interval_key_steps
 
 KEY = "streamline.rehash"
 FOLDER = "streamline_rehash"
@@ -197,7 +194,7 @@ class HostRun:
             self.by_sigmas = True
             log.warning("Step Rehash: this sampler calls back less than once per step; counting steps by sigma")
         if self.by_sigmas:
-            from ..streamlined_core.profiler import step_index
+            from ..streamlined_core.features.profiler import step_index
 
             found = step_index(sigma, self.sigmas)
             return c if found is None else found

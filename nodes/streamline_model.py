@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..streamlined_core.api import Streamliner
-from ..streamlined_core.arch import comfy_unet, engine_adapter
-from ..streamlined_core.context import run_context
+from ..streamlined_core.engine.api import Streamliner
+from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
+from ..streamlined_core.engine.context import run_context
 
 KEY = "streamline"
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 
-from ..streamlined_core.api import StreamlineHandle
-from ..streamlined_core.arch import comfy_vae, engine_adapter
-from ..streamlined_core.context import listen
-from ..streamlined_core.profiler import Recorder
-from ..streamlined_core.slicing import GroupEvent
+from ..streamlined_core.engine.api import StreamlineHandle
+from ..streamlined_core.engine.arch import comfy_vae, engine_adapter
+from ..streamlined_core.engine.context import listen
+from ..streamlined_core.features.profiler import Recorder
+from ..streamlined_core.engine.slicing import GroupEvent
 from .vram_profiler import _prompt_id, _publish
 
 log = logging.getLogger(__name__)

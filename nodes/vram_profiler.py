@@ -3,7 +3,7 @@
 MODEL in, MODEL out: a clone with two keyed wrappers, never a patch of ComfyUI's executor.
 
 - OUTER_SAMPLE (:class:`ProfilerRun`): opens the run's context with a
-  :class:`~streamlined_core.profiler.Recorder` in it, and when the run ends (success or failure)
+  :class:`~streamlined_core.features.profiler.Recorder` in it, and when the run ends (success or failure)
   keeps the timeline in a bounded history by prompt id, pushes it to the page
   (``streamline.timeline`` event) and logs one line: the peak, where it happened, and the saving
   against the previous run with the same label.
@@ -27,10 +27,10 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from ..streamlined_core.context import current, listen, run_context
-from ..streamlined_core.rehash import RehashEvent
-from ..streamlined_core.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
-from ..streamlined_core.slicing import GroupEvent
+from ..streamlined_core.engine.context import current, listen, run_context
+from ..streamlined_core.features.rehash import RehashEvent
+from ..streamlined_core.features.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
+from ..streamlined_core.engine.slicing import GroupEvent
 
 KEY = "streamline.profiler"
 EVENT = "streamline.timeline"
@@ -204,7 +204,7 @@ def _first(value: Any) -> float | None:
 
 def _streamlined(unet: Any) -> bool:
     """Whether Streamline's engine runs this U-Net (its groups then come as the engine's events)."""
-    from ..streamlined_core.api import Streamliner
+    from ..streamlined_core.engine.api import Streamliner
 
     engine = unet.__dict__.get("_forward")
     return isinstance(engine, Streamliner) and not engine.passthrough  # Step Rehash's own engine runs the host's

@@ -21,8 +21,8 @@ import re
 import sys
 from pathlib import Path
 
-from streamlined_core.bench import cuts, format_cuts, format_latency, latency
-from streamlined_core.simulate import format_markdown, simulate
+from streamlined_core.tools.bench.unet import cuts, format_cuts, format_latency, latency
+from streamlined_core.tools.sim.unet import format_markdown, simulate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -37,8 +37,8 @@ def replace(text: str, name: str, body: str) -> str:
 
 def profile_block(say) -> str:
     """The original and the streamlined fixture model recorded (4 steps, 14 frames), charted in docs/."""
-    from streamlined_core.profile_chart import plot
-    from streamlined_core.profile_run import sampling_run
+    from streamlined_core.tools.charts.profile import plot
+    from streamlined_core.tools.profile_run import sampling_run
 
     runs = [sampling_run("fixture", streamlined, "group", steps=4, frames=8) for streamlined in (False, True)]
     plot(runs, README.parent / "docs" / "profile.png",
@@ -65,8 +65,8 @@ def calibration_block(say) -> str:
     """Step Rehash's similarity maps on the fixture model (4 calibration clips, 25 steps), drawn in docs/."""
     from streamlined_core.fixture.calibration import calibrate_fixture
     from streamlined_core.fixture.model import load_unet
-    from streamlined_core.rehash import format_calibration
-    from streamlined_core.rehash_chart import draw_maps
+    from streamlined_core.features.rehash import format_calibration
+    from streamlined_core.tools.charts.rehash import draw_maps
 
     cal = calibrate_fixture(load_unet(), clips=4, progress=say)
     draw_maps(cal, README.parent / "docs" / "rehash_maps.png")
@@ -84,41 +84,41 @@ def main() -> None:
     if "--profile" in sys.argv[1:]:
         text = replace(text, "profile", profile_block(say))
     if "--overhead" in sys.argv[1:]:
-        from streamlined_core.profile_run import format_overhead, overhead
+        from streamlined_core.tools.profile_run import format_overhead, overhead
 
         text = replace(text, "overhead", format_overhead(overhead("mid", progress=say)))
     if "--fixture" in sys.argv[1:]:
         text = replace(text, "fixture", fixture_block(say))
     if "--decode" in sys.argv[1:]:
-        from streamlined_core.decode_sim import decode_rows
-        from streamlined_core.decode_sim import format_markdown as decode_markdown
+        from streamlined_core.tools.sim.decode import decode_rows
+        from streamlined_core.tools.sim.decode import format_markdown as decode_markdown
 
         text = replace(text, "decode", decode_markdown(decode_rows(((512, 512), (576, 1024)), progress=say)))
-        from streamlined_core.decode_bench import decode_errors, plot
-        from streamlined_core.decode_bench import format_markdown as errors_markdown
+        from streamlined_core.tools.bench.decode import decode_errors, plot
+        from streamlined_core.tools.bench.decode import format_markdown as errors_markdown
 
         rows, clips = decode_errors(progress=say)
         plot(clips, README.parent / "docs" / "decode_cuts.png")
         text = replace(text, "decode-cuts", errors_markdown(rows))
     if "--pipeline" in sys.argv[1:]:
-        from streamlined_core.pipeline_sim import format_markdown as pipeline_markdown
-        from streamlined_core.pipeline_sim import pipeline_rows
+        from streamlined_core.tools.sim.pipeline import format_markdown as pipeline_markdown
+        from streamlined_core.tools.sim.pipeline import pipeline_rows
 
         text = replace(text, "pipeline", pipeline_markdown(pipeline_rows(progress=say)))
     if "--calibrate" in sys.argv[1:]:
         text = replace(text, "rehash-calibration", calibration_block(say))
     if "--rehash" in sys.argv[1:]:
-        from streamlined_core.rehash_bench import bench_rehash
-        from streamlined_core.rehash_bench import format_markdown as rehash_markdown
-        from streamlined_core.rehash_bench import plot as rehash_plot
+        from streamlined_core.tools.bench.rehash import bench_rehash
+        from streamlined_core.tools.bench.rehash import format_markdown as rehash_markdown
+        from streamlined_core.tools.bench.rehash import plot as rehash_plot
 
         result = bench_rehash(progress=say)
         rehash_plot(result, str(README.parent / "docs" / "rehash_bench.png"))
         text = replace(text, "rehash-bench", rehash_markdown(result) + "\n![error against U-Net time of every setting]"
                        "(docs/rehash_bench.png)\n")
     if "--rehash-comfyui" in sys.argv[1:]:
-        from streamlined_core.rehash_bench_comfyui import bench_rehash_comfyui
-        from streamlined_core.rehash_bench_comfyui import format_markdown as host_markdown
+        from streamlined_core.tools.bench.rehash_comfyui import bench_rehash_comfyui
+        from streamlined_core.tools.bench.rehash_comfyui import format_markdown as host_markdown
 
         given = dict(shares=result.shares, shares_from=result.shares_from) if "--rehash" in sys.argv[1:] else {}
         text = replace(text, "rehash-comfyui", host_markdown(bench_rehash_comfyui(**given, progress=say)))

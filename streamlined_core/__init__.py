@@ -4,12 +4,12 @@ Import as ``streamlined_core`` (installed) or relatively from the ComfyUI pack; 
 refer to each other relatively so either way there is one copy.
 """
 
-from .api import StreamlineHandle, streamline
-from .context import RunContext, listen, run_context, stage_request
-from .memory import MemoryTracker
-from .plan import GroupPlan, Plan
-from .rehash import RehashConfig, RehashHandle, Schedule, calibrate, rehash
-from .stages import CutPoint, CutState, StageRequest
+from .engine.api import StreamlineHandle, streamline
+from .engine.context import RunContext, listen, run_context, stage_request
+from .engine.memory import MemoryTracker
+from .engine.plan import GroupPlan, Plan
+from .features.rehash import RehashConfig, RehashHandle, Schedule, calibrate, rehash
+from .engine.stages import CutPoint, CutState, StageRequest
 
 __version__ = "0.1.0"
 

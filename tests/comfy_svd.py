@@ -3,7 +3,7 @@ Step Rehash nodes' inputs and report."""
 
 import torch
 
-from streamlined_core import configs
+from streamlined_core.tools import configs
 
 SVD_CONFIG = configs.TINY_COMFY_SVD_CONFIG  # ComfyUI's unet_config of a tiny SVD_img2vid
 
@@ -65,6 +65,6 @@ def rehash_report(caplog) -> str:
 
 def calibration_folder(path):
     """Step Rehash's calibration folder (models/streamline_rehash) pointed at ``path`` for the block."""
-    from streamlined_core.comfy_host import model_folder
+    from streamlined_core.host.comfyui import model_folder
 
     return model_folder("streamline_rehash", path, {".json"})

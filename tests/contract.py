@@ -1,7 +1,7 @@
 """The one contract every adapter and loop is held to, bound to each model by the test files.
 
 For a call of a model (a :class:`Subject`: the host's own forward, and the engine's forward given a
-:class:`~streamlined_core.slicing.Runner`):
+:class:`~streamlined_core.engine.slicing.Runner`):
 
 * sliced equals unsliced: max abs difference at most ``TOL`` of the output's max magnitude, fp32
   (BENCHMARKS.md); one slice is the control, and :class:`Coverage` records which groups ran sliced;
@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from streamlined_core import slicing
-from streamlined_core.slicing import GroupEvent, Runner
-from streamlined_core.stages import CutPoint, CutState, StageRequest
+from streamlined_core.engine import slicing
+from streamlined_core.engine.slicing import GroupEvent, Runner
+from streamlined_core.engine.stages import CutPoint, CutState, StageRequest
 
 TOL = 1e-5
 
@@ -212,7 +212,7 @@ class ComfyProbe:
     def __call__(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         import sys
 
-        from streamlined_core.arch import comfy_unet
+        from streamlined_core.engine.arch import comfy_unet
 
         # the engine's own copy of the core (ComfyUI loads the pack by path): its run context
         listen = sys.modules[type(self.engine).__module__.rsplit(".", 1)[0] + ".context"].listen

@@ -5,7 +5,7 @@ In this order:
 
 1. ``$COMFYUI_PATHS`` (colon-separated), else ``$COMFYUI_PATH``: what the caller asked for, as given.
 2. The ComfyUI this pack sits in (``ComfyUI/custom_nodes/<pack>``), else ``~/comfy/ComfyUI``: where a
-   user's ComfyUI is (``streamlined_core.comfy_host.find_comfyui`` looks there too).
+   user's ComfyUI is (``streamlined_core.host.comfyui.find_comfyui`` looks there too).
 3. The reference hosts packed beside the repository, ``../shared/hosts/ComfyUI-<version>.tar.gz``
    (``$STREAMLINE_SHARED_HOSTS`` names another folder), each unpacked once into
    ``build/hosts/<version>/ComfyUI`` (writable, git-ignored: ComfyUI writes ``user/``, ``output/``,
@@ -40,7 +40,7 @@ STAMP = ".tarball.sha256"
 
 
 def is_comfyui(path: Path) -> bool:
-    """True when ``path`` looks like a ComfyUI checkout (as ``streamlined_core.comfy_host.is_comfyui``)."""
+    """True when ``path`` looks like a ComfyUI checkout (as ``streamlined_core.host.comfyui.is_comfyui``)."""
     return (path / "comfy" / "model_patcher.py").is_file() and (path / "main.py").is_file()
 
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from streamlined_core import MemoryTracker, configs, listen, stage_request, streamline
-from streamlined_core.plan import meta_replica, to_meta
-from streamlined_core.arch import diffusers_svd
-from streamlined_core.plan import measure_groups
+from streamlined_core import MemoryTracker, listen, stage_request, streamline
+from streamlined_core.tools import configs
+from streamlined_core.engine.plan import meta_replica, to_meta
+from streamlined_core.engine.arch import diffusers_svd
+from streamlined_core.engine.plan import measure_groups
 
 SHAPE = (2, 3, 64, 96)
 
@@ -160,9 +161,9 @@ def test_budget_below_the_least_reachable_peak_states_that_peak(svd_call):
 def test_an_unreachable_budget_plans_near_the_least_peak_without_slicing_everything_to_the_end(svd_call):
     """Below the least reachable peak (e.g. a short default budget) each group slices only as far as
     brings it within 2% of that peak: the last 0.1% is not worth thousands of slices."""
-    from streamlined_core.api import Streamliner
-    from streamlined_core.arch import engine_adapter
-    from streamlined_core.plan import UNREACHABLE_SLACK
+    from streamlined_core.engine.api import Streamliner
+    from streamlined_core.engine.arch import engine_adapter
+    from streamlined_core.engine.plan import UNREACHABLE_SLACK
 
     model, args, kwargs, _ = svd_call
     engine = Streamliner(model, engine_adapter(model), "auto", None)

@@ -8,10 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from streamlined_core import configs, cuda_bench
-from streamlined_core.cli import main
-from streamlined_core.comfy_host import find_comfyui
-from streamlined_core.cuda_bench import CpuProbe, CudaBenchResult, CudaRow, MemoryFigures, format_markdown, measure, workloads
+from streamlined_core.tools import configs
+from streamlined_core.tools.bench import cuda as cuda_bench
+from streamlined_core.tools.cli import main
+from streamlined_core.host.comfyui import find_comfyui
+from streamlined_core.tools.bench.cuda import CpuProbe, CudaBenchResult, CudaRow, MemoryFigures, format_markdown, measure, workloads
 
 TINY_ARGS = ["bench", "--cuda", "--config", "tiny", "--model", "svd,animatediff", "--implementation", "diffusers",
              "--warmup", "1", "--repeats", "2"]
@@ -92,7 +93,9 @@ def test_bench_cuda_runs_every_row_on_the_cpu_probe_and_agrees_with_the_simulato
         assert r["target_bytes"] == int(1.5 * r["skip_floor_bytes"])
         assert len(r["original_times_s"]) == len(r["streamlined_times_s"]) == 2
         assert r["latency_ratio"] == pytest.approx(r["streamlined_median_s"] / r["original_median_s"])
-        assert 0 < r["streamlined_max_abs_diff"] <= 1e-2 * r["output_max_abs"], "fp16 rounding, not a different model"
+        # fp16 rounding at most (equal bits are possible: the CPU's threads can sum both ways alike)
+        assert 0 <= r["streamlined_max_abs_diff"] <= 1e-2 * r["output_max_abs"], "fp16 rounding, not a different model"
+        assert r["output_max_abs"] > 0
     md = captured.out
     assert md.startswith("`streamline bench --cuda` (tiny models, fp16")
     assert "torch " + torch.__version__ in md and "| model | implementation | size |" in md
@@ -135,7 +138,7 @@ def test_comfyui_rows_run_on_the_cpu_probe_in_a_process_of_their_own():
     """ComfyUI's SVD row, in a subprocess: the core suite never imports ComfyUI in its own process."""
     script = textwrap.dedent("""
         import json
-        from streamlined_core.cuda_bench import CpuProbe, measure
+        from streamlined_core.tools.bench.cuda import CpuProbe, measure
         result = measure(CpuProbe(), "tiny", models=["svd"], implementations_wanted=["comfyui"], warmup=0, repeats=1)
         print("RESULT " + json.dumps(result.as_dict()))
     """)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamlined_core.memory import LEVELS, MemoryTracker, attention_lse_bytes
+from streamlined_core.engine.memory import LEVELS, MemoryTracker, attention_lse_bytes
 
 DEVICES = ["cpu", "meta"]
 
@@ -177,7 +177,7 @@ def test_an_unknown_level_is_named():
 @pytest.fixture
 def meta_kernels():
     """The shared cache, emptied before and restored after (cached figures must equal uncached ones)."""
-    from streamlined_core.memory import META_KERNELS
+    from streamlined_core.engine.memory import META_KERNELS
 
     META_KERNELS.clear()
     yield META_KERNELS
@@ -219,8 +219,8 @@ def test_meta_kernel_cache_leaves_views_inplace_ops_and_other_devices_to_their_k
 
 def test_a_planned_and_sliced_unet_measures_the_same_with_the_meta_kernel_cache(meta_kernels):
     """The whole planner on a real U-Net class, cached against every kernel run: same plan, same peaks."""
-    from streamlined_core import configs
-    from streamlined_core.api import streamline
+    from streamlined_core.tools import configs
+    from streamlined_core.engine.api import streamline
 
     def plan_and_measure():
         model = configs.build_tiny_diffusers_svd("meta", torch.float16)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from streamlined_core import profiler
-from streamlined_core.profiler import Recorder, Timeline, step_index
+from streamlined_core.features import profiler
+from streamlined_core.features.profiler import Recorder, Timeline, step_index
 
 MB = 1 << 20
 
@@ -107,7 +107,7 @@ def test_bad_arguments_are_named():
 
 
 def test_the_tracker_is_left_when_the_run_raises():
-    from streamlined_core import memory
+    from streamlined_core.engine import memory
 
     with pytest.raises(RuntimeError, match="boom"):
         with Recorder("cpu") as rec:
@@ -126,7 +126,8 @@ def test_step_index_from_sigma(sigma, expected):
 def test_profile_a_streamlined_diffusers_unet_with_predicted_group_peaks():
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from streamlined_core import configs, streamline
+    from streamlined_core.tools import configs
+    from streamlined_core import streamline
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(**configs.TINY_SVD_KWARGS).eval()
@@ -151,7 +152,8 @@ def test_the_call_level_tracker_records_the_op_level_peaks_of_a_unet(streamlined
     """The profiler's tracker counts per torch call; on the U-Net its step and group peaks are the op level's."""
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from streamlined_core import configs, streamline
+    from streamlined_core.tools import configs
+    from streamlined_core import streamline
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(**configs.TINY_SVD_KWARGS).eval()

@@ -11,14 +11,12 @@ import weakref
 import pytest
 import torch
 
-from streamlined_core import configs, stage_request, streamline
+from streamlined_core.tools import configs
+from streamlined_core import stage_request, streamline
 from streamlined_core.fixture import data
 from streamlined_core.fixture import model as fixture
-from streamlined_core.profiler import Timeline, profile
-from streamlined_core.rehash import (
-    LAST_UP_BLOCK, RehashConfig, Schedule, calibrate, fingerprint, interval_key_steps, key_steps_for_count,
-    key_steps_for_gamma, rehash, similarity_map,
-)
+from streamlined_core.features.profiler import Timeline, profile
+from streamlined_core.features.rehash import LAST_UP_BLOCK, RehashConfig, Schedule, calibrate, fingerprint, interval_key_steps, key_steps_for_count, key_steps_for_gamma, rehash, similarity_map
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,7 +120,7 @@ def test_every_step_key_equals_plain_sampling_bit_for_bit(unet, batch):
 def test_reuse_steps_run_the_tail_and_report_it(unet, batch, caplog):
     scheduler = fixture.make_scheduler()
     plain = sample(unet, batch, scheduler, steps=6)
-    with caplog.at_level(logging.INFO, logger="streamlined_core.rehash"):
+    with caplog.at_level(logging.INFO, logger="streamlined_core.features.rehash"):
         with rehash(unet, RehashConfig(key_steps=[0, 3]), scheduler=scheduler) as handle:
             out = sample(unet, batch, scheduler, steps=6)
     run = handle.last_run
@@ -176,7 +174,7 @@ def test_a_cut_before_a_pending_upsampler_captures_through_the_stage_loop():
     the model's own forward, whose hooks cannot see the state there): within rounding of it."""
     model = configs.seed_weights(configs.build_tiny_diffusers_svd("cpu", torch.float32), std=0.05)
     args, kwargs = configs.diffusers_svd_inputs(model, 1, 3, 40, 24)
-    from streamlined_core.arch import cut_points
+    from streamlined_core.engine.arch import cut_points
 
     cut = [c for c in cut_points(model) if c.section == "up" and c.level == 1][-1]  # before up_blocks.2's upsampler
     loop = _Loop(model, args, kwargs, 3)
@@ -207,7 +205,7 @@ def test_animatediff_reuse_step_equals_a_full_step():
     loop = _Loop(model, args, kwargs, 3)
     with torch.no_grad():
         full = model(*args, **kwargs)[0]
-    cut = next(c.id for c in __import__("streamlined_core.arch", fromlist=["cut_points"]).cut_points(model)
+    cut = next(c.id for c in __import__("streamlined_core.engine.arch", fromlist=["cut_points"]).cut_points(model)
                if c.section == "up" and c.level == 0 and c.fresh)
     with rehash(model, RehashConfig(key_steps=[0], cut=cut), scheduler=loop.scheduler) as h:
         key, reuse, _last = loop()
@@ -335,7 +333,7 @@ def test_stage_request_and_rehash_on_one_unet_is_an_error(unet, batch):
 
 
 def test_the_planner_keeps_the_cached_feature_out_of_the_budget(unet):
-    from streamlined_core.memory import weights_bytes
+    from streamlined_core.engine.memory import weights_bytes
 
     scheduler = fixture.make_scheduler()
     args = (torch.zeros(2, 5, 8, 32, 32), torch.tensor(0.5))
@@ -451,7 +449,7 @@ def test_schedule_files_round_trip_and_bad_files_are_named(calibration, unet, ba
 
 
 def test_whole_step_reuse_computing_every_step_is_plain_sampling(unet, batch):
-    from streamlined_core.rehash_bench import WholeStepReuse
+    from streamlined_core.tools.bench.rehash import WholeStepReuse
 
     scheduler = fixture.make_scheduler()
     plain = sample(unet, batch, scheduler)
@@ -472,8 +470,8 @@ def test_whole_step_reuse_computing_every_step_is_plain_sampling(unet, batch):
 
 def test_a_call_carrying_several_branches_caches_each_and_reuse_calls_join_them_in_their_own_order():
     """A host may batch guidance branches at a key step and run them apart (or the other way round) later."""
-    from streamlined_core.rehash import RehashRun
-    from streamlined_core.stages import CutState
+    from streamlined_core.features.rehash import RehashRun
+    from streamlined_core.engine.stages import CutState
 
     run = RehashRun("up0.0.attn", 3, [0, 2])
     request, kind = run.request(0, ["uncond", "cond"])
@@ -496,7 +494,7 @@ def test_a_call_carrying_several_branches_caches_each_and_reuse_calls_join_them_
 
 
 def test_the_bench_chooses_the_most_accurate_unbeaten_cut_and_the_cheaper_of_equals():
-    from streamlined_core.rehash_bench import Row, choose_default
+    from streamlined_core.tools.bench.rehash import Row, choose_default
 
     def row(setting, time, db, method="rehash"):
         return Row(method, setting, 13, time, db, 0.0, time)
@@ -513,7 +511,7 @@ def test_the_bench_chooses_the_most_accurate_unbeaten_cut_and_the_cheaper_of_equ
 
 
 def test_the_comfyui_bench_reads_whether_the_node_saved_its_calibration():
-    from streamlined_core.rehash_bench_comfyui import _saved_calibration
+    from streamlined_core.tools.bench.rehash_comfyui import _saved_calibration
 
     saved = ("no calibration for this model and setting in /tmp/x: this run calibrates; calibrated on this run and "
              "saved abc-25steps-euler-karras.json in /tmp/x; the next runs with this model and setting use it")

@@ -4,10 +4,10 @@ import pytest
 import torch
 from readme import generated_block
 
-from streamlined_core import configs
-from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
-from streamlined_core.memory import GIB
-from streamlined_core.simulate import format_markdown, measure_call, simulate
+from streamlined_core.tools import configs
+from streamlined_core.engine.arch import adapter_for, skip_floor_bytes, traced_skips
+from streamlined_core.engine.memory import GIB
+from streamlined_core.tools.sim.unet import format_markdown, measure_call, simulate
 
 TINY = {
     "svd": (configs.build_tiny_diffusers_svd, configs.diffusers_svd_inputs),

@@ -6,10 +6,12 @@ import torch
 from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
                       check_per_slice_statistics_fail, check_sliced, forced)
 
-from streamlined_core import configs, slicing, streamline
-from streamlined_core.arch import diffusers_vae
-from streamlined_core.memory import MemoryTracker
-from streamlined_core.slicing import GroupEvent, Runner, governing_slice, tile_bounds
+from streamlined_core.tools import configs
+from streamlined_core.engine import slicing
+from streamlined_core import streamline
+from streamlined_core.engine.arch import diffusers_vae
+from streamlined_core.engine.memory import MemoryTracker
+from streamlined_core.engine.slicing import GroupEvent, Runner, governing_slice, tile_bounds
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def test_streamline_names_what_it_accepts():
 def test_the_profiler_records_the_decode_by_groups_and_by_blocks(vae):
     """``profile(pipe.vae)``: each decoder call is a step marked "decode", with the decoder's groups as events
     and the plan's predicted peak beside each, or the decoder's own blocks when it is not streamlined."""
-    from streamlined_core.profiler import profile
+    from streamlined_core.features.profiler import profile
 
     z = torch.randn(5, 4, 6, 10)
     with torch.no_grad():

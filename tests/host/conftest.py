@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from streamlined_core.comfy_host import find_comfyui, import_comfy
+from streamlined_core.host.comfyui import find_comfyui, import_comfy
 
 if not os.environ.get("COMFYUI_PATH"):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +45,7 @@ def pack(comfyui):
     """This pack, loaded by ComfyUI's own loader as ComfyUI loads it from custom_nodes."""
     import sys
 
-    from streamlined_core.comfy_host import PACK_ROOT, load_pack_nodes
+    from streamlined_core.host.comfyui import PACK_ROOT, load_pack_nodes
 
     load_pack_nodes()  # raises, naming why, when ComfyUI cannot load it
     return sys.modules[str(PACK_ROOT).replace(".", "_x_")]
@@ -67,7 +67,7 @@ def ade(comfyui, pack):
 
     import nodes
 
-    from streamlined_core.comfy_host import load_custom_node
+    from streamlined_core.host.comfyui import load_custom_node
 
     path = Path(comfyui) / ADE_DIR
     if not (path / "__init__.py").exists():
@@ -90,7 +90,7 @@ def motion_models(ade, tmp_path_factory):
     import torch
     from safetensors.torch import save_file
 
-    from streamlined_core import configs
+    from streamlined_core.tools import configs
 
     ad = next(m for name, m in sys.modules.items() if name.endswith("animatediff.motion_module_ad"))
     folder = tmp_path_factory.mktemp("animatediff_models")
@@ -116,7 +116,7 @@ def sd15_patcher(comfyui):
     import comfy.supported_models
     import torch
 
-    from streamlined_core import configs
+    from streamlined_core.tools import configs
 
     model_config = comfy.supported_models.SD15(dict(configs.COMFY_SD15_UNET))
     model_config.set_inference_dtype(torch.float32, None)

@@ -8,7 +8,7 @@ import torch
 from comfy_svd import rehash_options, rehash_report
 from contract import ComfyProbe, Coverage
 
-from streamlined_core.arch import comfy_unet
+from streamlined_core.engine.arch import comfy_unet
 
 STEP_TOL = 1e-5  # every U-Net call, against the host's own _forward on the same inputs
 LATENT_TOL = 1e-4  # final latents after two euler steps
@@ -213,7 +213,7 @@ def test_evolved_sampling_keeps_one_cache_per_window_and_guidance_branch(pack, a
     model = evolved(ade, sd15_patcher, motion_models["v2"], context)
     reference = rehash_sample(pack, model, frames)
     assert torch.equal(rehash_sample(pack, model, frames, interval=1), reference), "every step key: the plain graph"
-    context_module = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    context_module = __import__(f"{pack.__name__}.streamlined_core.engine.context", fromlist=["current"])
     windows, branches = set(), []
 
     def watch(executor, *args, **kwargs):

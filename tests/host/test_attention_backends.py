@@ -102,7 +102,7 @@ def test_in_the_region_meta_queries_run_sdpa_and_real_ones_the_hosts_own_functio
 
     import comfy.ldm.modules.attention as attention
 
-    from streamlined_core.arch.comfy_attention import sdpa_on_meta
+    from streamlined_core.engine.arch.comfy_attention import sdpa_on_meta
 
     names = ("optimized_attention", "attention_basic", "attention_sub_quad", "attention_split", "attention_pytorch")
     before = {name: getattr(attention, name) for name in names}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from streamlined_core.comfy_host import find_comfyui
+from streamlined_core.host.comfyui import find_comfyui
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "Streamline"
@@ -503,7 +503,7 @@ def test_the_panel_comes_back_after_a_reload_from_the_servers_history(session, s
 
 
 def test_write_html_draws_the_same_panel_from_a_file(session, browser, out_dir):
-    from streamlined_core.profile_html import write_html
+    from streamlined_core.tools.charts.report import write_html
 
     _, docs = session
     path = write_html([docs["original"], docs["streamlined"]], out_dir / "profile.html", title="tiny SVD, 3 frames")

@@ -16,7 +16,7 @@ import torch
 from comfy_svd import calibration_folder, rehash_report
 from workflow import api_prompt, object_info
 
-from streamlined_core import configs
+from streamlined_core.tools import configs
 from streamlined_core.fixture import comfy_keys, data
 from streamlined_core.fixture import demo as fixture_demo
 from streamlined_core.fixture import model as fixture_model

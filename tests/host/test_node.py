@@ -300,7 +300,7 @@ def calls_counted(patcher):
 
 
 def test_a_typed_budget_this_latent_cannot_meet_is_refused_before_the_first_step(pack, svd_patcher):
-    from streamlined_core.memory import GIB, weights_bytes
+    from streamlined_core.engine.memory import GIB, weights_bytes
 
     weights = weights_bytes(svd_patcher.get_model_object("diffusion_model"))
     budget_gb = weights * 1.001 / GIB  # holds the weights, not the least activation peak
@@ -324,7 +324,7 @@ def test_the_default_budget_on_a_card_too_small_plans_the_least_peak_and_warns_o
     import logging
     import sys
 
-    from streamlined_core.memory import weights_bytes
+    from streamlined_core.engine.memory import weights_bytes
 
     weights = weights_bytes(svd_patcher.get_model_object("diffusion_model"))
     node_module = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__]

@@ -42,7 +42,7 @@ def assert_restored(pack, patcher):
 
     import comfy.patcher_extension as pe
 
-    context = sys.modules[pack.__name__ + ".streamlined_core.context"]  # the pack's own copy of the core
+    context = sys.modules[pack.__name__ + ".streamlined_core.engine.context"]  # the pack's own copy of the core
     assert not patcher.get_wrappers(pe.WrappersMP.OUTER_SAMPLE, module(pack).KEY)
     unet = patcher.get_model_object("diffusion_model")
     hooked = [n for n, m in unet.named_modules() if m._forward_hooks or m._forward_pre_hooks]
@@ -69,7 +69,7 @@ def test_a_run_is_recorded_per_step_with_its_peak_and_logged(pack, svd_patcher, 
 def test_recording_the_host_blocks_changes_neither_the_output_nor_the_peak(pack, svd_patcher):
     """Without Streamline, group granularity hooks the last layer of each host block for the call only:
     the sampled latents are bitwise equal and an outside tracker sees the same peak."""
-    from streamlined_core.memory import MemoryTracker
+    from streamlined_core.engine.memory import MemoryTracker
 
     with MemoryTracker() as alone:
         plain = ksample(svd_patcher)
@@ -105,7 +105,7 @@ def test_streamlined_groups_are_recorded_with_the_plans_prediction(pack, svd_pat
 
 
 def test_the_history_stays_bounded_and_keeps_the_newest(pack, svd_patcher):
-    from streamlined_core.profiler import Timeline
+    from streamlined_core.features.profiler import Timeline
 
     mod = module(pack)
     ksample(profiled(pack, svd_patcher), steps=1)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from readme import generated_block
 
-from streamlined_core import configs
-from streamlined_core.arch import adapter_for, skip_floor_bytes, traced_skips
-from streamlined_core.memory import GIB
-from streamlined_core.simulate import format_markdown, measure_call, simulate
+from streamlined_core.tools import configs
+from streamlined_core.engine.arch import adapter_for, skip_floor_bytes, traced_skips
+from streamlined_core.engine.memory import GIB
+from streamlined_core.tools.sim.unet import format_markdown, measure_call, simulate
 
 SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
 
@@ -111,7 +111,7 @@ def test_simulate_json_prints_only_its_document_while_animatediff_evolved_logs(c
         pytest.skip(f"AnimateDiff-Evolved is not in {comfyui}/custom_nodes (HOST.md: commit 90fb133 there)")
     workload = dict(models=["animatediff"], implementations_wanted=["comfyui"], resolutions=[(64, 64)], frames=2)
     command = Path(sys.executable).with_name("streamline")
-    argv = [str(command)] if command.is_file() else [sys.executable, "-m", "streamlined_core.cli"]
+    argv = [str(command)] if command.is_file() else [sys.executable, "-m", "streamlined_core.tools.cli"]
     result = subprocess.run(
         argv + ["simulate", "--json", "--model", "animatediff", "--implementation", "comfyui", "--resolution", "64x64",
                 "--frames", "2"],

@@ -128,7 +128,7 @@ def test_multi_evaluation_and_multistep_samplers_count_sampler_steps(pack, svd, 
     import comfy.patcher_extension as pe
 
     caplog.set_level(logging.INFO)
-    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    context = __import__(f"{pack.__name__}.streamlined_core.engine.context", fromlist=["current"])
     reference = plain_sample(svd, sampler)
     assert torch.equal(rehash_sample(pack, svd, sampler, interval=1), reference)
     steps, model = [], svd.clone()
@@ -149,7 +149,7 @@ def test_an_interrupted_run_frees_the_cache_and_leaves_the_model(pack, svd, capl
     import comfy.patcher_extension as pe
 
     caplog.set_level(logging.INFO)
-    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    context = __import__(f"{pack.__name__}.streamlined_core.engine.context", fromlist=["current"])
     reference = plain_sample(svd)
     model = svd.clone()
     cached = []
@@ -320,7 +320,7 @@ def controlnet(conds):
     import comfy.ops
     import nodes
 
-    from streamlined_core import configs
+    from streamlined_core.tools import configs
 
     cpu = torch.device("cpu")
     net = comfy.cldm.cldm.ControlNet(
@@ -341,7 +341,7 @@ def same_step_reuse(pack, model, errors):
     """At every key call, also run the call as a reuse step from the feature it just captured."""
     import comfy.patcher_extension as pe
 
-    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    context = __import__(f"{pack.__name__}.streamlined_core.engine.context", fromlist=["current"])
 
     def twice(executor, *args, **kwargs):
         run = context.current().rehash
@@ -422,7 +422,7 @@ def test_combinations_pairwise(pack, svd, folder, case, caplog):
 
     sampler, conds, around, streamline, profiler, schedule = case
     caplog.set_level(logging.INFO)
-    context = sys.modules[pack.__name__ + ".streamlined_core.context"]
+    context = sys.modules[pack.__name__ + ".streamlined_core.engine.context"]
     positive, negative, latent = conditioning(3, 8, 12)
     model, calls = svd, None
     if around == "ControlNet":
@@ -489,7 +489,7 @@ def test_a_sampler_that_corrects_at_the_next_sigma_is_learnt_and_reported(pack, 
     from comfy_extras import nodes_custom_sampler as custom
 
     caplog.set_level(logging.INFO)
-    context = __import__(f"{pack.__name__}.streamlined_core.context", fromlist=["current"])
+    context = __import__(f"{pack.__name__}.streamlined_core.engine.context", fromlist=["current"])
     positive, negative, latent = conditioning(3, 8, 12)
 
     def my_corrector(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -539,7 +539,7 @@ def test_comfyuis_own_context_windows_keep_one_cache_per_window(pack, svd, caplo
     windowed = ContextWindowsManualNode.execute(svd, 4, 2, cw.ContextSchedules.STATIC_STANDARD, 1, False,
                                                 cw.ContextFuseMethods.PYRAMID, 0)
     windowed = windowed[0] if isinstance(windowed, tuple) else windowed.result[0]
-    context = sys.modules[pack.__name__ + ".streamlined_core.context"]
+    context = sys.modules[pack.__name__ + ".streamlined_core.engine.context"]
     windows, cached = set(), []
 
     def watch(executor, *args, **kwargs):
@@ -575,7 +575,7 @@ def test_a_calibration_that_cannot_be_written_is_reported_and_the_run_kept(pack,
     import sys
 
     caplog.set_level(logging.INFO)
-    rehash = sys.modules[pack.__name__ + ".streamlined_core.rehash"]
+    rehash = sys.modules[pack.__name__ + ".streamlined_core.features.rehash"]
 
     def no_space(self, path, *args, **kwargs):
         raise OSError(28, "No space left on device")

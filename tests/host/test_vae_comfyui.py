@@ -6,8 +6,9 @@ import torch
 from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
                       check_per_slice_statistics_fail, check_sliced)
 
-from streamlined_core import configs, streamline
-from streamlined_core.arch import adapter_for, comfy_vae
+from streamlined_core.tools import configs
+from streamlined_core import streamline
+from streamlined_core.engine.arch import adapter_for, comfy_vae
 
 
 @pytest.fixture(scope="module")

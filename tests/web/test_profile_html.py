@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streamlined_core.profile_html import MODULES, WEB_DIR, write_html
+from streamlined_core.tools.charts.report import MODULES, WEB_DIR, write_html
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024**2
@@ -72,7 +72,7 @@ def test_labels_cannot_break_out_of_the_page(tmp_path):
 
 
 def test_timeline_objects_are_written_as_their_documents(tmp_path):
-    from streamlined_core.profiler import Timeline
+    from streamlined_core.features.profiler import Timeline
 
     doc = timeline("obj", [1, 4, 2])
     page = write_html([Timeline.from_json(doc)], tmp_path / "p.html").read_text()

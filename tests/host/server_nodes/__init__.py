@@ -5,7 +5,7 @@ Never shipped: the server test links this folder into a temporary ``custom_nodes
 
 import torch
 
-from streamlined_core.configs import TINY_COMFY_SVD_CONFIG as SVD_CONFIG  # noqa: E402  the one tiny SVD
+from streamlined_core.tools.configs import TINY_COMFY_SVD_CONFIG as SVD_CONFIG  # noqa: E402  the one tiny SVD
 
 
 class TinySVD:

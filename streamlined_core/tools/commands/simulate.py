@@ -1,0 +1,99 @@
+"""``streamline simulate``: activation memory of the full-size models on the meta device."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from typing import Any
+
+from .common import (
+    choices,
+    positive,
+    resolution,
+    stdout_to_stderr,
+)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the command's parser to ``sub`` (the ``streamline`` subparsers)."""
+    from ..sim.unet import IMPLEMENTATIONS, MODELS
+
+    sim = sub.add_parser(
+        "simulate",
+        help="activation memory of full-size models, simulated on the meta device (no weights, no GPU)",
+        description="Build the full-size models on the meta device in fp16 and measure one U-Net call "
+        "of each workload: weights, activation peak and skip floor, with the field's built-in options.",
+    )
+    sim.add_argument(
+        "--model", type=choices(tuple(MODELS)), default=list(MODELS), metavar="NAMES",
+        help=f"comma-separated models among {', '.join(MODELS)} (default: all)",
+    )
+    sim.add_argument(
+        "--implementation", type=choices(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS), metavar="NAMES",
+        help="comma-separated among diffusers, comfyui (default: both; ComfyUI rows need a ComfyUI checkout)",
+    )
+    sim.add_argument(
+        "--resolution", type=resolution, nargs="+", default=None, metavar="HxW",
+        help="pixel resolutions, multiples of 8 (default: 512x512 576x1024)",
+    )
+    sim.add_argument("--frames", type=positive, default=None, help="frames per video (default: 14 SVD, 25 SVD-XT, 16 AnimateDiff)")
+    sim.add_argument("--batch", type=positive, default=2, help="videos per U-Net call; 2 is classifier-free guidance (default: 2)")
+    mode = sim.add_mutually_exclusive_group()
+    mode.add_argument("--decode", action="store_true",
+                      help="instead: SVD's VAE decode (SVD 14 frames, SVD-XT 25), the stock decoder against the decoder "
+                           "run by groups (default resolution: 576x1024)")
+    mode.add_argument("--pipeline", action="store_true",
+                      help="instead: every stage of each model's workflow (encoders, U-Net with guidance, VAE decode), "
+                           "original and streamlined, the pipeline's peak beside the paper's and the smallest card it "
+                           "should fit (default resolution: 576x1024; --model chooses the workflows)")
+    out = sim.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
+    out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+    return sim
+
+
+def run(args: argparse.Namespace) -> int:
+    """``streamline simulate``: the U-Net table, or --decode's, or --pipeline's."""
+    if "diffusers" in (args.implementation or ()) and importlib.util.find_spec("diffusers") is None:
+        print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
+              "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
+        return 2
+    if args.pipeline:
+        from ..sim.pipeline import format_markdown as pipeline_markdown
+        from ..sim.pipeline import pipeline_rows
+
+        if args.frames is not None or args.batch != 2:
+            args.parser.error("argument --pipeline: each workflow runs its own frame count with guidance; "
+                              "--frames and --batch are for the U-Net table")
+        rows = []
+        for height, width in args.resolution or ((576, 1024),):
+            rows += pipeline_rows(args.model, height, width, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else pipeline_markdown(rows),
+              end="\n" if args.json else "")
+    elif args.decode:
+        from ..sim.decode import decode_rows
+        from ..sim.decode import format_markdown as decode_markdown
+
+        rows = decode_rows(args.resolution or ((576, 1024),), progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else decode_markdown(rows), end="\n" if args.json else "")
+    else:
+        from ..sim.unet import RESOLUTIONS, format_markdown, format_text, simulate
+
+        with stdout_to_stderr():  # whatever ComfyUI and its custom nodes print while loaded and run
+            rows = simulate(
+                models=args.model,
+                resolutions=args.resolution or RESOLUTIONS,
+                frames=args.frames,
+                batch=args.batch,
+                implementations_wanted=args.implementation,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+            )
+        if args.json:
+            print(json.dumps([r.as_dict() for r in rows], indent=2))
+        elif args.markdown:
+            print(format_markdown(rows), end="")
+        else:
+            print(format_text(rows), end="")
+    return 0

@@ -62,9 +62,9 @@ def test_cpu_run_output_is_real_and_finite(tiny_models):
     assert torch.isfinite(out).all() and out.std() > 0
 
 
-# -- full size, against BENCHMARKS.md's reference table ----------------------------------------
+# -- full size, against the reference figures (docs/benchmarks.md) ------------------------------
 
-# (model, height, width, variant) -> GiB, from BENCHMARKS.md ("Reference figures from this harness").
+# (model, height, width, variant) -> GiB: the reference figures docs/benchmarks.md lists.
 REFERENCE_PEAK_GIB = {
     ("svd", 576, 1024, "original"): 4.34,
     ("svd-xt", 576, 1024, "original"): 7.73,

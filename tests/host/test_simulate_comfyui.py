@@ -108,7 +108,7 @@ def test_simulate_json_prints_only_its_document_while_animatediff_evolved_logs(c
     meta), and its rows equal those simulated here under PyTorch attention.
     """
     if not (Path(comfyui) / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved" / "__init__.py").is_file():
-        pytest.skip(f"AnimateDiff-Evolved is not in {comfyui}/custom_nodes (HOST.md: commit 90fb133 there)")
+        pytest.skip(f"AnimateDiff-Evolved is not in {comfyui}/custom_nodes (docs/comfyui.md: commit 90fb133 there)")
     workload = dict(models=["animatediff"], implementations_wanted=["comfyui"], resolutions=[(64, 64)], frames=2)
     command = Path(sys.executable).with_name("streamline")
     argv = [str(command)] if command.is_file() else [sys.executable, "-m", "streamlined_core.tools.cli"]

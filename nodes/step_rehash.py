@@ -6,7 +6,7 @@ their skips).
 Both make a clone of the MODEL with two keyed wrappers, as ComfyUI's EasyCache does, never the
 single-slot U-Net function wrapper:
 
-- OUTER_SAMPLE (:class:`RehashOuter`): creates the run's state (:class:`HostRun`) in the run's
+- OUTER_SAMPLE (:class:`RehashOuter`): creates the run's state (:class:`ComfyRehash`) in the run's
   context, wraps the sampler's callback so that each callback ends a step (key steps count sampler
   steps, not model calls), and in ``finally`` frees the cache, logs which steps were key and shows it
   on the node, also after an error or an interrupt;
@@ -31,7 +31,17 @@ from typing import Any
 from ..streamlined_core.engine.api import Streamliner
 from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
 from ..streamlined_core.engine.context import current, run_context
-from ..streamlined_core.features.rehash import DEFAULT_CUT, LAST_UP_BLOCK, HostCalibration, HostRehash, RehashConfig, Schedule, default_count, fingerprint, interval_key_steps
+from ..streamlined_core.features.rehash import (
+    DEFAULT_CUT,
+    LAST_UP_BLOCK,
+    HostCalibration,
+    HostRehash,
+    RehashConfig,
+    Schedule,
+    default_count,
+    fingerprint,
+    interval_key_steps,
+)
 
 KEY = "streamline.rehash"
 FOLDER = "streamline_rehash"
@@ -123,7 +133,7 @@ def _whole(name: str, value: Any, least: int, accepted: str) -> None:
 
 
 @dataclass
-class HostRun:
+class ComfyRehash:
     """One sampling run under Step Rehash: its steps, the callback clock, and the controller that the
     streamlined forward consults (``RunContext.rehash``): :class:`HostRehash`, or
     :class:`HostCalibration` on a run that calibrates."""
@@ -410,7 +420,7 @@ class RehashOuter:
             sigmas = [float(s) for s in sigmas_arg.flatten()]
             sampler = self.options.sampler or _sampler_name(sampler_arg)
             extra_calls = bool(guider.model_options.get("sampler_post_cfg_function"))
-            run = HostRun(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
+            run = ComfyRehash(self.options, sigmas, sampler, guider.model_patcher.get_model_object("model_sampling"),
                           self.node_id, heun_like=sampler in HEUN_LIKE, learn=not extra_calls)
 
             def on_step(i, *rest):
@@ -443,7 +453,7 @@ class RehashCall:
 
     def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
         run = getattr(current(), "rehash", None)
-        if isinstance(run, HostRun):
+        if isinstance(run, ComfyRehash):
             options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {}) or {}
             run.at_call(executor.class_obj, options)
         return executor(*args, **kwargs)
@@ -469,7 +479,7 @@ def with_rehash(model: Any, options: RehashOptions, node_id: str | None = None) 
     if adapter.forward is not comfy_unet.streamlined_forward:
         raise ValueError("Step Rehash runs a reuse step's tail by Streamline's stages, which reproduce ComfyUI's "
                          "UNetModel._forward of the versions it knows; this ComfyUI's differs. Use KSampler here, or "
-                         "a ComfyUI version listed in the README")
+                         "a ComfyUI version listed in docs/comfyui.md")
     patched = model.clone()
     existing = patched.object_patches.get("diffusion_model._forward")
     if existing is None:
@@ -509,7 +519,7 @@ def _rehash_inputs() -> dict:
         "cut": (list(CUTS), {
             "default": DEFAULT_CUT,
             "tooltip": "Where in the last up block the cached feature is taken: later cuts leave less to compute on "
-                       "a reuse step. See the README's Step Rehash section for the measured trade-off.",
+                       "a reuse step. See docs/step-rehash.md for the measured trade-off.",
         }),
         "calibration": ([AUTO] + calibration_files(), {
             "default": AUTO,

@@ -23,7 +23,7 @@ GIB = 1024**3
 AXES = {"all": frozenset({"frames", "pixels"}), "spatial": frozenset({"frames"}), "temporal": frozenset({"pixels"})}
 
 
-class StreamlineRun:
+class StreamlineOuter:
     """OUTER_SAMPLE wrapper: the run's context; a typed budget checked against this latent; ComfyUI's
     ``memory_required`` scaled for the run, then restored exactly."""
 
@@ -156,7 +156,7 @@ class StreamlineModel:
         patched = model.clone()
         patched.add_object_patch("diffusion_model._forward", engine)
         patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
-        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, StreamlineRun(engine))
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, StreamlineOuter(engine))
         return (patched,)
 
 

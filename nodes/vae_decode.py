@@ -16,9 +16,9 @@ import logging
 from ..streamlined_core.engine.api import StreamlineHandle
 from ..streamlined_core.engine.arch import comfy_vae, engine_adapter
 from ..streamlined_core.engine.context import listen
-from ..streamlined_core.features.profiler import Recorder
 from ..streamlined_core.engine.slicing import GroupEvent
-from .vram_profiler import _prompt_id, _publish
+from ..streamlined_core.features.profiler import Recorder
+from .vram_profiler import current_prompt_id, publish
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -51,7 +51,8 @@ class StreamlineVAEDecode:
     DESCRIPTION = (
         "Decodes SVD latents with every frame in one clip, as the temporal decoder was trained (ComfyUI's VAE "
         "Decode cuts the clip by free memory), running each layer group on slices: frames for spatial layers, "
-        "pixels for temporal ones, row bands inside a frame where needed, norms on whole-frame and whole-video statistics, so a 25-frame 576x1024 decode needs about "
+        "pixels for temporal ones, row bands inside a frame where needed, norms on whole-frame and whole-video "
+        "statistics, so a 25-frame 576x1024 decode needs about "
         "5.6 GiB of activations instead of 28."
     )
 
@@ -103,8 +104,8 @@ class StreamlineVAEDecode:
             recorder.set_streamline({"predicted_peak_bytes": plan.predicted_peak_bytes})
         finally:
             handle.remove()
-        recorder.timeline.prompt_id = f"{_prompt_id()}:decode"
-        _publish(recorder.timeline)
+        recorder.timeline.prompt_id = f"{current_prompt_id()}:decode"
+        publish(recorder.timeline)
         images = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
         text = (f"Streamline VAE Decode: {latent.shape[0]} frames as one clip, {plan.describe()}; predicted activation "
                 f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB (the stock decoder in one call: {stock / GIB:.2f} GiB)")

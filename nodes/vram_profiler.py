@@ -2,7 +2,7 @@
 
 MODEL in, MODEL out: a clone with two keyed wrappers, never a patch of ComfyUI's executor.
 
-- OUTER_SAMPLE (:class:`ProfilerRun`): opens the run's context with a
+- OUTER_SAMPLE (:class:`ProfilerOuter`): opens the run's context with a
   :class:`~streamlined_core.features.profiler.Recorder` in it, and when the run ends (success or failure)
   keeps the timeline in a bounded history by prompt id, pushes it to the page
   (``streamline.timeline`` event) and logs one line: the peak, where it happened, and the saving
@@ -28,9 +28,9 @@ from collections import OrderedDict
 from typing import Any
 
 from ..streamlined_core.engine.context import current, listen, run_context
-from ..streamlined_core.features.rehash import RehashEvent
-from ..streamlined_core.features.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
 from ..streamlined_core.engine.slicing import GroupEvent
+from ..streamlined_core.features.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
+from ..streamlined_core.features.rehash import RehashEvent
 
 KEY = "streamline.profiler"
 EVENT = "streamline.timeline"
@@ -80,7 +80,7 @@ class _Profiled:
             torch.cuda.memory._record_memory_history(enabled=None)
 
 
-def _prompt_id() -> str:
+def current_prompt_id() -> str:
     try:  # ComfyUI >= 0.3.6x: the executing node's context
         from comfy_execution.utils import get_executing_context
 
@@ -115,7 +115,7 @@ def _snapshot_unavailable(device: Any, steps: int) -> str | None:
     return None
 
 
-class ProfilerRun:
+class ProfilerOuter:
     """OUTER_SAMPLE wrapper: record the run, then keep, push and log its timeline."""
 
     def __init__(self, granularity: str, snapshot_steps: int, label: str) -> None:
@@ -139,7 +139,7 @@ class ProfilerRun:
                 elif isinstance(event, RehashEvent):  # Step Rehash Sampler: the step is key or reused
                     recorder.rehash(event.kind)
 
-            recorder.timeline.prompt_id = _prompt_id()
+            recorder.timeline.prompt_id = current_prompt_id()
             try:
                 with listen(on_event), recorder:
                     if why_not is None:
@@ -155,7 +155,7 @@ class ProfilerRun:
                         "predicted_peak_bytes": worst.predicted_peak_bytes, "plan": worst.describe(),
                         "sliced_groups": len(worst.sliced_groups), "groups": len(worst.groups),
                     })
-                _publish(recorder.timeline)
+                publish(recorder.timeline)
 
 
 class ProfilerCall:
@@ -226,7 +226,7 @@ def _block_hooks(unet: Any, recorder: Recorder) -> list:
     return hooks
 
 
-def _publish(timeline: Timeline) -> None:
+def publish(timeline: Timeline) -> None:
     """Keep the timeline, push it to the page, log its summary with the saving against the label's last run."""
     doc = timeline.to_json()
     key = timeline.prompt_id or f"local-{uuid.uuid4().hex[:12]}"
@@ -359,6 +359,6 @@ class VRAMProfiler:
         patched = model.clone()
         patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
         patched.remove_wrappers_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY)
-        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, ProfilerRun(granularity, snapshot_steps, label))
+        patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, ProfilerOuter(granularity, snapshot_steps, label))
         patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, KEY, ProfilerCall())
         return (patched,)

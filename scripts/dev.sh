@@ -4,7 +4,7 @@
 #   bash scripts/dev.sh simulate [streamline simulate options]   the main job (no GPU, no weights)
 #   bash scripts/dev.sh test                                     every test suite
 #
-# STREAMLINE_SUITES=web,browser (any of core, overhead, host, web, browser) runs only those suites.
+# STREAMLINE_SUITES=web,browser (any of lint, core, overhead, host, web, browser) runs only those suites.
 # The web suite (node --test tests/web/, and pytest tests/web) always runs; the host suite and the
 # browser suite (the memory panel in Debian's chromium, tests/host/test_browser.py) run once per
 # ComfyUI host. `test` installs what those need when it is missing: node and chromium with apt-get
@@ -116,6 +116,13 @@ no_hosts() {
 run_tests() {
   local status=0 t0
   summary=()
+  if wanted lint; then
+    t0=$SECONDS
+    echo "== suite lint (ruff check, configured in pyproject.toml)"
+    if "$py" -m ruff check streamlined_core nodes tests scripts __init__.py; then r=passed; else r=FAILED; status=1; fi
+    summary+=("lint: $r in $((SECONDS - t0)) s")
+  fi
+
   if wanted core; then
     t0=$SECONDS
     echo "== suite core (tests/core)"

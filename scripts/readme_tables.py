@@ -106,7 +106,7 @@ def replace(text: str, name: str, body: str) -> str:
 def profile_block(say, page: Path) -> str:
     """The original and the streamlined fixture model recorded (4 steps, 14 frames), charted in docs/."""
     from streamlined_core.tools.charts.profile import plot
-    from streamlined_core.tools.profile_run import sampling_run
+    from streamlined_core.tools.profiling import sampling_run
 
     runs = [sampling_run("fixture", streamlined, "group", steps=4, frames=8) for streamlined in (False, True)]
     plot(runs, DOCS / FIGURE_IN_BLOCK["profile"],
@@ -131,9 +131,9 @@ def fixture_block(say, page: Path) -> str:
 
 def calibration_block(say, page: Path) -> str:
     """Step Rehash's similarity maps on the fixture model (4 calibration clips, 25 steps), drawn in docs/."""
+    from streamlined_core.features.rehash import format_calibration
     from streamlined_core.fixture.calibration import calibrate_fixture
     from streamlined_core.fixture.model import load_unet
-    from streamlined_core.features.rehash import format_calibration
     from streamlined_core.tools.charts.rehash import draw_maps
 
     cal = calibrate_fixture(load_unet(), clips=4, progress=say)
@@ -167,7 +167,7 @@ def main() -> None:
     if "--profile" in args:
         put("profile", lambda page: profile_block(say, page))
     if "--overhead" in args:
-        from streamlined_core.tools.profile_run import format_overhead, overhead
+        from streamlined_core.tools.profiling import format_overhead, overhead
 
         put("overhead", lambda page: format_overhead(overhead("mid", progress=say)))
     if "--fixture" in args:

@@ -8,8 +8,8 @@ from .engine.api import StreamlineHandle, streamline
 from .engine.context import RunContext, listen, run_context, stage_request
 from .engine.memory import MemoryTracker
 from .engine.plan import GroupPlan, Plan
-from .features.rehash import RehashConfig, RehashHandle, Schedule, calibrate, rehash
 from .engine.stages import CutPoint, CutState, StageRequest
+from .features.rehash import RehashConfig, RehashHandle, Schedule, calibrate, rehash
 
 __version__ = "0.1.0"
 

@@ -39,7 +39,7 @@ def ksample(model, frames=3, h=8, w=12, steps=2, sampler="euler"):
 
 
 # Sampling from sigma 700 (EDM) scales each call's rounding by up to ~700 in the latent, so final
-# latents are compared at 2e-3 while every U-Net call is held to 1e-5 (BENCHMARKS.md).
+# latents are compared at 2e-3 while every U-Net call is held to 1e-5 (docs/benchmarks.md).
 LATENT_TOL = 2e-3
 
 

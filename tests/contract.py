@@ -4,7 +4,7 @@ For a call of a model (a :class:`Subject`: the host's own forward, and the engin
 :class:`~streamlined_core.engine.slicing.Runner`):
 
 * sliced equals unsliced: max abs difference at most ``TOL`` of the output's max magnitude, fp32
-  (BENCHMARKS.md); one slice is the control, and :class:`Coverage` records which groups ran sliced;
+  (docs/benchmarks.md); one slice is the control, and :class:`Coverage` records which groups ran sliced;
 * every cut point, captured in one full forward: the tail from the captured state equals the full
   forward (bitwise on the CPU in fp32 when nothing is sliced, within ``TOL`` when sliced); for middle
   and up cuts, the shallow path that recomputes the skips plus the tail, fed that forward's deep

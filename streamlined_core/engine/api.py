@@ -62,7 +62,7 @@ SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNet
              "(AutoencoderKLTemporalDecoder: its temporal decoder) and the SD VAE (AutoencoderKL: its decoder)")
 
 
-def _resolve(target: Any) -> tuple[nn.Module, Adapter]:
+def resolve_unet(target: Any) -> tuple[nn.Module, Adapter]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
     if type(unet).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
         unet = unet.decoder  # pipe.vae: the decoder is what runs by groups
@@ -420,7 +420,7 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     """
     slices = _check_slices(slices)
     budget_bytes = _check_budget(budget_bytes)
-    unet, adapter = _resolve(target)
+    unet, adapter = resolve_unet(target)
     check_weights(budget_bytes, weights_bytes(unet))
     previous = unet.__dict__.get("_streamline_handle")
     _check_hooks(unet, adapter.slot, previous)

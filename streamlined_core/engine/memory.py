@@ -1,6 +1,6 @@
 """Peak live-tensor memory, counted the way a GPU allocator would hold it.
 
-The rules (BENCHMARKS.md, "Peak memory"):
+The rules (docs/benchmarks.md, "Peak memory"):
 
 * a storage counts from the op that creates it until it is freed;
 * storages that exist before the measured region (weights, buffers, inputs) never count, even

@@ -635,6 +635,8 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "Axis", "GroupEvent", "GroupNormStats", "InPlace", "Merge", "Mode", "Pixels", "Rows", "Runner", "SpatialResBlock",
-    "Tiles", "TilesInPlace", "Tokens", "TemporalResBlock", "ceil_div", "conv_halo", "spatial_head", "spatial_resblock", "tile_bounds", "time_conv", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view", "rows_of", "slice_bounds",
+    "Tiles", "TilesInPlace", "Tokens", "TemporalResBlock", "ceil_div", "conv_halo", "spatial_head", "spatial_resblock",
+    "tile_bounds", "time_conv", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view",
+    "rows_of", "slice_bounds",
     "to_video", "unsliced",
 ]

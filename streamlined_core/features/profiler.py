@@ -501,8 +501,8 @@ def profile(model: torch.nn.Module, granularity: str = "step", label: str = "",
     decoder's groups (Streamline's, where ``streamline(pipe.vae)`` runs it) as group events.
     """
     from ..engine.context import current, listen
-    from .rehash import RehashEvent
     from ..engine.slicing import GroupEvent
+    from .rehash import RehashEvent
 
     vae = type(model).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL")
     if vae:

@@ -19,7 +19,7 @@ below becomes key; the last step is key.
 
 The pieces, in the style of diffusers' hooks: :class:`RehashConfig` (what to do), :func:`rehash`
 (apply it to a pipeline or U-Net; the handle's ``remove()`` undoes it), and the per-run state
-:class:`RehashRun` (the cache, per guidance branch and per context window, with ``reset()``),
+:class:`RehashState` (the cache, per guidance branch and per context window, with ``reset()``),
 created when a run starts and freed when it ends or raises. The step index comes from the scheduler
 (its ``step`` calls), never from the timestep's value. Hosts can drive the same machinery
 with their own step index and branch keys: a controller in the run context (``RunContext.rehash``,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "streamline.rehash/1"
 # After the last up block's second attention: a reuse step recomputes only conv_in before its tail.
-# Chosen by `streamline bench --rehash` on the fixture model (README: Step Rehash against the field): at
+# Chosen by `streamline bench --rehash` on the fixture model (docs/step-rehash.md: Step Rehash against the field): at
 # 13 of 25 key steps, the cut closest to full compute on calibration clips among those no dearer than
 # DeepCache's that no other setting beats on both axes.
 DEFAULT_CUT = "up0.1.attn"
@@ -414,7 +414,7 @@ class RehashEvent:
     cut: str
 
 
-class RehashRun:
+class RehashState:
     """One sampling run's Step Rehash state: the key steps, the cache (one captured feature per branch:
     a guidance branch, a context window) and what each step did. A U-Net call may carry several
     branches batched along its rows (ComfyUI batches cond and uncond): a key call's feature is kept
@@ -599,10 +599,10 @@ class _Attached:
 
     def _own_handle(self) -> None:
         """Without a streamline() handle, install a pass-through one (see the class docstring)."""
-        from ..engine.api import StreamlineHandle, _resolve
+        from ..engine.api import StreamlineHandle, resolve_unet
 
         if self.unet.__dict__.get("_streamline_handle") is None:
-            _, adapter = _resolve(self.unet)
+            _, adapter = resolve_unet(self.unet)
             self._owned = StreamlineHandle(self.unet, adapter, slices=1, budget_bytes=None, passthrough=True)
 
     # the clock's side
@@ -651,12 +651,12 @@ class _Attached:
 
 
 class _RehashDriver:
-    """A :class:`RehashRun` bound to a run: what each U-Net call of it does, given its step and branches."""
+    """A :class:`RehashState` bound to a run: what each U-Net call of it does, given its step and branches."""
 
     def __init__(self, config: RehashConfig, steps: int, made_for: dict[str, Any]) -> None:
         keys = config.key_steps_for(steps, made_for)
         self.config = config
-        self.state = RehashRun(config.cut_id, steps, keys)
+        self.state = RehashState(config.cut_id, steps, keys)
         self.checked = False
         self._announced: int | None = None  # the last step whose kind was sent to the listeners
 
@@ -785,7 +785,7 @@ class RehashHandle:
         return _RehashDriver(self.config, steps, self._made_for())
 
     @property
-    def last_run(self) -> RehashRun | None:
+    def last_run(self) -> RehashState | None:
         """The state of the last finished (or failed) run: what each step did; its cache is freed."""
         last = self._attached.last_run
         return last.state if last is not None else None
@@ -840,9 +840,9 @@ def rehash(target: Any, config: RehashConfig, scheduler: Any = None) -> RehashHa
     if not isinstance(config, RehashConfig):
         raise TypeError(f"config must be a RehashConfig, got {type(config).__name__}")
     unet, scheduler = _unet_and_scheduler(target, scheduler)
-    from ..engine.api import _resolve
+    from ..engine.api import resolve_unet
 
-    _resolve(unet)  # a supported U-Net, or the API's error
+    resolve_unet(unet)  # a supported U-Net, or the API's error
     return RehashHandle(unet, scheduler, config)
 
 
@@ -959,9 +959,9 @@ def calibrate(target: Any, run: Callable[[], Any], cuts: Sequence[str] = LAST_UP
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs={runs!r}: expected a whole number of calibration runs, at least 1")
     unet, scheduler = _unet_and_scheduler(target, scheduler)
-    from ..engine.api import _resolve
+    from ..engine.api import resolve_unet
 
-    _resolve(unet)  # a supported U-Net, or the API's error, before anything is patched
+    resolve_unet(unet)  # a supported U-Net, or the API's error, before anything is patched
     takes_index = _takes_index(run)
     handle = CalibrationHandle(unet, scheduler, cuts, positions, seed, cap_bytes)
     try:
@@ -993,6 +993,6 @@ def _takes_index(fn: Callable) -> bool:
 
 __all__ = [
     "Calibration", "DEFAULT_CUT", "FeatureSampler", "HostCalibration", "HostRehash", "LAST_UP_BLOCK", "RehashConfig", "RehashEvent",
-    "RehashHandle", "RehashRun", "Schedule", "calibrate", "check_cut", "fingerprint", "interval_key_steps",
+    "RehashHandle", "RehashState", "Schedule", "calibrate", "check_cut", "fingerprint", "interval_key_steps",
     "key_steps_for_count", "key_steps_for_gamma", "patch_scheduler", "rehash", "similarity_map",
 ]

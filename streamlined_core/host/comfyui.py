@@ -52,9 +52,8 @@ def import_comfy(path: Path | None = None, pytorch_attention: bool = True):
                 raise ModuleNotFoundError(why)
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
-        from comfy.cli_args import args
-
         import torch
+        from comfy.cli_args import args
 
         if not torch.cuda.is_available():
             args.cpu = True

@@ -1,4 +1,4 @@
-"""Model configurations (CONFIGS.md): one source for tests, benchmarks and the simulator.
+"""Model configurations (docs/benchmarks.md, "The configurations"): one source for tests, benchmarks and the simulator.
 
 Full-size models are built on the ``meta`` device, so they cost no memory and need no weights.
 Builders take ``device`` and ``dtype``; the ``*_inputs`` functions make a workload's U-Net inputs.

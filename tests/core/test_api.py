@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from streamlined_core import MemoryTracker, listen, stage_request, streamline
-from streamlined_core.tools import configs
-from streamlined_core.engine.plan import meta_replica, to_meta
 from streamlined_core.engine.arch import diffusers_svd
-from streamlined_core.engine.plan import measure_groups
+from streamlined_core.engine.plan import measure_groups, meta_replica, to_meta
+from streamlined_core.tools import configs
 
 SHAPE = (2, 3, 64, 96)
 
@@ -190,8 +189,8 @@ def test_pipeline_targets_are_accepted():
 
 
 def test_works_under_model_cpu_offload_hooks(svd_call):
-    from accelerate.hooks import remove_hook_from_module
     from accelerate import cpu_offload_with_hook
+    from accelerate.hooks import remove_hook_from_module
 
     model, args, kwargs, reference = svd_call
     _, hook = cpu_offload_with_hook(model, execution_device="cpu")
@@ -268,7 +267,8 @@ def test_unsupported_targets_name_what_is_accepted():
 def test_unsupported_dit_is_refused():
     from diffusers import DiTTransformer2DModel
 
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8, patch_size=2, norm_num_groups=4)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=1, sample_size=8,
+                                patch_size=2, norm_num_groups=4)
     with pytest.raises(TypeError, match="not a supported model"):
         streamline(dit)
 

@@ -251,8 +251,8 @@ def svd_pipeline_dir(tmp_path_factory):
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from streamlined_core.tools import configs
     from streamlined_core.fixture import model as fixture
+    from streamlined_core.tools import configs
 
     torch.manual_seed(0)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced
 
-from streamlined_core.tools import configs
 from streamlined_core.engine import slicing
 from streamlined_core.engine.arch import cut_points, diffusers_animatediff, diffusers_svd
 from streamlined_core.engine.slicing import GroupNormStats, slice_bounds
 from streamlined_core.engine.stages import CutState
+from streamlined_core.tools import configs
 
 
 def seeded(model):
@@ -120,7 +120,7 @@ def test_every_cut_captured_in_one_forward_runs_its_tail_and_shallow_path_to_the
 
 def test_controlnet_residuals_hold_sliced_and_on_every_cut(models):
     """diffusers' down and middle block residuals (what a ControlNet hands the AnimateDiff U-Net)."""
-    from streamlined_core.engine.arch._diffusers_unet import skip_layout
+    from streamlined_core.engine.arch.diffusers_common import skip_layout
     from streamlined_core.engine.slicing import Runner
 
     model, shape = models["animatediff"], (2, 3, 64, 64)

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 
+from streamlined_core.host.comfyui import find_comfyui
 from streamlined_core.tools import configs
 from streamlined_core.tools.bench import cuda as cuda_bench
-from streamlined_core.tools.cli import main
-from streamlined_core.host.comfyui import find_comfyui
 from streamlined_core.tools.bench.cuda import CpuProbe, CudaBenchResult, CudaRow, MemoryFigures, format_markdown, measure, workloads
+from streamlined_core.tools.cli import main
 
 TINY_ARGS = ["bench", "--cuda", "--config", "tiny", "--model", "svd,animatediff", "--implementation", "diffusers",
              "--warmup", "1", "--repeats", "2"]

@@ -137,7 +137,7 @@ def test_bad_arguments_are_named():
 def test_model_has_svds_layout_within_20_mb(unet):
     from diffusers import UNetSpatioTemporalConditionModel
 
-    # diffusers' defaults of this class are SVD's (CONFIGS.md): compare the fixture's layout with them.
+    # diffusers' defaults of this class are SVD's (docs/benchmarks.md, The configurations): compare the fixture's layout with them.
     defaults = inspect.signature(UNetSpatioTemporalConditionModel.__init__).parameters
     assert tuple(unet.config.down_block_types) == tuple(defaults["down_block_types"].default)
     assert tuple(unet.config.up_block_types) == tuple(defaults["up_block_types"].default)
@@ -325,7 +325,6 @@ def test_the_bar_passes_the_true_clips_own_frames():
     sampled line holds), so it can pass."""
     from streamlined_core.fixture import quality
 
-    report = quality.QualityReport(clips=2, frames=FRAMES, size=SIZE, steps=0)
     seeds = list(quality.BAR_SEEDS[:2])
     own = [data.sample_clip_spec(s, FRAMES) for s in seeds]
     swapped = [quality._swapped_spec(s, i, FRAMES) for i, s in enumerate(seeds)]

@@ -1,4 +1,4 @@
-"""The tracker's counting rules (BENCHMARKS.md), one hand-made op sequence per rule."""
+"""The tracker's counting rules (docs/benchmarks.md, Peak memory), one hand-made op sequence per rule."""
 
 import pytest
 import torch
@@ -219,8 +219,8 @@ def test_meta_kernel_cache_leaves_views_inplace_ops_and_other_devices_to_their_k
 
 def test_a_planned_and_sliced_unet_measures_the_same_with_the_meta_kernel_cache(meta_kernels):
     """The whole planner on a real U-Net class, cached against every kernel run: same plan, same peaks."""
-    from streamlined_core.tools import configs
     from streamlined_core.engine.api import streamline
+    from streamlined_core.tools import configs
 
     def plan_and_measure():
         model = configs.build_tiny_diffusers_svd("meta", torch.float16)

@@ -126,8 +126,8 @@ def test_step_index_from_sigma(sigma, expected):
 def test_profile_a_streamlined_diffusers_unet_with_predicted_group_peaks():
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from streamlined_core.tools import configs
     from streamlined_core import streamline
+    from streamlined_core.tools import configs
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(**configs.TINY_SVD_KWARGS).eval()
@@ -152,8 +152,8 @@ def test_the_call_level_tracker_records_the_op_level_peaks_of_a_unet(streamlined
     """The profiler's tracker counts per torch call; on the U-Net its step and group peaks are the op level's."""
     from diffusers import UNetSpatioTemporalConditionModel
 
-    from streamlined_core.tools import configs
     from streamlined_core import streamline
+    from streamlined_core.tools import configs
 
     torch.manual_seed(0)
     unet = UNetSpatioTemporalConditionModel(**configs.TINY_SVD_KWARGS).eval()

@@ -11,13 +11,23 @@ import weakref
 import pytest
 import torch
 
-from streamlined_core.tools import configs
 from streamlined_core import stage_request, streamline
+from streamlined_core.features.profiler import Timeline, profile
+from streamlined_core.features.rehash import (
+    LAST_UP_BLOCK,
+    RehashConfig,
+    Schedule,
+    calibrate,
+    fingerprint,
+    interval_key_steps,
+    key_steps_for_count,
+    key_steps_for_gamma,
+    rehash,
+    similarity_map,
+)
 from streamlined_core.fixture import data
 from streamlined_core.fixture import model as fixture
-from streamlined_core.features.profiler import Timeline, profile
-from streamlined_core.features.rehash import LAST_UP_BLOCK, RehashConfig, Schedule, calibrate, fingerprint, interval_key_steps, key_steps_for_count, key_steps_for_gamma, rehash, similarity_map
-
+from streamlined_core.tools import configs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -470,10 +480,10 @@ def test_whole_step_reuse_computing_every_step_is_plain_sampling(unet, batch):
 
 def test_a_call_carrying_several_branches_caches_each_and_reuse_calls_join_them_in_their_own_order():
     """A host may batch guidance branches at a key step and run them apart (or the other way round) later."""
-    from streamlined_core.features.rehash import RehashRun
     from streamlined_core.engine.stages import CutState
+    from streamlined_core.features.rehash import RehashState
 
-    run = RehashRun("up0.0.attn", 3, [0, 2])
+    run = RehashState("up0.0.attn", 3, [0, 2])
     request, kind = run.request(0, ["uncond", "cond"])
     assert kind == "key" and request.capture == {"up0.0.attn"}
     h = torch.arange(24.0).reshape(4, 6)  # rows: 2 of uncond, then 2 of cond

@@ -3,13 +3,20 @@ and the least single-frame peak on the full-size one (meta device)."""
 
 import pytest
 import torch
-from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
-                      check_per_slice_statistics_fail, check_sliced)
+from contract import (
+    TOL,
+    Coverage,
+    Subject,
+    check_banded,
+    check_bands_fail_without_statistics_or_halos,
+    check_per_slice_statistics_fail,
+    check_sliced,
+)
 
-from streamlined_core.tools import configs
 from streamlined_core import streamline
 from streamlined_core.engine.arch import adapter_for, diffusers_sd_vae
 from streamlined_core.engine.memory import MemoryTracker
+from streamlined_core.tools import configs
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import pytest
 import torch
 from readme import generated_block
 
-from streamlined_core.tools import configs
 from streamlined_core.engine.arch import adapter_for, skip_floor_bytes, traced_skips
 from streamlined_core.engine.memory import GIB
+from streamlined_core.tools import configs
 from streamlined_core.tools.sim.unet import format_markdown, measure_call, simulate
 
 TINY = {

@@ -3,15 +3,23 @@ and what the groups hold on a full-size one (meta device)."""
 
 import pytest
 import torch
-from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
-                      check_per_slice_statistics_fail, check_sliced, forced)
+from contract import (
+    TOL,
+    Coverage,
+    Subject,
+    check_banded,
+    check_bands_fail_without_statistics_or_halos,
+    check_per_slice_statistics_fail,
+    check_sliced,
+    forced,
+)
 
-from streamlined_core.tools import configs
-from streamlined_core.engine import slicing
 from streamlined_core import streamline
+from streamlined_core.engine import slicing
 from streamlined_core.engine.arch import diffusers_vae
 from streamlined_core.engine.memory import MemoryTracker
 from streamlined_core.engine.slicing import GroupEvent, Runner, governing_slice, tile_bounds
+from streamlined_core.tools import configs
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +117,7 @@ def test_tiles_are_whole_frames_then_row_bands():
 
 
 def test_half_precision_stays_within_the_fp32_reference_error(vae):
-    """fp16 (BENCHMARKS.md): the sliced decode's error against fp32 is at most 1.5x the stock decode's plus 1e-3."""
+    """fp16 (docs/benchmarks.md): the sliced decode's error against fp32 is at most 1.5x the stock decode's plus 1e-3."""
     half = configs.build_tiny_svd_vae(dtype=torch.bfloat16)
     half.load_state_dict(vae.state_dict())
     reference = subject(vae.decoder, 1, 5, 6, 10).reference().float()

@@ -1,4 +1,4 @@
-"""Host tests run against a real ComfyUI checkout (HOST.md); without one they skip, saying why.
+"""Host tests run against a real ComfyUI checkout (docs/development.md, The hosts); without one they skip, saying why.
 
 scripts/dev.sh runs this suite once per host with ``$COMFYUI_PATH`` set. Run directly (``pytest tests/host``)
 without it, the suite takes the first host tests/hosts.py finds (``$COMFYUI_PATHS``, the ComfyUI this pack
@@ -66,12 +66,11 @@ def ade(comfyui, pack):
     from pathlib import Path
 
     import nodes
-
     from streamlined_core.host.comfyui import load_custom_node
 
     path = Path(comfyui) / ADE_DIR
     if not (path / "__init__.py").exists():
-        pytest.skip(f"AnimateDiff-Evolved is not in {path.parent} (HOST.md: commit 90fb133 there)")
+        pytest.skip(f"AnimateDiff-Evolved is not in {path.parent} (the reference hosts carry commit 90fb133 there)")
     if "ADE_UseEvolvedSampling" not in nodes.NODE_CLASS_MAPPINGS:
         assert load_custom_node(path), "ComfyUI could not load AnimateDiff-Evolved"
     return nodes.NODE_CLASS_MAPPINGS

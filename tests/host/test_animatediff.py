@@ -25,7 +25,8 @@ def node(pack):
 def masks():
     """Scale and effect multivals as masks varying over pixels: scale masks and effect masks get sliced."""
     ramp = torch.linspace(0.5, 1.5, 16)
-    return {"scale_multival": (ramp[:, None] * ramp.flip(0)[None, :])[None], "effect_multival": 0.5 + 0.5 * ramp[None, :, None].expand(1, 16, 16)}
+    return {"scale_multival": (ramp[:, None] * ramp.flip(0)[None, :])[None],
+            "effect_multival": 0.5 + 0.5 * ramp[None, :, None].expand(1, 16, 16)}
 
 
 def evolved(ade, model, motion_model, context_length=None, multivals=False):

@@ -98,9 +98,8 @@ def test_the_plan_is_the_same_whatever_the_attention_backend(run_under):
 
 
 def test_in_the_region_meta_queries_run_sdpa_and_real_ones_the_hosts_own_function(comfyui):
-    import torch
-
     import comfy.ldm.modules.attention as attention
+    import torch
 
     from streamlined_core.engine.arch.comfy_attention import sdpa_on_meta
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced, same_state
 
-from streamlined_core.tools import configs
 from streamlined_core import streamline
 from streamlined_core.engine.arch import comfy_unet, cut_points
 from streamlined_core.engine.slicing import Runner
 from streamlined_core.engine.stages import StageEvent, StageRequest
+from streamlined_core.tools import configs
 
 
 @pytest.fixture(scope="module")

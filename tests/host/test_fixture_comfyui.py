@@ -16,10 +16,10 @@ import torch
 from comfy_svd import calibration_folder, rehash_report
 from workflow import api_prompt, object_info
 
-from streamlined_core.tools import configs
 from streamlined_core.fixture import comfy_keys, data
 from streamlined_core.fixture import demo as fixture_demo
 from streamlined_core.fixture import model as fixture_model
+from streamlined_core.tools import configs
 
 pytest.importorskip("diffusers")  # the reference side of every comparison
 
@@ -228,8 +228,9 @@ def test_comfyui_karras_sigmas_are_diffusers_svd_sigmas_up_to_fp32_rounding(demo
 
 def test_ksampler_on_the_demo_model_equals_the_diffusers_sampling_loop(demo):
     import comfy.sample
-    import nodes
     from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
+
+    import nodes
 
     frames, steps, seed, level = 8, 4, 1234, 0.02
     model, positive, negative, latent, _ = demo.StreamlineDemoLoader().load(3, frames, level)
@@ -334,6 +335,7 @@ def execute(prompt: dict) -> dict:
 def test_cpu_demo_workflow_runs_through_the_real_nodes(comfyui, pack, tmp_path, sampler_type, caplog):
     import execution
     import folder_paths
+
     import nodes
 
     extras(comfyui, "nodes_video_model.py", "nodes_images.py")

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from contract import ComfyProbe
-
 from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
+from contract import ComfyProbe
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,8 @@ def test_unsupported_models_and_bad_inputs_get_clear_errors(pack, svd_patcher, c
         "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 8, 8],
         "theta": 10000, "qkv_bias": True, "guidance_embed": False})
     flux.set_inference_dtype(torch.float32, None)
-    image_model = comfy.model_patcher.ModelPatcher(flux.get_model({}, "", device=torch.device("cpu")), torch.device("cpu"), torch.device("cpu"))
+    image_model = comfy.model_patcher.ModelPatcher(flux.get_model({}, "", device=torch.device("cpu")),
+                                                   torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(ValueError, match="SVD and SVD-XT, and SD1.5 / SDXL models animated by AnimateDiff-Evolved.*Flux"):
         node(pack).patch(image_model, "auto", 8, 0.0, "all")
     for args, message in ((("sometimes", 8, 0.0, "all"), "slicing must be"), (("auto", 8, -1.0, "all"), "vram_budget_gb"),
@@ -233,7 +233,8 @@ def test_conds_run_separately_when_memory_is_short(pack, svd_patcher):
         (patched,) = node(pack).patch(svd_patcher, "upper bound", 3, 0.0, "all")
         errors = checked(patched)
         batches = []
-        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "batches", lambda ex, x, *a, **k: batches.append(x.shape[0]) or ex(x, *a, **k))
+        patched.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "batches",
+                                  lambda ex, x, *a, **k: batches.append(x.shape[0]) or ex(x, *a, **k))
         out = ksample(patched)
     finally:
         del base.memory_required

@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-
 from comfy_svd import build_svd, ksample
 
 
@@ -112,7 +111,7 @@ def test_the_history_stays_bounded_and_keeps_the_newest(pack, svd_patcher):
     template = Timeline.from_json(latest(pack))
     for i in range(mod.HISTORY_LIMIT + 5):
         template.prompt_id = f"bounded-{i}"
-        mod._publish(template)
+        mod.publish(template)
     assert len(mod._HISTORY) == mod.HISTORY_LIMIT
     ids = [h["prompt_id"] for h in mod.history()]
     assert ids[0] == f"bounded-{mod.HISTORY_LIMIT + 4}" and "bounded-0" not in ids

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from streamlined_core.tools.cli import main
 from streamlined_core.features.rehash import LAST_UP_BLOCK, interval_key_steps
 from streamlined_core.tools.bench.rehash import DEEPCACHE_CUT
 from streamlined_core.tools.bench.rehash_comfyui import EASYCACHE_NODE, bench_rehash_comfyui, format_markdown
+from streamlined_core.tools.cli import main
 
 STEPS = 8
 # Given shares (each cut's reuse step as a share of a full forward), so that U-Net time can be checked exactly.

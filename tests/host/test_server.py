@@ -128,9 +128,10 @@ def graph(streamline: bool, frames: int = 5) -> dict:
 
 
 def frames_of(server, result) -> list:
+    import io
+
     import numpy as np
     from PIL import Image
-    import io
 
     assert result["status"]["status_str"] == "success", result["status"]
     images = result["outputs"]["5"]["images"]

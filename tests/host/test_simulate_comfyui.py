@@ -10,9 +10,9 @@ import pytest
 import torch
 from readme import generated_block
 
-from streamlined_core.tools import configs
 from streamlined_core.engine.arch import adapter_for, skip_floor_bytes, traced_skips
 from streamlined_core.engine.memory import GIB
+from streamlined_core.tools import configs
 from streamlined_core.tools.sim.unet import format_markdown, measure_call, simulate
 
 SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]

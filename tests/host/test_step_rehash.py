@@ -4,8 +4,7 @@ import logging
 
 import pytest
 import torch
-from comfy_svd import (LATENT_TOL, build_svd, calibration_folder, conditioning, ksample, rehash_options, rehash_report,
-                       rel)
+from comfy_svd import LATENT_TOL, build_svd, calibration_folder, conditioning, ksample, rehash_options, rehash_report, rel
 
 STEPS = 5
 
@@ -318,8 +317,8 @@ def controlnet(conds):
     import comfy.cldm.cldm
     import comfy.controlnet
     import comfy.ops
-    import nodes
 
+    import nodes
     from streamlined_core.tools import configs
 
     cpu = torch.device("cpu")

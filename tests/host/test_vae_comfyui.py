@@ -3,12 +3,19 @@
 
 import pytest
 import torch
-from contract import (TOL, Coverage, Subject, check_banded, check_bands_fail_without_statistics_or_halos,
-                      check_per_slice_statistics_fail, check_sliced)
+from contract import (
+    TOL,
+    Coverage,
+    Subject,
+    check_banded,
+    check_bands_fail_without_statistics_or_halos,
+    check_per_slice_statistics_fail,
+    check_sliced,
+)
 
-from streamlined_core.tools import configs
 from streamlined_core import streamline
 from streamlined_core.engine.arch import adapter_for, comfy_vae
+from streamlined_core.tools import configs
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +180,6 @@ def test_the_node_refuses_a_budget_below_the_least_peak_and_names_it(pack, svd_v
 
 def test_the_node_decodes_other_vaes_with_the_hosts_decode_and_says_so(pack, comfyui):
     import comfy.sd
-
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
     # the SD VAE (AnimateDiff's), at the size comfy/sd.py builds from its keys

@@ -24,11 +24,13 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Pixels, Runner
-from . import comfy_unet
+from .comfy_common import Call, cast_affine, forward_signature
+
 
 def is_motion_module(layer: nn.Module) -> bool:
     """An ADE ``VanillaTemporalModule`` (found at run time: ADE injects it while the model is loaded)."""
-    return type(layer).__name__ == "VanillaTemporalModule" and type(getattr(layer, "temporal_transformer", None)).__name__ == "TemporalTransformer3DModel"
+    transformer = getattr(layer, "temporal_transformer", None)
+    return type(layer).__name__ == "VanillaTemporalModule" and type(transformer).__name__ == "TemporalTransformer3DModel"
 
 
 def motion_modules(model: nn.Module) -> list[nn.Module]:
@@ -117,7 +119,7 @@ def cross_frame_group(runner: Runner, name: str, call, inputs, per_item, frames:
         if i >= len(stats):
             raise RuntimeError(f"{name}: GroupNorm call {i + 1} of a group expected to make {norms}")
         if id(norm) not in affines:
-            affines[id(norm)] = comfy_unet.cast_affine(norm, x)
+            affines[id(norm)] = cast_affine(norm, x)
         out = [slicing.group_norm(x[a:b].movedim(0, 1)[None], stats[i][v], norm.eps, affines[id(norm)])[0].movedim(0, 1)
                for v, a, b in pieces]
         return out[0] if len(out) == 1 else torch.cat(out)
@@ -165,11 +167,11 @@ def _known_motion_module(mm: nn.Module) -> bool:
     blocks = list(tt.transformer_blocks)
     if not blocks:
         return True
-    parameters = comfy_unet.forward_signature(type(blocks[0])).parameters
+    parameters = forward_signature(type(blocks[0])).parameters
     return all(a in parameters for a in _MOTION_API["block"])
 
 
-def motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: "comfy_unet.Call") -> torch.Tensor:
+def motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: Call) -> torch.Tensor:
     """An ADE motion module over pixel slices, exactly as ``VanillaTemporalModule.forward`` computes it."""
     tt = mm.temporal_transformer
     opts = c.transformer_options
@@ -208,7 +210,7 @@ def motion_module(runner: Runner, name: str, mm: nn.Module, x: torch.Tensor, c: 
             out = whole()
             return out.view(videos, frames, ch, pixels)
         if not affine:
-            affine.append(comfy_unet.cast_affine(tt.norm, xs))
+            affine.append(cast_affine(tt.norm, xs))
         h = slicing.group_norm(video(xs), stats, tt.norm.eps, affine[0])
         h = (h.transpose(1, 2).reshape(n, ch, -1) if c.cross_frame else h).transpose(1, 2)
         h = tt.proj_in(h).to(h.dtype)

@@ -2,7 +2,7 @@
 
 Planning and simulation run the host's modules on ``meta`` and model attention as a memory-efficient
 kernel, output plus fp32 log-sum-exp (what :class:`~streamlined_core.engine.memory.MemoryTracker` counts
-for ``scaled_dot_product_attention``), whatever attention function the user chose (DESIGN.md,
+for ``scaled_dot_product_attention``), whatever attention function the user chose (docs/how-it-works.md,
 principle 6). ComfyUI picks that function once, when ``comfy.ldm.modules.attention`` is imported,
 from its flags: sub-quadratic (its CPU default) and split attention size their chunks from
 ``model_management.get_free_memory(query.device)``, which fails on ``meta``; xformers,

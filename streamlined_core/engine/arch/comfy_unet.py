@@ -22,11 +22,9 @@ entries popped, ``block``, ``block_index`` and ``transformer_index`` as the host
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import inspect
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -37,6 +35,7 @@ from ..slicing import Pixels, Runner, Tokens, pixel_view
 from ..stages import Pending, Stage, StageIO, StageRequest, StageSpec, UNetStages, cut_points
 from ..stages import run as run_stages
 from . import comfy_ade
+from .comfy_common import Call, cast_affine, forward_signature
 
 
 def matches(model: nn.Module) -> bool:
@@ -87,37 +86,6 @@ def recognises(model: nn.Module) -> bool:
 def variant(model: nn.Module) -> tuple:
     """What a plan depends on beyond the call's shapes (ADE's injected motion modules, its norm mode)."""
     return comfy_ade.variant(model)
-
-
-def cast_affine(norm: nn.Module, like: torch.Tensor):
-    """A ComfyUI norm's affine parameters the way its own forward gets them (cast, LoRA-patched)."""
-    ops = sys.modules.get("comfy.ops")
-    cast = getattr(ops, "cast_bias_weight", None)
-    patched = getattr(norm, "comfy_cast_weights", False) or getattr(norm, "weight_function", None) or getattr(norm, "bias_function", None)
-    if cast is not None and patched:
-        out = cast(norm, like)
-        return out[0], out[1]
-    return slicing.module_affine(norm, like.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def forward_signature(cls: type) -> inspect.Signature:
-    """The signature of a layer class's ``forward`` (cached per class)."""
-    return inspect.signature(cls.forward)
-
-
-@dataclass
-class Call:
-    """The values every layer of one ``_forward`` call reads."""
-
-    emb: torch.Tensor | None
-    context: Any
-    transformer_options: dict
-    time_context: Any
-    frames: int
-    batch: int
-    image_only_indicator: Any
-    cross_frame: int | None = None  # AnimateDiff-Evolved's cross-frame GroupNorm mode: frames per video
 
 
 def _frames(runner: Runner, name: str, call, x: torch.Tensor | list[torch.Tensor], per_item=(),

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import slicing
 from ..slicing import Runner
-from .comfy_unet import cast_affine
+from .comfy_common import cast_affine
 
 SLOT = "forward"
 SAMPLE = "z"

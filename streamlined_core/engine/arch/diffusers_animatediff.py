@@ -18,7 +18,7 @@ from .. import slicing
 from ..slicing import Pixels, Runner, pixel_view, to_video
 from ..stages import CutState
 from ..stages import run as run_stages
-from . import _diffusers_unet as common
+from . import diffusers_common as common
 
 
 def matches(model: nn.Module) -> bool:

@@ -35,18 +35,18 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .. import configs
 from ...engine.api import Streamliner
 from ...engine.arch import engine_adapter, skip_floor_bytes
-from ...host.comfyui import find_comfyui, import_comfy
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
 from ...engine.plan import TARGET_X_FLOOR, Plan, fresh_containers
+from ...host.comfyui import find_comfyui, import_comfy
+from .. import configs
 from ..sim.unet import CFG_BATCH, IMPLEMENTATIONS, MODELS, implementations, measure_call
 
 # Stop before 5 minutes of device time: the last phase a deadline check lets start (one U-Net call,
 # one model build) still ends well inside them.
 DEFAULT_DEADLINE_S = 270
-# A measured figure further than this from the simulated one is a defect (BENCHMARKS.md).
+# A measured figure further than this from the simulated one is a defect (docs/benchmarks.md).
 TOLERANCE = 0.10
 CONFIGS = ("full", "tiny")
 # (model, height, width, frames or None for the model's own) per configuration, most wanted first.
@@ -723,7 +723,7 @@ def _cells(row: CudaRow, unit: int) -> list[list[str]]:
 
 
 def format_markdown(result: CudaBenchResult) -> str:
-    """The Markdown table the README embeds, with the device and software above it and notes below."""
+    """The Markdown table the docs embed, with the device and software above it and notes below."""
     d = result.device
     if d["probe"] == "cuda":
         where = (f"{d['device']} ({d['memory_total_bytes'] / GIB:.1f} GiB), torch {d['torch']}, CUDA {d['cuda']}, "
@@ -749,7 +749,7 @@ def format_markdown(result: CudaBenchResult) -> str:
         f"reserved: the allocator's peak reservation in that call, weights included. In use: the device's used "
         f"memory after the call (CUDA context and allocator cache included) / this process's, from NVML where "
         f"`pynvml` is importable.",
-        f"(!): more than {TOLERANCE:.0%} away from the simulated figure: a defect of the simulator (BENCHMARKS.md).",
+        f"(!): more than {TOLERANCE:.0%} away from the simulated figure: a defect of the simulator.",
     ]
     notes += [f"Defect: {x}." for x in result.defects]
     notes += [n[0].upper() + n[1:] + "." for n in result.notes]

@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from .. import configs
 from ...engine.arch import diffusers_vae
 from ...engine.slicing import Runner
+from .. import configs
 
 GIB = 1024**3
 FULL_LATENT = (72, 128)  # 576x1024

@@ -36,11 +36,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...features.rehash import LAST_UP_BLOCK, Calibration, RehashConfig, default_count, interval_key_steps, patch_scheduler, rehash
 from ...fixture import data, quality
 from ...fixture import model as fixture
 from ...fixture.calibration import batches as clip_batches
 from ...fixture.calibration import calibrate_fixture, sample_batch
-from ...features.rehash import LAST_UP_BLOCK, Calibration, RehashConfig, default_count, interval_key_steps, patch_scheduler, rehash
 
 DEEPCACHE_CUT = "up0.0.attn"
 COUNTS = (7, 10, 13, 16, 19, 22, 25)  # key steps swept, up to every step (full compute at 25 of 25)
@@ -104,8 +104,8 @@ class RehashBenchResult:
         ws = next((r for r in self.rows if r.method == "whole-step" and r.setting == "every 2 steps"), None)
         dominated = beaten_by(d, self.rows)
         return {
-            "closer to full compute than DeepCache's setting at interval 2": None if dc is None else _db(d) > _db(dc),
-            "closer than whole-step reuse at interval 2": None if ws is None else _db(d) > _db(ws),
+            "closer to full compute than DeepCache's setting at interval 2": None if dc is None else psnr_db(d) > psnr_db(dc),
+            "closer than whole-step reuse at interval 2": None if ws is None else psnr_db(d) > psnr_db(ws),
             "U-Net time no more than DeepCache's setting's": None if dc is None
             else d.unet_time_ratio <= dc.unet_time_ratio + 1e-9,
             "no swept alternative (pyramid attention broadcast aside) better on both axes": not dominated,
@@ -116,7 +116,7 @@ def beaten_by(row: Row, rows: Sequence[Row]) -> list[Row]:
     """The rows closer to full compute than ``row`` at less U-Net time (rows that raised have neither).
     Pyramid attention broadcast's time is measured end to end, not modelled from the cut fractions, so it
     is not compared."""
-    return [r for r in rows if r is not row and r.error is None and r.method not in ("full", "pab") and _db(r) > _db(row)
+    return [r for r in rows if r is not row and r.error is None and r.method not in ("full", "pab") and psnr_db(r) > psnr_db(row)
             and r.unet_time_ratio < row.unet_time_ratio]
 
 
@@ -124,7 +124,7 @@ def choose_default(tried: Sequence[tuple[str, Row]], rows: Sequence[Row]) -> str
     """The cut of the candidate (cut, row) closest to full compute that no row beats on both axes (the
     cheaper of equals); the closest of them all when every candidate is beaten."""
     unbeaten = [(cut, row) for cut, row in tried if not beaten_by(row, rows)]
-    return max(unbeaten or tried, key=lambda pair: (_db(pair[1]), -pair[1].unet_time_ratio))[0]
+    return max(unbeaten or tried, key=lambda pair: (psnr_db(pair[1]), -pair[1].unet_time_ratio))[0]
 
 
 def unet_time(full_steps: float, steps: int, share: float) -> float:
@@ -133,7 +133,7 @@ def unet_time(full_steps: float, steps: int, share: float) -> float:
     return (full_steps + (steps - full_steps) * share) / steps
 
 
-def _db(row: Row) -> float:
+def psnr_db(row: Row) -> float:
     """PSNR for comparisons: a result identical to full compute (no error) is infinitely close."""
     return math.inf if row.psnr_db is None else row.psnr_db
 
@@ -436,7 +436,7 @@ PAPER_TABLE_2 = (
     "The paper's Table 2 (13 full steps of 25; FVD, lower is better / CLIP score, higher is better; original, "
     "DeepCache, Step Rehash): SVD on UCF-101 307.7 / 29.25, 394.0 / 28.57, 340.6 / 28.98; on MSR-VTT 373.6 / 26.06, "
     "463.6 / 25.30, 402.1 / 25.86. AnimateDiff on UCF-101 758.7 / 28.89, 840.2 / 28.15, 784.5 / 28.71; on MSR-VTT "
-    "607.1 / 29.40, 615.8 / 29.06, 603.9 / 29.29 (PAPER.md)."
+    "607.1 / 29.40, 615.8 / 29.06, 603.9 / 29.29."
 )
 
 
@@ -465,7 +465,7 @@ def format_markdown(r: RehashBenchResult) -> str:
     table = markdown_rows(r.rows)
     checks = format_checks(r.checks())
     def candidate(row: Row) -> str:
-        better = max(beaten_by(row, r.calibration_rows), key=_db, default=None)
+        better = max(beaten_by(row, r.calibration_rows), key=psnr_db, default=None)
         beaten = "" if better is None else f", beaten by {better.setting} ({_shown(better.psnr_db)} dB)"
         return f"{row.setting}: {_shown(row.psnr_db)} dB at {row.unet_time_ratio:.3f}{beaten}"
     cal = "; ".join(candidate(row) for row in r.candidates)

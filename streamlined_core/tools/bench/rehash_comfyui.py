@@ -32,8 +32,20 @@ import torch
 
 from ...fixture import data
 from ...fixture import demo as fixture_demo
-from .rehash import DEEPCACHE_CUT, EASYCACHE_END, EASYCACHE_START, EASYCACHE_THRESHOLDS, Row, _db, beaten_by
-from .rehash import centroid_px, format_checks, markdown_rows, psnr, unet_time
+from .rehash import (
+    DEEPCACHE_CUT,
+    EASYCACHE_END,
+    EASYCACHE_START,
+    EASYCACHE_THRESHOLDS,
+    Row,
+    beaten_by,
+    centroid_px,
+    format_checks,
+    markdown_rows,
+    psnr,
+    psnr_db,
+    unet_time,
+)
 
 SPLIT = "comfyui"
 CFG, MIN_CFG = 3.0, 1.0  # SVD's pipeline guidance, rising across the frames (VideoLinearCFGGuidance)
@@ -65,7 +77,7 @@ class ComfyRehashResult:
         ran = [r for r in self.rows if r.method == EASYCACHE_NODE and r.error is None]
         return {  # the default never carries an error: this pack's nodes stop the bench when they raise
             "inside ComfyUI: the Step Rehash Sampler's default closer to full compute than DeepCache's setting":
-                None if dc is None else _db(d) > _db(dc),
+                None if dc is None else psnr_db(d) > psnr_db(dc),
             "inside ComfyUI: its U-Net time no more than DeepCache's setting's":
                 None if dc is None else d.unet_time_ratio <= dc.unet_time_ratio + 1e-9,
             "inside ComfyUI: no EasyCache node setting better on both axes": None if not ran else not beaten_by(d, ran),
@@ -148,8 +160,9 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
 
     mappings = prepare(comfyui)
     import comfy.model_management as mm
-    import nodes
     from comfy_extras.nodes_video_model import VideoLinearCFGGuidance
+
+    import nodes
 
     try:
         from comfy_extras.nodes_easycache import EasyCacheNode

@@ -1,6 +1,6 @@
 """Latency of the streamlined U-Net against the original, side by side in one process.
 
-The mid-size CPU configuration of CONFIGS.md: SVD's architecture at a quarter width, 14 frames,
+The mid-size CPU configuration (docs/benchmarks.md): SVD's architecture at a quarter width, 14 frames,
 classifier-free guidance as a batch of 2, a 32x56 latent, fp32, two threads. The streamlined model
 runs the plan that meets the memory target (1.5x the skip floor); original and streamlined calls
 alternate, after warm-up, and the medians are compared.
@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from .. import configs
 from ...engine.api import streamline
 from ...engine.memory import GIB, MemoryTracker
+from .. import configs
 
 # (batch, frames, height, width) in pixels, and how to build the model.
 BENCH_CONFIGS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, int, int, int]]] = {
@@ -25,7 +25,7 @@ BENCH_CONFIGS: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, int, in
     "tiny": (lambda: configs.build_tiny_diffusers_svd("cpu", torch.float32), (2, 3, 64, 64)),
 }
 
-# The paper's A100 latencies at 576x1024 (PAPER.md): streamlined / original, with Step Rehash.
+# The paper's A100 latencies at 576x1024 (the paper): streamlined / original, with Step Rehash.
 PAPER_LATENCY_RATIO = {"SVD": 14.24 / 23.29, "SVD-XT": 25.47 / 40.77, "AnimateDiff": 15.15 / 24.38}
 
 

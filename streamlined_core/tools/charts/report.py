@@ -138,7 +138,8 @@ body {{ margin: 0; background: var(--bg-color); color: var(--fg-color); font: 13
 <div class="sl-page-head">
 <h1>{html.escape(title)}</h1>
 <span>{len(docs)} run{'s' if len(docs) != 1 else ''}: {runs} · written {written}</span>
-<label>theme <select id="sl-theme"><option value="">as the system</option><option value="dark">dark</option><option value="light">light</option></select></label>
+<label>theme <select id="sl-theme"><option value="">as the system</option><option value="dark">dark</option>
+<option value="light">light</option></select></label>
 </div>
 <div id="streamline-panel"></div>
 <script type="application/json" id="streamline-timelines">{data}</script>

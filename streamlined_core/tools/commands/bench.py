@@ -57,12 +57,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                            "the decode by groups (a tiny seeded decoder, CPU)")
     bench.add_argument(
         "--config", choices=("mid", "tiny", "full"), default=None,
-        help="--latency/--cuts: mid (CONFIGS.md, default) or tiny (a quick check); --cuda: full (default) or tiny",
+        help="--latency/--cuts: mid (SVD at a quarter width, default) or tiny (a quick check); --cuda: full (default) or tiny",
     )
     bench.add_argument("--warmup", type=non_negative, default=2, help="untimed calls of each before timing (default: 2)")
     bench.add_argument("--repeats", type=positive, default=5, help="timed calls of each; the median is reported (default: 5)")
     bench.add_argument("--threads", type=positive, default=2, help="torch CPU threads of --latency and --cuts (default: 2)")
-    bench.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds (--cuda always does)")
+    bench.add_argument("--markdown", action="store_true", help="print the Markdown table the docs embed (--cuda always does)")
     bench.add_argument(
         "--model", type=choices(tuple(MODELS)), default=None, metavar="NAMES",
         help=f"--cuda: comma-separated models among {', '.join(MODELS)} (default: all)",
@@ -79,7 +79,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     bench.add_argument("--clips", type=positive, default=None,
                        help="--fixture: held-out clips to sample (default: 16; 25 steps of 16 clips take minutes)")
     bench.add_argument("--steps", type=positive, default=None, help="--fixture: sampling steps (default: 25)")
-    bench.add_argument("--frames", type=positive, default=None, help="--fixture: frames per clip (default: 8, what the fixture was trained on)")
+    bench.add_argument("--frames", type=positive, default=None,
+                       help="--fixture: frames per clip (default: 8, what the fixture was trained on)")
     bench.add_argument("--weights", default=None, metavar="PATH",
                        help="--fixture: a fixture safetensors file (default: the one the package ships)")
     bench.add_argument("--grid", default=None, metavar="PNG", help="--fixture: also write a PNG of true and sampled clips; "

@@ -60,20 +60,20 @@ def run(args: argparse.Namespace) -> int:
         print(why, file=sys.stderr)
         return 2
 
-    from .. import profile_run
+    from .. import profiling
 
     torch.set_num_threads(args.threads)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.overhead:
         with stdout_to_stderr():
-            result = profile_run.overhead(args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+            result = profiling.overhead(args.config, warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                                           progress=say)
-        print(profile_run.format_overhead(result), end="")
+        print(profiling.format_overhead(result), end="")
         return 0
     from ...fixture import data
 
     if args.frames is None:
-        args.frames = 14 if args.model in profile_run.FULL_MODELS else data.DEFAULT_FRAMES
+        args.frames = 14 if args.model in profiling.FULL_MODELS else data.DEFAULT_FRAMES
     if not data.MIN_FRAMES <= args.frames <= data.MAX_FRAMES:
         print(f"streamline: --frames {args.frames}: expected {data.MIN_FRAMES} to {data.MAX_FRAMES}", file=sys.stderr)
         return 2
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and (why := unwritable(path)) is not None:
             print(f"streamline: {why.replace('--json-out', option)}", file=sys.stderr)
             return 2
-    if args.model in profile_run.FULL_MODELS and not torch.cuda.is_available():
+    if args.model in profiling.FULL_MODELS and not torch.cuda.is_available():
         print(f"streamline: profile --model {args.model} runs the full-size model with random weights on a CUDA device "
               "and finds none; --model fixture or tiny run on a CPU", file=sys.stderr)
         return 2
@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
         for streamlined in runs:
             say(f"recording the {'streamlined' if streamlined else 'original'} {args.model} model: {args.steps} steps, "
                 f"{args.frames} frames, {args.granularity} granularity")
-            if args.model in profile_run.FULL_MODELS:
-                tl = profile_run.full_size_run(streamlined, args.granularity, args.steps, args.frames)
+            if args.model in profiling.FULL_MODELS:
+                tl = profiling.full_size_run(streamlined, args.granularity, args.steps, args.frames)
             else:
-                tl = profile_run.sampling_run(args.model, streamlined, args.granularity, args.steps, args.frames,
+                tl = profiling.sampling_run(args.model, streamlined, args.granularity, args.steps, args.frames,
                                               args.weights)
             print(f"{tl.label}: {tl.summary()}")
             timelines.append(tl)

@@ -50,7 +50,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                            "should fit (default resolution: 576x1024; --model chooses the workflows)")
     out = sim.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
-    out.add_argument("--markdown", action="store_true", help="print the Markdown table the README embeds")
+    out.add_argument("--markdown", action="store_true", help="print the Markdown table the docs embed")
     return sim
 
 

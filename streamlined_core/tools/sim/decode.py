@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from .. import configs
 from ...engine.api import streamline
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
 from ...engine.slicing import Runner
+from .. import configs
 
 ROWS = (("SVD", 14), ("SVD-XT", 25))
 
@@ -61,7 +61,7 @@ def decode_rows(resolutions=((576, 1024),), rows=ROWS, progress: Callable[[str],
 
 
 def format_markdown(rows: list[DecodeRow]) -> str:
-    """The table the README embeds."""
+    """The table the docs embed."""
     lines = [
         "| SVD VAE decode, fp16 | resolution | frames | stock decoder | by groups (predicted) | plan |",
         "|---|---|---|---|---|---|",
@@ -73,7 +73,7 @@ def format_markdown(rows: list[DecodeRow]) -> str:
             f"{r.original_peak_bytes / r.peak_bytes:.1f}x less | {r.plan} |"
         )
     return "\n".join(lines) + (
-        "\n\nActivation peaks on the meta device (the tracker's rules, BENCHMARKS.md); the decoder's weights "
+        "\n\nActivation peaks on the meta device (the tracker's rules, docs/benchmarks.md); the decoder's weights "
         f"({rows[0].weights_bytes / GIB:.2f} GiB) come on top. The plan is the default target's (1.6x one "
         "tensor of the output level, or the least reachable peak when that is below it).\n" if rows else "\n"
     )

@@ -25,11 +25,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import configs
 from ...engine.api import streamline
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
-from .unet import MODELS, PAPER_NVML_GB, STREAMLINED, implementations, measure_call
 from ...engine.slicing import Runner
+from .. import configs
+from .unet import MODELS, PAPER_NVML_GB, STREAMLINED, implementations, measure_call
 
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # a typical CUDA context with cuDNN and cuBLAS loaded (an assumption)
 COMFY_RESERVE_BYTES = int(0.8 * GIB) + 400 * 1024**2  # comfy.model_management.minimum_inference_memory()

@@ -15,18 +15,18 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .. import configs
 from ...engine.arch import skip_floor_bytes, traced_skips
 from ...engine.arch.comfy_attention import sdpa_on_meta
-from ...host.comfyui import find_comfyui, import_comfy
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
+from ...host.comfyui import find_comfyui, import_comfy
+from .. import configs
 
 MODELS = {"svd": ("SVD", 14), "svd-xt": ("SVD-XT", 25), "animatediff": ("AnimateDiff", 16)}
 IMPLEMENTATIONS = ("diffusers", "comfyui")
 RESOLUTIONS = ((512, 512), (576, 1024))
 CFG_BATCH = 2
 
-# The paper's figures (PAPER.md): whole-pipeline device memory read through NVML on an A100, in GB,
+# The paper's figures (docs/benchmarks.md, "The paper's figures"): whole-pipeline device memory read through NVML on an A100, in GB,
 # CUDA context, allocator cache and Step Rehash included. Not comparable to live-tensor peaks.
 PAPER_NVML_GB = {
     ("svd", 512, 512): (20.91, 13.67),
@@ -341,7 +341,7 @@ def format_text(rows: list[Row]) -> str:
 
 
 def format_markdown(rows: list[Row]) -> str:
-    """The Markdown table the README embeds."""
+    """The Markdown table the docs embed."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
     batch = rows[0].batch if rows else CFG_BATCH

@@ -96,7 +96,8 @@ def build_stages(
             if attentions is not None:
                 unit.append((f"down_blocks.{i}.attentions.{j}", "attn", layers.attention(f"down_blocks.{i}.attentions.{j}", attentions[j])))
             if motion is not None and layers.motion is not None:
-                unit.append((f"down_blocks.{i}.motion_modules.{j}", "motion", layers.motion(f"down_blocks.{i}.motion_modules.{j}", motion[j])))
+                name = f"down_blocks.{i}.motion_modules.{j}"
+                unit.append((name, "motion", layers.motion(name, motion[j])))
             for k, (name, kind, group) in enumerate(unit):
                 plain(name, "down", kind, group, push=k == len(unit) - 1, uses_emb=kind == "res")
         downsamplers = getattr(block, "downsamplers", None) or []

@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from . import configs
 from ..engine.api import streamline
 from ..features.profiler import Timeline, profile
+from . import configs
 
 MODELS = ("fixture", "tiny")
 FULL_MODELS = ("svd",)  # full size, random weights, CUDA only

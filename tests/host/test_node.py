@@ -267,7 +267,7 @@ def pack_module(pack, name):
 def test_two_clones_of_one_streamlined_model_see_only_their_own_runs_events(pack, svd_patcher):
     import comfy.patcher_extension as pe
 
-    context = pack_module(pack, "context")
+    context = pack_module(pack, "engine.context")
     (streamlined,) = node(pack).patch(svd_patcher, "upper bound", 3, 0.0, "all")
     engine = streamlined.object_patches["diffusion_model._forward"]
     assert not hasattr(engine, "listeners") and not hasattr(engine, "last_plan"), "the shared engine holds configuration only"

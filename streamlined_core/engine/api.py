@@ -29,7 +29,7 @@ from torch import nn
 
 from .arch import Adapter, engine_adapter, skip_floor_bytes
 from .arch.comfy_attention import sdpa_on_meta
-from .context import run_context
+from .context import current, run_context
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .slicing import Runner
@@ -135,7 +135,6 @@ class Streamliner:
         self._cut_list: list | None = None
         self._cuts_key: Any = None
         self._planners: dict[tuple, Planner] = {}
-        self._warned = False  # whether the device's memory was reported short
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -320,8 +319,10 @@ class Streamliner:
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
                        f"offload weights")
-            if not self._warned:  # once, not once per call shape planned (ComfyUI's estimate plans too)
-                self._warned = True
+            ctx = current()  # once per run, not once per call shape planned (ComfyUI's estimate plans too)
+            if ctx is None or "device memory short" not in ctx.warned:
+                if ctx is not None:
+                    ctx.warned.add("device memory short")
                 if self.budget_name == "budget_bytes":  # the Python API: a warning callers can filter
                     warnings.warn(message, stacklevel=4)
                 else:  # inside ComfyUI: its log

@@ -34,6 +34,7 @@ class RunContext:
     request: StageRequest | None = None
     recorder: Any = None  # the VRAM profiler's recording of this run, when one is profiled
     rehash: Any = None  # a host's Step Rehash controller for this run (``rehash.py``), when one runs
+    warned: set[str] = field(default_factory=set)  # what this run was already warned about (once per run)
 
 
 def current() -> RunContext | None:

@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 
 # -- the calibration folder -----------------------------------------------------------------------------
-
-
 def calibration_folder() -> Path:
     """``models/streamline_rehash``, registered with ComfyUI's ``folder_paths`` (once)."""
     import folder_paths
@@ -77,8 +75,6 @@ def _calibration_path(name: str) -> Path:
 
 
 # -- the options ---------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class RehashOptions:
     """What the node's widgets ask for, checked."""
@@ -125,8 +121,6 @@ def _whole(name: str, value: Any, least: int, accepted: str) -> None:
 
 
 # -- one run -------------------------------------------------------------------------------------------
-
-
 @dataclass
 class ComfyRehash:
     """One sampling run under Step Rehash: its steps, the callback clock, and the controller that the
@@ -393,8 +387,6 @@ def _slug(text: str) -> str:
 
 
 # -- the wrappers --------------------------------------------------------------------------------------
-
-
 class RehashOuter:
     """OUTER_SAMPLE wrapper: the run's state in its context, the callback clock, the report in ``finally``."""
 

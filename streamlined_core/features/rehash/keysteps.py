@@ -27,6 +27,7 @@ DEFAULT_POSITIONS = 4096  # feature positions compared per sample, branch and st
 
 DEFAULT_CALIBRATION_CAP = 512 * 2**20  # bytes of sampled features kept on the CPU during a calibration
 
+
 def check_map(similarity: torch.Tensor, name: str = "similarity") -> torch.Tensor:
     if not isinstance(similarity, torch.Tensor) or similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
         shape = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
@@ -36,6 +37,7 @@ def check_map(similarity: torch.Tensor, name: str = "similarity") -> torch.Tenso
     if not torch.isfinite(similarity).all():
         raise ValueError(f"{name}: the map holds NaN or infinite values")
     return similarity.detach().double().cpu()
+
 
 def key_steps_for_gamma(similarity: torch.Tensor, gamma: float) -> list[int]:
     """The paper's Algorithm 1: step 0 is key; a step whose similarity to the last key step is below
@@ -52,6 +54,7 @@ def key_steps_for_gamma(similarity: torch.Tensor, gamma: float) -> list[int]:
     if keys[-1] != n - 1:
         keys.append(n - 1)
     return keys
+
 
 def key_steps_for_count(similarity: torch.Tensor, count: int) -> tuple[list[int], float]:
     """Key steps by Algorithm 1 at the threshold whose key-step count is closest to ``count`` without
@@ -77,12 +80,14 @@ def key_steps_for_count(similarity: torch.Tensor, count: int) -> tuple[list[int]
             break
     return best
 
+
 def interval_key_steps(steps: int, interval: int) -> list[int]:
     """Fixed-interval key steps (DeepCache's schedule): 0, k, 2k, ... and the last step."""
     keys = list(range(0, steps, interval))
     if keys[-1] != steps - 1:
         keys.append(steps - 1)
     return keys
+
 
 def similarity_map(features: torch.Tensor) -> torch.Tensor:
     """Cosine similarity between every pair of steps, averaged over rows (samples and guidance branches).
@@ -93,6 +98,7 @@ def similarity_map(features: torch.Tensor) -> torch.Tensor:
     f = features.double()
     f = f / f.norm(dim=2, keepdim=True).clamp_min(1e-30)
     return torch.einsum("irp,jrp->ij", f, f) / f.shape[1]
+
 
 class FeatureSampler:
     """Keeps, for each cut and each U-Net call of a step, a fixed random subset of every row's feature
@@ -148,6 +154,7 @@ class FeatureSampler:
             out[cut] = similarity_map(torch.cat(per_branch, dim=1)).float()
         return out
 
+
 def fingerprint(model: nn.Module, samples: int = 8) -> str:
     """A hash of the model's parameter and buffer names, shapes and a fixed sample of values (rounded to
     fp16, so fp16 and fp32 copies agree; a LoRA or a fine-tune changes it)."""
@@ -163,9 +170,11 @@ def fingerprint(model: nn.Module, samples: int = 8) -> str:
             h.update(flat[index.to(flat.device)].to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+
 def default_count(steps: int) -> int:
     """The paper's share of key steps (13 of 25), scaled to ``steps``."""
     return min(steps, max(min(steps, 2), round(steps * 13 / 25)))
+
 
 def step_ranges(steps: Sequence[int]) -> str:
     parts, start, prev = [], None, None

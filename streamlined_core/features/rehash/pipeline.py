@@ -33,6 +33,7 @@ def patch_scheduler(scheduler: Any, **methods: Callable) -> Callable[[], None]:
                 setattr(scheduler, name, previous)
     return restore
 
+
 class _Clock:
     """The step index of a diffusers run, from its scheduler: ``set_timesteps`` starts a run, each
     ``step`` call ends a step. U-Net calls between two ``step`` calls belong to one step; within a
@@ -69,6 +70,7 @@ class _Clock:
 
         self.remove = patch_scheduler(scheduler, set_timesteps=set_timesteps, step=step)
 
+
 def describe_scheduler(scheduler: Any) -> tuple[str, str]:
     """(sampler, scheduler) names a schedule records for a diffusers scheduler."""
     config = getattr(scheduler, "config", {})
@@ -80,6 +82,7 @@ def describe_scheduler(scheduler: Any) -> tuple[str, str]:
     else:
         spacing = str(get("timestep_spacing", "default"))
     return type(scheduler).__name__, spacing
+
 
 class _Attached:
     """A controller attached to a diffusers U-Net (``unet._streamline_rehash``) and driven by a scheduler's clock.
@@ -108,7 +111,7 @@ class _Attached:
 
     def _own_handle(self) -> None:
         """Without a streamline() handle, install a pass-through one (see the class docstring)."""
-        from ..engine.api import StreamlineHandle, resolve_unet
+        from ...engine.api import StreamlineHandle, resolve_unet
 
         if self.unet.__dict__.get("_streamline_handle") is None:
             _, adapter = resolve_unet(self.unet)
@@ -154,6 +157,7 @@ class _Attached:
             del self.unet._streamline_rehash
         if self._owned is not None and self.unet.__dict__.get("_streamline_handle") is self._owned:
             self._owned.remove()
+
 
 class RehashHandle:
     """Step Rehash applied to a pipeline's U-Net: ``last_run`` reports the last run; ``remove()`` undoes it."""
@@ -210,6 +214,7 @@ class RehashHandle:
     def __exit__(self, *exc: Any) -> None:
         self.remove()
 
+
 def _unet_and_scheduler(target: Any, scheduler: Any) -> tuple[nn.Module, Any]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
     if not isinstance(unet, nn.Module):
@@ -223,6 +228,7 @@ def _unet_and_scheduler(target: Any, scheduler: Any) -> tuple[nn.Module, Any]:
                         "scheduler= (an object with set_timesteps() and step(), like diffusers' schedulers)")
     return unet, scheduler
 
+
 def rehash(target: Any, config: RehashConfig, scheduler: Any = None) -> RehashHandle:
     """Apply Step Rehash to a diffusers pipeline's U-Net (or a U-Net, with the ``scheduler`` that drives
     it). Composes with :func:`~streamlined_core.streamline` in either order; returns a handle with
@@ -230,10 +236,11 @@ def rehash(target: Any, config: RehashConfig, scheduler: Any = None) -> RehashHa
     if not isinstance(config, RehashConfig):
         raise TypeError(f"config must be a RehashConfig, got {type(config).__name__}")
     unet, scheduler = _unet_and_scheduler(target, scheduler)
-    from ..engine.api import resolve_unet
+    from ...engine.api import resolve_unet
 
     resolve_unet(unet)  # a supported U-Net, or the API's error
     return RehashHandle(unet, scheduler, config)
+
 
 class _CalibrationDriver:
     """A calibration run keeps nothing across calls (its features go to the sampler as they come)."""
@@ -243,6 +250,7 @@ class _CalibrationDriver:
 
     def reset(self) -> None:
         pass
+
 
 class CalibrationHandle:
     """Collects features during full-compute runs (see :func:`calibrate`)."""
@@ -280,6 +288,7 @@ class CalibrationHandle:
     def remove(self) -> None:
         self._attached.remove()
 
+
 def calibrate(target: Any, run: Callable[[], Any], cuts: Sequence[str] = LAST_UP_BLOCK, runs: int = 1,
               positions: int = DEFAULT_POSITIONS, seed: int = 0, cap_bytes: int = DEFAULT_CALIBRATION_CAP,
               scheduler: Any = None, denoise: float = 1.0,
@@ -292,7 +301,7 @@ def calibrate(target: Any, run: Callable[[], Any], cuts: Sequence[str] = LAST_UP
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs={runs!r}: expected a whole number of calibration runs, at least 1")
     unet, scheduler = _unet_and_scheduler(target, scheduler)
-    from ..engine.api import resolve_unet
+    from ...engine.api import resolve_unet
 
     resolve_unet(unet)  # a supported U-Net, or the API's error, before anything is patched
     takes_index = _takes_index(run)
@@ -311,6 +320,7 @@ def calibrate(target: Any, run: Callable[[], Any], cuts: Sequence[str] = LAST_UP
         return Calibration(maps, handle.steps, made_for, runs, positions)
     finally:
         handle.remove()
+
 
 def _takes_index(fn: Callable) -> bool:
     import inspect

@@ -21,6 +21,7 @@ FORMAT = "streamline.rehash/1"
 
 MADE_FOR = ("model", "steps", "sampler", "scheduler", "denoise")
 
+
 @dataclass
 class Schedule:
     """Calibrated key steps and what they were made for (model fingerprint, step count, sampler,
@@ -111,9 +112,11 @@ class Schedule:
                 maps[name.removeprefix("similarity/")] = m
         return cls(cut, steps, keys, made_for, doc.get("gamma"), doc.get("count"), maps)
 
+
 def check_keys(keys: Sequence[int], steps: int, name: str) -> None:
     if not keys or sorted(set(keys)) != list(keys) or keys[0] != 0 or keys[-1] != steps - 1:
         raise ValueError(f"{name}: key steps must rise strictly from 0 to the last step ({steps - 1}), got {list(keys)}")
+
 
 @dataclass
 class RehashConfig:
@@ -188,6 +191,7 @@ class RehashConfig:
             raise ValueError(f"key_steps={list(self.key_steps)!r}: steps {beyond} are beyond this run's {steps} steps")
         return sorted(set(self.key_steps) | {0, steps - 1})
 
+
 def check_cut(cut: CutPoint | None, cut_id: str, cuts: Sequence[CutPoint], replay: bool) -> CutPoint:
     """The cut point Step Rehash caches at, or a clear error naming ``cut`` and the cuts it accepts."""
     usable = [c.id for c in cuts if c.section in ("mid", "up") and (c.fresh or replay)]
@@ -198,6 +202,7 @@ def check_cut(cut: CutPoint | None, cut_id: str, cuts: Sequence[CutPoint], repla
         raise ValueError(f"cut={cut_id!r} {cut.label}: a reuse step there only repeats the last key step's output; "
                          f"pass replay=True to sweep it, or take a cut with a fresh tail: {', '.join(usable)}")
     return cut
+
 
 @dataclass
 class Calibration:
@@ -221,6 +226,7 @@ class Calibration:
              count: int | None = None) -> tuple[Path, Path]:
         """Save the key steps at ``cut`` (see :meth:`schedule`) with every cut's map (:meth:`Schedule.save`)."""
         return self.schedule(cut, gamma, count).save(path)
+
 
 def format_calibration(cal: Calibration, clips: int, frames: int, gamma: float | None = None,
                        count: int | None = None, on: str = "the fixture model (not on SVD)",

@@ -24,6 +24,7 @@ class StepRecord:
     kind: str  # "key" or "reuse"; "key (no cache)" when a reuse step found no cached feature for a branch
     calls: int = 0
 
+
 @dataclass
 class RehashEvent:
     """Sent to the run's listeners when a step starts as a key or a reuse step (the profiler marks it)."""
@@ -31,6 +32,7 @@ class RehashEvent:
     step: int
     kind: str
     cut: str
+
 
 class RehashState:
     """One sampling run's Step Rehash state: the key steps, the cache (one captured feature per branch:
@@ -103,6 +105,7 @@ class RehashState:
             text += f"; steps {step_ranges(missing)} ran whole because a branch had no cached feature yet"
         return text
 
+
 class RehashDriver:
     """A :class:`RehashState` bound to a run: what each U-Net call of it does, given its step and branches."""
 
@@ -138,6 +141,7 @@ class RehashDriver:
     def reset(self) -> None:
         self.state.reset()
 
+
 class HostRehash(RehashDriver):
     """Step Rehash for a run whose host drives the steps (ComfyUI's sampler loop): the host's wrapper
     sets each U-Net call's step and branches with :meth:`at`, and the run's context carries this
@@ -160,6 +164,7 @@ class HostRehash(RehashDriver):
             self.state.store(token, request)
         else:
             self.state.reset()
+
 
 class HostCalibration:
     """A calibration run driven by a host (see :class:`HostRehash`): every call runs whole and leaves a

@@ -27,7 +27,7 @@ import uuid
 from collections import OrderedDict
 from typing import Any
 
-from ..streamlined_core.engine.context import current, listen, run_context
+from ..streamlined_core.engine.context import StepClock, current, listen, run_context
 from ..streamlined_core.engine.slicing import GroupEvent
 from ..streamlined_core.features.profiler import GRANULARITIES, Recorder, Timeline, format_bytes, predicted_bytes, step_index
 from ..streamlined_core.features.rehash import RehashEvent
@@ -172,8 +172,8 @@ class ProfilerCall:
         sigma = _first(options.get("sigmas"))
         schedule = options.get("sample_sigmas")
         step = step_index(sigma, [float(s) for s in schedule]) if schedule is not None and sigma is not None else None
-        clock = getattr(ctx, "rehash", None)
-        if step is not None and hasattr(clock, "step_of"):  # Step Rehash counts steps by the sampler's callback
+        clock = ctx.rehash
+        if step is not None and isinstance(clock, StepClock):  # Step Rehash counts steps by the sampler's callback
             step = clock.step_of(sigma, clock.branches_of(options), commit=False)
         conds = [("uncond" if c == 1 else "cond") for c in options.get("cond_or_uncond", [])] or None
         unet = executor.class_obj

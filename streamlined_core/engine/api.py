@@ -22,14 +22,14 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from .arch import Adapter, engine_adapter, skip_floor_bytes
 from .arch.comfy_attention import sdpa_on_meta
-from .context import current, run_context
+from .context import Controller, ControllerCall, RunContext, current, run_context
 from .memory import GIB, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .slicing import Runner
@@ -137,8 +137,6 @@ class Streamliner:
         self._planners: dict[tuple, Planner] = {}
         self._signature = inspect.signature(getattr(type(unet), adapter.slot))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._forward(*args, **kwargs)
 
     # -- running ---------------------------------------------------------------------------
     def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -150,7 +148,9 @@ class Streamliner:
                 arguments.update(arguments.pop(name))
         return arguments
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The U-Net's forward, streamlined: planned, sliced, and with a run's controller (Step Rehash, its
+        calibration) consulted at one point, before and after the call."""
         with run_context() as ctx:
             if ctx.request is not None and ctx.request.stop is not None:
                 raise ValueError("StageRequest(stop=...) ends a forward at a cut and returns its state, which a host "
@@ -159,33 +159,41 @@ class Streamliner:
             if controller is None and self.passthrough:  # nothing to capture or reuse: the model's own forward
                 return self._original_forward()(*args, **kwargs)
             arguments = self._arguments(args, kwargs)
-            if self.slices != "auto" and self.budget_bytes is None:
-                k, axes = self.slices, self.axes
-                decide = lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")  # noqa: E731
-            else:
-                plan = self._plan(arguments, controller)
-                ctx.plans.append(plan)
-                decide = plan.decide
             if controller is None:
-                return self.adapter.forward(self.unet, Runner(decide, ctx.listeners, ctx.request), **arguments)
+                return self.adapter.forward(self.unet, Runner(self._decide(arguments, None, ctx), ctx.listeners,
+                                                              ctx.request), **arguments)
             if ctx.request is not None:
                 raise ValueError("a stage_request() block around a U-Net under Step Rehash (or its calibration): the two "
                                  "would both decide what the call captures; remove one")
-            # a pass-through engine is not Streamline's slicing: its groups are not reported (a profiler
-            # observes the host's blocks instead), only what Step Rehash did
-            runner = Runner(decide, [] if self.passthrough else ctx.listeners)
             emit = lambda event: [listener(event) for listener in list(ctx.listeners)]  # noqa: E731
-            runner.request, token = controller.before(self._cuts(), emit, self.adapter.call_shape(arguments)[0])
+            call = ControllerCall(self._cuts(), emit, self.adapter.call_shape(arguments)[0], self.unet, arguments)
+            request, token = controller.before(call)
             try:
-                if self.passthrough and runner.request.start is None and not self._upsample_at(runner.request.capture):
-                    out = self._own_forward_capturing(args, kwargs, runner.request)
+                # a pass-through engine is not Streamline's slicing: its groups are not reported (a profiler
+                # observes the host's blocks instead), only what Step Rehash did
+                runner = Runner(self._decide(arguments, controller, ctx), [] if self.passthrough else ctx.listeners)
+                runner.request = request
+                if self.passthrough and request.start is None and not self._upsample_at(request.capture):
+                    out = self._own_forward_capturing(args, kwargs, request)
                 else:
                     out = self.adapter.forward(self.unet, runner, **arguments)
             except BaseException:
-                controller.after(runner.request, token, False)
+                controller.after(request, token, False)
                 raise
-            controller.after(runner.request, token, True)
+            controller.after(request, token, True)
             return out
+
+    _forward = __call__
+
+    def _decide(self, arguments: dict[str, Any], controller: Controller | None, ctx: RunContext) -> Callable:
+        """How each group of this call is sliced: the fixed slice count, or the plan for its shape (kept in
+        the run's context)."""
+        if self.slices != "auto" and self.budget_bytes is None:
+            k, axes = self.slices, self.axes
+            return lambda _name, axis, length: (min(k, length) if allowed(axis, axes) else 1, "keep")
+        plan = self._plan(arguments, controller)
+        ctx.plans.append(plan)
+        return plan.decide
 
     passthrough = False  # full calls run the model's own forward (a handle Step Rehash installed on its own)
 
@@ -225,7 +233,7 @@ class Streamliner:
                 return True
         return False
 
-    def _controller(self, ctx: Any) -> Any:
+    def _controller(self, ctx: RunContext) -> Controller | None:
         """What decides this call's stage request across steps: a host's run (``ctx.rehash``) or a
         diffusers-side Step Rehash or calibration attached to the U-Net (``rehash.py``)."""
         if ctx.rehash is not None:
@@ -239,11 +247,11 @@ class Streamliner:
             self._cut_list, self._cuts_key = self.adapter.unet.cuts(self.unet), key
         return self._cut_list
 
-    def reserved_bytes(self, arguments: dict[str, Any], controller: Any) -> int:
+    def reserved_bytes(self, arguments: dict[str, Any], controller: Controller) -> int:
         """Device bytes a controller keeps across calls of this shape: Step Rehash's cached feature and
         the copy a reuse step starts from, measured on a meta replica by running the forward to the
         controller's cut (0 for a cut this U-Net lacks: the controller names it in its error)."""
-        cut = getattr(controller, "cut", None)
+        cut = controller.cut
         if cut is None or not any(cut in (c.id, c.after) for c in self._cuts()):
             return 0
         key = (_shape_key(arguments), self.adapter.variant(self.unet), cut)
@@ -275,7 +283,7 @@ class Streamliner:
         max_slices = None if self.slices == "auto" else self.slices
         return planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
 
-    def _plan(self, arguments: dict[str, Any], controller: Any = None) -> Plan:
+    def _plan(self, arguments: dict[str, Any], controller: Controller | None = None) -> Plan:
         sample = arguments[self.adapter.sample]
         reserved = self.reserved_bytes(arguments, controller) if controller is not None else 0
         key = (_shape_key(arguments), self.adapter.variant(self.unet), reserved)

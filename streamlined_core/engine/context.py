@@ -18,11 +18,55 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-from .stages import StageRequest
+from .plan import Plan
+from .stages import CutPoint, StageRequest
 
 _CURRENT: contextvars.ContextVar["RunContext | None"] = contextvars.ContextVar("streamline_run", default=None)
+
+
+@dataclass(frozen=True)
+class ControllerCall:
+    """One streamlined U-Net call as a :class:`Controller` sees it, before it runs."""
+
+    cuts: Sequence[CutPoint]  # the U-Net's cut points, in forward order
+    emit: Callable[[Any], None]  # sends an event to the run's listeners
+    rows: int  # samples in the call (the frames of one video are one sample)
+    unet: Any  # the U-Net module
+    arguments: Mapping[str, Any]  # the call's arguments by name (ComfyUI's transformer_options among them)
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """What decides, across a run's U-Net calls, what each call captures or starts from: Step Rehash and
+    its calibration. The streamlined forward consults it at one point: :meth:`before` a call (its stage
+    request and a token) and :meth:`after` it (``ok`` False when it raised)."""
+
+    @property
+    def cut(self) -> str | None:
+        """The cut whose state it keeps on the device across calls (its bytes come off the budget)."""
+
+    def before(self, call: ControllerCall) -> tuple[StageRequest, Any]: ...
+
+    def after(self, request: StageRequest, token: Any, ok: bool) -> None: ...
+
+
+@runtime_checkable
+class StepClock(Protocol):
+    """A run's step index as its host counts it (Step Rehash in ComfyUI counts the sampler's callbacks)."""
+
+    def branches_of(self, options: dict) -> tuple:
+        """A U-Net call's branches (guidance branch, context window), in row order, from its options."""
+
+    def step_of(self, sigma: float | None, branches: tuple = (), commit: bool = True) -> int:
+        """The step of a call at ``sigma`` carrying ``branches``; ``commit=False`` only looks."""
+
+
+class Profiled(Protocol):
+    """A profiler's recording of a run (the VRAM Profiler node keeps its recorder here)."""
+
+    recorder: Any
 
 
 @dataclass
@@ -30,10 +74,10 @@ class RunContext:
     """The state of one run: who listens, which plans ran, what the U-Net calls should do."""
 
     listeners: list[Callable[[Any], None]] = field(default_factory=list)
-    plans: list[Any] = field(default_factory=list)  # the Plan of every planned call, in order
+    plans: list[Plan] = field(default_factory=list)  # the plan of every planned call, in order
     request: StageRequest | None = None
-    recorder: Any = None  # the VRAM profiler's recording of this run, when one is profiled
-    rehash: Any = None  # a host's Step Rehash controller for this run (``rehash.py``), when one runs
+    recorder: Profiled | None = None  # the VRAM profiler's recording of this run, when one is profiled
+    rehash: Controller | None = None  # a host's Step Rehash for this run, when one runs
     warned: set[str] = field(default_factory=set)  # what this run was already warned about (once per run)
 
 
@@ -82,4 +126,5 @@ def stage_request(**options: Any) -> Iterator[StageRequest]:
             ctx.request = previous
 
 
-__all__ = ["RunContext", "current", "listen", "run_context", "stage_request"]
+__all__ = ["Controller", "ControllerCall", "Profiled", "RunContext", "StepClock", "current", "listen", "run_context",
+           "stage_request"]

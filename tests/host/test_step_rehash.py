@@ -132,7 +132,7 @@ def test_multi_evaluation_and_multistep_samplers_count_sampler_steps(pack, svd, 
     assert torch.equal(rehash_sample(pack, svd, sampler, interval=1), reference)
     steps, model = [], svd.clone()
     model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "steps", lambda ex, *a, **k: (
-        ex(*a, **k), steps.append(context.current().rehash.controller._call[0]))[0])
+        ex(*a, **k), steps.append(context.current().rehash.controller.state.records[-1].step))[0])
     out = rehash_sample(pack, model, sampler, interval=2)
     text = report(caplog)
     assert "3 of 5 steps ran the whole U-Net (0, 2, 4), 2 reused the cached feature (1, 3)" in text, text
@@ -351,13 +351,13 @@ def same_step_reuse(pack, model, errors):
         if run.mode != "rehash":  # a run that calibrates computes every step whole
             return full
         state = run.controller.state
-        step = run.controller._call[0]  # the step the call just ran as
+        step = state.records[-1].step  # the step the call just ran as
         if step in state._keys and step < state.steps - 1:
             state._keys.discard(step)
             after, run._at_next = run._at_next, before
             try:
                 reused = executor(*fresh(), **kwargs)
-                assert run.controller._call[0] == step
+                assert state.records[-1].step == step
             finally:
                 state._keys.add(step)
                 run._at_next = after
@@ -496,7 +496,7 @@ def test_a_sampler_that_corrects_at_the_next_sigma_is_learnt_and_reported(pack, 
 
     steps, model = [], svd.clone()
     model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "steps", lambda ex, *a, **kw: (
-        ex(*a, **kw), steps.append(context.current().rehash.controller._call[0]))[0])
+        ex(*a, **kw), steps.append(context.current().rehash.controller.state.records[-1].step))[0])
     (guider,) = pack.NODE_CLASS_MAPPINGS["StepRehashGuider"]().get_guider(model, positive, negative, 2.5,
                                                                           **options(interval=2))
     (sigmas,) = custom.BasicScheduler().get_sigmas(svd, "karras", STEPS, 1.0)
@@ -584,3 +584,42 @@ def test_a_calibration_that_cannot_be_written_is_reported_and_the_run_kept(pack,
     assert torch.equal(out, plain_sample(svd))
     assert "the calibration was not saved (OSError: [Errno 28] No space left on device)" in report(caplog)
     assert not list(folder.iterdir())
+
+
+def test_a_reuse_step_reads_the_cache_within_three_of_the_packs_frames(pack, svd):
+    """Step Rehash is one hook: from the DIFFUSION_MODEL wrapper chain to the read of the cached feature, a
+    reuse step passes through the engine's forward, the run's controller and the run's state, nothing more
+    of the pack (traced with sys.setprofile)."""
+    import sys
+    from pathlib import Path
+
+    import comfy.patcher_extension as pe
+
+    root = Path(pack.__file__).resolve().parent
+    ours = (str(root / "streamlined_core"), str(root / "nodes"))  # a host under build/ is not the pack
+    state = sys.modules[f"{pack.__name__}.streamlined_core.features.rehash.state"]
+    read = state.RehashState.request.__code__
+    reuses = []
+
+    def probe(executor, *args, **kwargs):
+        return executor(*args, **kwargs)
+
+    def trace(frame, event, arg):
+        if event == "return" and frame.f_code is read and arg is not None and arg[1] == "reuse":
+            chain, f = [], frame
+            while f is not None and f.f_code is not probe.__code__:
+                if f.f_code.co_filename.startswith(ours):
+                    chain.append(f.f_code.co_qualname)
+                f = f.f_back
+            reuses.append((chain, f is not None))
+
+    model = svd.clone()
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "probe", probe)
+    sys.setprofile(trace)
+    try:
+        rehash_sample(pack, model, interval=2)
+    finally:
+        sys.setprofile(None)
+    assert len(reuses) == 2 and all(found for _, found in reuses), reuses  # steps 1 and 3, under the probe
+    for chain, _ in reuses:
+        assert chain == ["RehashState.request", "ComfyRehash.before", "Streamliner.__call__"], chain

@@ -23,7 +23,7 @@ The pieces, in the style of diffusers' hooks: :class:`RehashConfig` (what to do)
 created when a run starts and freed when it ends or raises. The step index comes from the scheduler
 (its ``step`` calls), never from the timestep's value. Hosts can drive the same machinery
 with their own step index and branch keys: a controller in the run context (``RunContext.rehash``,
-the run context) takes precedence over one attached to the U-Net.
+a :class:`~streamlined_core.engine.context.Controller`) takes precedence over one attached to the U-Net.
 
 Its parts: ``keysteps`` (Algorithm 1), ``schedule`` (the file and the configuration), ``state`` (one run's
 state and controllers), ``pipeline`` (the attachment to a diffusers pipeline) and ``comfyui`` (the attachment
@@ -47,7 +47,7 @@ from .keysteps import (
 )
 from .pipeline import CalibrationHandle, RehashHandle, calibrate, describe_scheduler, patch_scheduler, rehash
 from .schedule import FORMAT, MADE_FOR, Calibration, RehashConfig, Schedule, check_cut, check_keys, format_calibration
-from .state import HostCalibration, HostRehash, RehashDriver, RehashEvent, RehashState, StepRecord
+from .state import HostCalibration, RehashDriver, RehashEvent, RehashState, StepRecord
 
 __all__ = [
     "Calibration",
@@ -58,7 +58,6 @@ __all__ = [
     "FORMAT",
     "FeatureSampler",
     "HostCalibration",
-    "HostRehash",
     "LAST_UP_BLOCK",
     "MADE_FOR",
     "RehashConfig",

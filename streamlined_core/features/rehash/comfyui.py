@@ -1,12 +1,13 @@
-"""Step Rehash inside ComfyUI's sampling: one run's state and clock (:class:`ComfyRehash`), the two keyed
-wrappers a MODEL clone carries (OUTER_SAMPLE: :class:`RehashOuter`; DIFFUSION_MODEL: :class:`RehashCall`),
-as ComfyUI's EasyCache does, and the calibration folder ``models/streamline_rehash``.
+"""Step Rehash inside ComfyUI's sampling: one run's state, clock and controller (:class:`ComfyRehash`), the
+keyed OUTER_SAMPLE wrapper a MODEL clone carries (:class:`RehashOuter`), as ComfyUI's EasyCache does, and
+the calibration folder ``models/streamline_rehash``.
 
 - OUTER_SAMPLE creates the run's state in the run's context, wraps the sampler's callback so that each
   callback ends a step (key steps count sampler steps, not model calls), and in ``finally`` frees the
   cache, logs which steps were key and shows it on the node, also after an error or an interrupt;
-- DIFFUSION_MODEL tells the run each U-Net call's step and branches (the guidance branches by their cond
-  uuid, AnimateDiff-Evolved's context window by its frame indices).
+- inside each U-Net call the streamlined forward asks the run (one point: ``before`` and ``after``),
+  which reads the call's step and branches from its ``transformer_options`` (the guidance branches by
+  their cond uuid, AnimateDiff-Evolved's context window by its frame indices).
 
 The U-Net runs through Streamline's engine: Streamline Model's, when the MODEL came through it, or a
 pass-through one whose full calls are the host's own forward (bit for bit) and whose reuse calls run the
@@ -25,18 +26,11 @@ from typing import Any
 
 from ...engine.api import Streamliner
 from ...engine.arch import comfy_unet, engine_adapter
-from ...engine.context import current, run_context
-from . import (
-    DEFAULT_CUT,
-    LAST_UP_BLOCK,
-    HostCalibration,
-    HostRehash,
-    RehashConfig,
-    Schedule,
-    default_count,
-    fingerprint,
-    interval_key_steps,
-)
+from ...engine.context import ControllerCall, run_context
+from ...engine.stages import StageRequest
+from .keysteps import DEFAULT_CUT, LAST_UP_BLOCK, default_count, fingerprint, interval_key_steps
+from .schedule import RehashConfig, Schedule
+from .state import HostCalibration, RehashDriver
 
 KEY = "streamline.rehash"
 FOLDER = "streamline_rehash"
@@ -123,9 +117,11 @@ def _whole(name: str, value: Any, least: int, accepted: str) -> None:
 # -- one run -------------------------------------------------------------------------------------------
 @dataclass
 class ComfyRehash:
-    """One sampling run under Step Rehash: its steps, the callback clock, and the controller that the
-    streamlined forward consults (``RunContext.rehash``): :class:`HostRehash`, or
-    :class:`HostCalibration` on a run that calibrates."""
+    """One sampling run under Step Rehash, and the controller the streamlined forward consults for it
+    (``RunContext.rehash``): its steps and the sampler's callback clock; on the first U-Net call, what
+    the run does (a :class:`RehashDriver` on its key steps, or a :class:`HostCalibration` when no
+    calibration fits); each call's step and branches read from its ``transformer_options``, as
+    ComfyUI's EasyCache reads them."""
 
     options: RehashOptions
     sigmas: list[float]
@@ -137,7 +133,7 @@ class ComfyRehash:
     heun_like: bool = False  # the sampler evaluates at the next step's sigma before that step starts
     learn: bool = True  # off where guidance calls the model again at a step's sigma (PAG, SAG)
     _at_next: dict = field(default_factory=dict)  # branch -> its calls at the next step's sigma since the callback
-    controller: Any = None
+    controller: RehashDriver | HostCalibration | None = None
     lines: list[str] = field(default_factory=list)
     _made_for: dict[str, Any] | None = None
 
@@ -148,18 +144,36 @@ class ComfyRehash:
     @property
     def mode(self) -> str:
         """"rehash", "calibrate", or "" before the first U-Net call."""
-        return {HostRehash: "rehash", HostCalibration: "calibrate"}.get(type(self.controller), "")
+        return {RehashDriver: "rehash", HostCalibration: "calibrate"}.get(type(self.controller), "")
 
     # the controller's side, for the streamlined forward
     @property
     def cut(self) -> str | None:
         return getattr(self.controller, "cut", None)
 
-    def before(self, cuts, emit, rows):
-        return self.controller.before(cuts, emit, rows)
+    def before(self, call: ControllerCall) -> tuple[StageRequest, Any]:
+        """The stage request of the U-Net call about to run, from its step and branches (read from the
+        call's ``transformer_options``), and its branches as the token for :meth:`after`."""
+        options = call.arguments.get("transformer_options") or {}
+        if self.controller is None:
+            self.start(call.unet)
+        branches = self.branches_of(options)
+        step = self.step_of(_sigma(options), branches)
+        if isinstance(self.controller, HostCalibration):
+            return self.controller.request(call.cuts, call.rows, step, branches), branches
+        driver = self.controller
+        driver.check(call.cuts)
+        request, kind = driver.state.request(step, branches)
+        driver.announce(step, kind, call.emit)
+        return request, branches
 
-    def after(self, request, token, ok):
-        self.controller.after(request, token, ok)
+    def after(self, request: StageRequest, token: Any, ok: bool) -> None:
+        if not isinstance(self.controller, RehashDriver):
+            return
+        if ok:
+            self.controller.state.store(token, request)
+        else:
+            self.controller.state.reset()
 
     # the clock
     def on_step(self, i: int) -> None:
@@ -275,7 +289,7 @@ class ComfyRehash:
 
     def _use(self, keys: list[int], how: str) -> None:
         keys = self._limited(keys)
-        self.controller = HostRehash(RehashConfig(key_steps=keys, cut=self.options.cut), self.steps, {})
+        self.controller = RehashDriver(RehashConfig(key_steps=keys, cut=self.options.cut), self.steps, {})
         self.lines.append(f"key steps by {how}")
         self.progress(f"Step Rehash: step 1/{self.steps} key")
 
@@ -296,13 +310,6 @@ class ComfyRehash:
                     keys.add(i)
                     run = 0
         return sorted(keys)
-
-    def at_call(self, unet: Any, options: dict) -> None:
-        """Before a U-Net call: its step and branches."""
-        if self.controller is None:
-            self.start(unet)
-        branches = self.branches_of(options)
-        self.controller.at(self.step_of(_sigma(options), branches), branches)
 
     # the end
     def finish(self, ok: bool) -> str:
@@ -435,17 +442,6 @@ def _sampler_name(sampler: Any) -> str:
     return getattr(fn, "__name__", type(sampler).__name__).removeprefix("sample_")
 
 
-class RehashCall:
-    """DIFFUSION_MODEL wrapper: each U-Net call's step and branches, told to the run."""
-
-    def __call__(self, executor, *args: Any, **kwargs: Any) -> Any:
-        run = getattr(current(), "rehash", None)
-        if isinstance(run, ComfyRehash):
-            options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {}) or {}
-            run.at_call(executor.class_obj, options)
-        return executor(*args, **kwargs)
-
-
 class _Passthrough(Streamliner):
     """The engine on a U-Net that Streamline Model did not patch: full calls run the host's own forward
     (capturing with forward hooks, so they equal plain sampling bit for bit); reuse calls run the tail
@@ -476,8 +472,6 @@ def with_rehash(model: Any, options: RehashOptions, node_id: str | None = None) 
         raise ValueError(f"this MODEL's U-Net forward is already replaced by {type(existing).__module__}."
                          f"{type(existing).__name__} (another pack's patch); Step Rehash runs on ComfyUI's own forward "
                          "or Streamline Model's: put Step Rehash before that node, or remove it")
-    for kind, wrapper in ((pe.WrappersMP.OUTER_SAMPLE, RehashOuter(options, node_id)),
-                          (pe.WrappersMP.DIFFUSION_MODEL, RehashCall())):
-        patched.remove_wrappers_with_key(kind, KEY)
-        patched.add_wrapper_with_key(kind, KEY, wrapper)
+    patched.remove_wrappers_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY)
+    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, RehashOuter(options, node_id))
     return patched

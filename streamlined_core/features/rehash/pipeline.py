@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ...engine.stages import CutPoint, StageRequest
+from ...engine.context import ControllerCall
+from ...engine.stages import StageRequest
 from .keysteps import DEFAULT_CALIBRATION_CAP, DEFAULT_POSITIONS, LAST_UP_BLOCK, FeatureSampler, fingerprint
 from .schedule import Calibration, RehashConfig
 from .state import RehashDriver, RehashState
@@ -87,10 +88,11 @@ def describe_scheduler(scheduler: Any) -> tuple[str, str]:
 class _Attached:
     """A controller attached to a diffusers U-Net (``unet._streamline_rehash``) and driven by a scheduler's clock.
 
-    The streamlined forward (``api.Streamliner``) asks ``controller.before(cuts, emit, rows)`` for the
-    call's :class:`~streamlined_core.engine.stages.StageRequest` and a token, runs, then calls
+    The streamlined forward (``api.Streamliner``) asks ``controller.before(call)`` for the call's
+    :class:`~streamlined_core.engine.stages.StageRequest` and a token, runs, then calls
     ``controller.after(request, token, ok)``; ``controller.cut`` names the cut whose state the
-    controller keeps across calls (its bytes come off the memory budget), or None. A U-Net without a
+    controller keeps across calls (its bytes come off the memory budget), or None (the protocol:
+    :class:`~streamlined_core.engine.context.Controller`). A U-Net without a
     ``streamline()`` handle gets a pass-through one, removed with the controller: its full calls run
     the model's own forward (capturing with forward hooks), so they equal plain sampling bit for bit;
     only reuse steps run the stage loop, unsliced."""
@@ -187,10 +189,10 @@ class RehashHandle:
         return last.state if last is not None else None
 
     # the streamlined call's side (api.Streamliner)
-    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
+    def before(self, call: ControllerCall) -> tuple[StageRequest, Any]:
         """The stage request of the U-Net call about to run, and a token for :meth:`after`."""
         driver, step, branch = self._attached.call()
-        return driver.request(cuts, emit, step, (branch,)), (driver, branch)
+        return driver.request(call.cuts, call.emit, step, (branch,)), (driver, branch)
 
     def after(self, request: StageRequest, token: Any, ok: bool) -> None:
         """Keep what a key call captured; a call that raised ends the run and frees the cache."""
@@ -271,14 +273,14 @@ class CalibrationHandle:
         self.runs += 1
         return _CalibrationDriver()
 
-    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
+    def before(self, call: ControllerCall) -> tuple[StageRequest, Any]:
         _driver, _step, branch = self._attached.call()
-        known = {c.id for c in cuts}
+        known = {c.id for c in call.cuts}
         unknown = [c for c in self.sampler.cuts if c not in known]
         if unknown:
             raise ValueError(f"cuts: {unknown[0]!r} is not a cut point of this U-Net; its cut points: {', '.join(known)}")
         self.sampler.branch = (self.runs, branch)
-        self.sampler.rows[self.sampler.branch] = rows
+        self.sampler.rows[self.sampler.branch] = call.rows
         return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self.sampler.reduce), None
 
     def after(self, request: StageRequest, token: Any, ok: bool) -> None:

@@ -1,7 +1,6 @@
 """One run under Step Rehash: its state (:class:`RehashState`: the cache per branch, the key steps,
 what each step did, ``reset()``) and the controllers a streamlined call consults: :class:`RehashDriver`
-(a run's reuse decisions), :class:`HostRehash` and :class:`HostCalibration` (runs whose host drives
-the steps)."""
+(a run's reuse decisions) and :class:`HostCalibration` (a calibration whose host counts the steps)."""
 
 from __future__ import annotations
 
@@ -107,7 +106,8 @@ class RehashState:
 
 
 class RehashDriver:
-    """A :class:`RehashState` bound to a run: what each U-Net call of it does, given its step and branches."""
+    """A :class:`RehashState` bound to a run: the cut checked against the U-Net's once, and each step's
+    kind sent to the run's listeners once."""
 
     def __init__(self, config: RehashConfig, steps: int, made_for: dict[str, Any]) -> None:
         keys = config.key_steps_for(steps, made_for)
@@ -120,17 +120,25 @@ class RehashDriver:
     def cut(self) -> str:
         return self.state.cut
 
-    def request(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], step: int,
-                branches: Sequence[Hashable]) -> StageRequest:
+    def check(self, cuts: Sequence[CutPoint]) -> None:
+        """On the first call: the cut is one of this U-Net's (named by its id or the layer it follows)."""
         if not self.checked:
             cut = next((c for c in cuts if c.id == self.state.cut or c.after == self.state.cut), None)
             check_cut(cut, self.state.cut, cuts, self.config.replay)
             self.state.cut = cut.id
             self.checked = True
-        request, kind = self.state.request(step, branches)
+
+    def announce(self, step: int, kind: str, emit: Callable[[Any], None]) -> None:
+        """Tell the run's listeners (the profiler marks it) what a step is, on its first call."""
         if self._announced != step:
             self._announced = step
             emit(RehashEvent(step, "key" if kind != "reuse" else "reuse", self.state.cut))
+
+    def request(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], step: int,
+                branches: Sequence[Hashable]) -> StageRequest:
+        self.check(cuts)
+        request, kind = self.state.request(step, branches)
+        self.announce(step, kind, emit)
         return request
 
     def finish(self, ok: bool) -> None:
@@ -142,52 +150,26 @@ class RehashDriver:
         self.state.reset()
 
 
-class HostRehash(RehashDriver):
-    """Step Rehash for a run whose host drives the steps (ComfyUI's sampler loop): the host's wrapper
-    sets each U-Net call's step and branches with :meth:`at`, and the run's context carries this
-    controller (``RunContext.rehash``) to the streamlined forward."""
-
-    def __init__(self, config: RehashConfig, steps: int, made_for: dict[str, Any]) -> None:
-        super().__init__(config, steps, made_for)
-        self._call: tuple[int, tuple[Hashable, ...]] = (0, (0,))
-
-    def at(self, step: int, branches: Sequence[Hashable]) -> None:
-        """The step and the branches (in row order) of the U-Net call about to run."""
-        self._call = (step, tuple(branches))
-
-    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
-        step, branches = self._call
-        return self.request(cuts, emit, step, branches), branches
-
-    def after(self, request: StageRequest, token: Any, ok: bool) -> None:
-        if ok:
-            self.state.store(token, request)
-        else:
-            self.state.reset()
-
-
 class HostCalibration:
-    """A calibration run driven by a host (see :class:`HostRehash`): every call runs whole and leaves a
-    fixed sample of its features at ``cuts`` on the CPU; :meth:`calibration` turns them into maps."""
+    """A calibration run driven by a host that counts the steps (ComfyUI's sampler loop): every call runs
+    whole and leaves a fixed sample of its features at ``cuts`` on the CPU; :meth:`calibration` turns
+    them into maps."""
 
     cut = None  # keeps nothing on the device across calls
 
     def __init__(self, cuts: Sequence[str] = LAST_UP_BLOCK, positions: int = DEFAULT_POSITIONS, seed: int = 0,
                  cap_bytes: int = DEFAULT_CALIBRATION_CAP) -> None:
         self.sampler = FeatureSampler(cuts, positions, seed, cap_bytes)
-        self._branches: tuple[Hashable, ...] = (0,)
-        self._step = 0
         self._seen: set[tuple[Hashable, int]] = set()
         self.calls = 0
         self.overflow = False  # the sampled features reached the cap: the run goes on, nothing more is kept
 
-    def at(self, step: int, branches: Sequence[Hashable]) -> None:
-        self._step, self._branches = step, tuple(branches)
-
-    def before(self, cuts: Sequence[CutPoint], emit: Callable[[Any], None], rows: int) -> tuple[StageRequest, Any]:
-        if self.overflow or any((b, self._step) in self._seen for b in self._branches):
-            return StageRequest(), None  # a sampler's later evaluation within the step: one feature per step
-        self._seen.update((b, self._step) for b in self._branches)
+    def request(self, cuts: Sequence[CutPoint], rows: int, step: int, branches: Sequence[Hashable]) -> StageRequest:
+        """The stage request of a call of ``step`` carrying ``branches`` (in row order) in ``rows`` samples."""
+        branches = tuple(branches)
+        if self.overflow or any((b, step) in self._seen for b in branches):
+            return StageRequest()  # a sampler's later evaluation within the step: one feature per step
+        self._seen.update((b, step) for b in branches)
         if not self.calls:  # the candidates this U-Net has (a small U-Net's last up block has fewer layers)
             known = {c.id for c in cuts}
             self.sampler.cuts = tuple(c for c in self.sampler.cuts if c in known)
@@ -195,12 +177,12 @@ class HostCalibration:
                 raise ValueError(f"calibration: none of the cuts asked for is a cut point of this U-Net; its cut points: "
                                  f"{', '.join(c.id for c in cuts)}")
         # rows are samples (all frames of one); a call's branches take equal shares of them
-        per = rows // len(self._branches) if rows % len(self._branches) == 0 else None
+        per = rows // len(branches) if rows % len(branches) == 0 else None
         if per is None:
-            raise ValueError(f"calibration: a U-Net call of {rows} samples carries {len(self._branches)} branches")
-        self.sampler.row_branches = [(b, r) for b in self._branches for r in range(per)]
+            raise ValueError(f"calibration: a U-Net call of {rows} samples carries {len(branches)} branches")
+        self.sampler.row_branches = [(b, r) for b in branches for r in range(per)]
         self.calls += 1
-        return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self._reduce), None
+        return StageRequest(capture=frozenset(self.sampler.cuts), reduce=self._reduce)
 
     def _reduce(self, cut: str, h: torch.Tensor) -> None:
         if self.overflow:
@@ -211,9 +193,6 @@ class HostCalibration:
             self.overflow = True
             log.warning("calibration: the sampled features reached the cap of %.0f MiB; this run keeps no more",
                         self.sampler.cap_bytes / 2**20)
-
-    def after(self, request: StageRequest, token: Any, ok: bool) -> None:
-        pass
 
     def calibration(self, steps: int, made_for: dict[str, Any]) -> Calibration:
         return Calibration(self.sampler.maps(), steps, dict(made_for), 1, self.sampler.positions)

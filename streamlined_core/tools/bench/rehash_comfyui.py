@@ -172,7 +172,8 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
     device = str(mm.get_torch_device())
     say(f"inside {host} ({Path(mm.__file__).resolve().parents[1]}), on {device}")
     rehash_node = mappings["StepRehashSampler"]
-    rehash_module = sys.modules[rehash_node.__module__]
+    pack = rehash_node.__module__.rsplit(".nodes.", 1)[0]  # the pack as ComfyUI loaded it
+    rehash_module = sys.modules[f"{pack}.streamlined_core.features.rehash.comfyui"]  # its run's log and folder
     demo_module = sys.modules[mappings["StreamlineDemoLoader"].__module__]
     ksampler_inputs = set(nodes.KSampler.INPUT_TYPES()["required"])
     defaults = {name: spec[1]["default"] for name, spec in rehash_node.INPUT_TYPES()["required"].items()

@@ -4,15 +4,11 @@ whose features the maps compare, a model's fingerprint, and the cut points it ch
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from typing import Hashable, Sequence
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
-
 
 # After the last up block's second attention: a reuse step recomputes only conv_in before its tail.
 # Chosen by `streamline bench --rehash` on the fixture model (docs/step-rehash.md: Step Rehash against the field): at

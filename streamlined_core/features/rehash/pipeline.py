@@ -3,7 +3,6 @@ driven by the scheduler's clock (its ``set_timesteps`` starts a run, each ``step
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -13,8 +12,6 @@ from ...engine.stages import StageRequest
 from .keysteps import DEFAULT_CALIBRATION_CAP, DEFAULT_POSITIONS, LAST_UP_BLOCK, FeatureSampler, fingerprint
 from .schedule import Calibration, RehashConfig
 from .state import RehashDriver, RehashState
-
-log = logging.getLogger(__name__)
 
 
 def patch_scheduler(scheduler: Any, **methods: Callable) -> Callable[[], None]:

@@ -77,8 +77,7 @@ def test_bench_cuts_prints_every_up_path_cut_with_time_and_flop_shares(capsys):
     assert all(c.tail_flops <= c.shallow_tail_flops < 1 for c in result.cuts)
     timed = [c for c in result.cuts if c.direct_tail is not None]
     assert [c.cut for c in timed] == ["up0.0.res", "up0.0.attn", "up0.1.res"]
-    # timed shares of one timed full call: positive; no upper bound, a loaded machine stretches either side
-    assert all(c.direct_tail > 0 and c.direct_shallow_tail > 0 for c in timed)
+    assert all(0 < c.direct_tail < 1.5 and 0 < c.direct_shallow_tail < 1.5 for c in timed)
 
 
 @pytest.mark.parametrize("argv", [["bench"], ["bench", "--latency", "--config", "huge"], ["bench", "--latency", "--repeats", "0"],

@@ -2,10 +2,13 @@
 
 MODEL in, MODEL out: a clone whose ``diffusion_model._forward`` is the engine's (an object patch,
 applied only while that clone is loaded), plus an OUTER_SAMPLE wrapper that opens the run's context
-(listeners, plans, stage requests: ``streamlined_core/context.py``), refuses a typed budget this
-latent cannot meet before the first step, and lowers ComfyUI's memory estimate to what the plan
-predicts for the run, restoring it afterwards, so ComfyUI keeps more weights on the GPU. The MODEL
-that came in is untouched; its clones share the engine, which holds configuration only.
+(listeners, plans, stage requests: ``streamlined_core/engine/context.py``), refuses a typed budget
+this latent cannot meet before the first step, and lowers ComfyUI's memory estimate to what the plan
+predicts for the run, restoring it afterwards, so ComfyUI keeps more weights on the GPU. At its
+default budget each call is planned for what ComfyUI leaves free as it runs, less its reserve
+(``host/comfyui.py``): on a small card, where ComfyUI streams part of the weights, the plan goes
+down to the least-memory plan. The MODEL that came in is untouched; its clones share the engine,
+which holds configuration only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 from ..streamlined_core.engine.api import Streamliner
 from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
 from ..streamlined_core.engine.context import run_context
+from ..streamlined_core.host.comfyui import free_for_activations, room_with_weights_resident
 
 KEY = "streamline"
 log = logging.getLogger(__name__)
@@ -25,7 +29,9 @@ AXES = {"all": frozenset({"frames", "pixels"}), "spatial": frozenset({"frames"})
 
 class StreamlineOuter:
     """OUTER_SAMPLE wrapper: the run's context; a typed budget checked against this latent; ComfyUI's
-    ``memory_required`` scaled for the run, then restored exactly."""
+    ``memory_required`` lowered for the run (on a device: to the plan's predicted peak for the room
+    every weight resident would leave; on the CPU or under a typed budget: scaled by the plan's ratio),
+    then restored exactly."""
 
     def __init__(self, engine: Streamliner) -> None:
         self.engine = engine
@@ -55,7 +61,7 @@ class StreamlineOuter:
                 f"vram_budget_gb={engine.budget_bytes / GIB:g} cannot be met for this latent ({frames} frames at "
                 f"{h}x{w}, both conds batched): the least budget that works is {least / GIB:.2f} GiB (weights and "
                 f"the activation peak at the most slicing); raise vram_budget_gb to at least {least / GIB:.2f}, or 0 "
-                f"to plan for the device's memory"
+                f"to plan for what ComfyUI leaves free"
             )
 
     def _with_estimate(self, executor, *args: Any, **kwargs: Any) -> Any:
@@ -65,14 +71,21 @@ class StreamlineOuter:
         host_estimate = base_model.memory_required  # ours wraps whatever is there (another pack's too)
         engine = self.engine
 
+        patcher = executor.class_obj.model_patcher
+
         def memory_required(input_shape, cond_shapes={}):
             estimate = host_estimate(input_shape, cond_shapes=cond_shapes)
             try:
-                ratio = engine.memory_ratio(comfy_unet.example_arguments(engine.unet, input_shape))
+                arguments = comfy_unet.example_arguments(engine.unet, input_shape)
+                room = room_with_weights_resident(patcher.load_device, patcher.model_size())
+                if room is None or engine.budget_bytes is not None:  # the CPU, or a typed budget: scale the host's
+                    return estimate * engine.memory_ratio(arguments)
+                # on a device: the smaller of the host's formula and the plan for the room every weight resident
+                # leaves (its least-memory plan where that is short), so the host keeps as many weights as fit
+                return min(estimate, engine.planned_peak(arguments, *room))
             except Exception as exc:  # an estimate must never stop a run: keep the host's
                 log.warning("Streamline: keeping ComfyUI's memory estimate (%s: %s)", type(exc).__name__, exc)
                 return estimate
-            return estimate * ratio
 
         base_model.memory_required = memory_required
         try:
@@ -106,9 +119,10 @@ class StreamlineModel:
                 "vram_budget_gb": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
                     "tooltip": "Total device memory the U-Net may use, weights included, in GiB; a budget this "
-                               "latent cannot meet is refused before the first step. 0: plan for the device's "
-                               "memory, or where even the most slicing exceeds it, for the least reachable peak "
-                               "(ComfyUI then offloads weights); on the CPU: 1.5x the skip floor.",
+                               "latent cannot meet is refused before the first step. 0: plan for what ComfyUI "
+                               "leaves free as it runs (less its reserve), down to the least-memory plan on a "
+                               "small card, where ComfyUI streams the weights that do not fit; on the CPU: 1.5x "
+                               "the skip floor.",
                 }),
                 "groups": (list(AXES), {
                     "default": "all",
@@ -144,14 +158,17 @@ class StreamlineModel:
         if max_slices < 1:
             raise ValueError(f"max_slices must be a positive integer, got {max_slices}")
         if vram_budget_gb < 0:
-            raise ValueError(f"vram_budget_gb must be 0 (the device's memory) or a positive number, got {vram_budget_gb}")
+            raise ValueError(f"vram_budget_gb must be 0 (plan for what ComfyUI leaves free) or a positive number of GiB, "
+                             f"got {vram_budget_gb}")
         budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
         slices = max_slices if slicing == "upper bound" else "auto"
         adapter = engine_adapter(unet)
         if adapter.forward is not comfy_unet.streamlined_forward:
             log.warning("Streamline: this ComfyUI's UNetModel._forward is not one Streamline reproduces; slicing each "
                         "layer under the host's own loop instead (exact, with a higher peak)")
-        engine = Streamliner(unet, adapter, slices, budget, AXES[groups], device_budget_bytes=_device_memory(),
+        device = model.load_device
+        engine = Streamliner(unet, adapter, slices, budget, AXES[groups],
+                             device_budget_bytes=lambda: free_for_activations(device),
                              budget_name="vram_budget_gb", budget_unit=GIB)
         patched = model.clone()
         patched.add_object_patch("diffusion_model._forward", engine)
@@ -159,12 +176,3 @@ class StreamlineModel:
         patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, KEY, StreamlineOuter(engine))
         return (patched,)
 
-
-def _device_memory() -> int | None:
-    """Total memory of ComfyUI's torch device; None on the CPU (the engine's default target then)."""
-    import comfy.model_management as mm
-
-    device = mm.get_torch_device()
-    if getattr(device, "type", "cpu") == "cpu":
-        return None
-    return int(mm.get_total_memory(device))

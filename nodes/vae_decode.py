@@ -18,6 +18,7 @@ from ..streamlined_core.engine.arch import comfy_vae, engine_adapter
 from ..streamlined_core.engine.context import listen
 from ..streamlined_core.engine.slicing import GroupEvent
 from ..streamlined_core.features.profiler import Recorder
+from ..streamlined_core.host.comfyui import room_with_weights_resident
 from .vram_profiler import current_prompt_id, publish
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,9 @@ class StreamlineVAEDecode:
                 "vram_budget_gb": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
                     "tooltip": "Total device memory the decode may use, the decoder's weights included, in GiB; a "
-                               "budget this latent cannot meet is refused before decoding. 0 (auto): plan for the "
-                               "device's memory, or where even the most slicing exceeds it, for the least "
-                               "reachable peak; on the CPU: 1.6x one tensor of the output level.",
+                               "budget this latent cannot meet is refused before decoding. 0 (auto): plan for what "
+                               "ComfyUI can leave free with the VAE loaded (less its reserve), down to the "
+                               "least-memory plan on a small card; on the CPU: 1.6x one tensor of the output level.",
                 }),
             }
         }
@@ -79,14 +80,16 @@ class StreamlineVAEDecode:
 
         device = vae.device
         budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
-        total = mm.get_total_memory(device) if device.type != "cpu" else None
         z = latent.to(vae.vae_dtype).to(device)
+        # At the default budget: the room ComfyUI can leave with the whole VAE loaded, read once for this decode.
+        room = room_with_weights_resident(device, vae.patcher.model_size())
         # The decoder runs by groups for this call only: the handle replaces its forward, remove() restores it.
-        handle = StreamlineHandle(decoder, engine_adapter(decoder), "auto", budget, device_budget_bytes=total,
+        handle = StreamlineHandle(decoder, engine_adapter(decoder), "auto", budget, device_budget_bytes=lambda: room,
                                   budget_name="vram_budget_gb", budget_unit=GIB)
         try:
             plan = handle.plan_for(z)  # raises, naming vram_budget_gb, when the budget cannot be met
             stock = handle.unsliced_peak_bytes(z)
+            least = handle.planner_for(z).least_peak()
             mm.load_models_gpu([vae.patcher], memory_required=plan.predicted_peak_bytes,
                                force_full_load=getattr(vae, "disable_offload", False))
             # The decode's memory timeline, per group beside the plan's prediction, goes to the VRAM panel
@@ -107,7 +110,13 @@ class StreamlineVAEDecode:
         recorder.timeline.prompt_id = f"{current_prompt_id()}:decode"
         publish(recorder.timeline)
         images = vae.process_output(out.to(vae.output_device).float()).movedim(1, -1)
+        floor = plan.skip_floor_bytes
+        planned_for = (f"planned for {room[0] / GIB:.2f} GiB: {room[1]}" if budget is None and room is not None
+                       else f"planned for vram_budget_gb={vram_budget_gb:g}" if budget is not None
+                       else "planned for 1.6x its floor (the CPU)")
         text = (f"Streamline VAE Decode: {latent.shape[0]} frames as one clip, {plan.describe()}; predicted activation "
-                f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB (the stock decoder in one call: {stock / GIB:.2f} GiB)")
+                f"peak {plan.predicted_peak_bytes / GIB:.2f} GiB, {plan.predicted_peak_bytes / floor:.2f}x its floor of "
+                f"{floor / GIB:.2f} GiB (one tensor of the output level; the least reachable, predicted: {least / floor:.2f}x); "
+                f"the stock decoder in one call: {stock / GIB:.2f} GiB; {planned_for}")
         log.info(text)
         return {"ui": {"text": [text]}, "result": (images,)}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 import warnings
 from typing import Any, Callable, Literal
@@ -27,83 +26,16 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from .arch import Adapter, engine_adapter, skip_floor_bytes
+from .arch import Adapter, skip_floor_bytes
 from .arch.comfy_attention import sdpa_on_meta
+from .checks import amount, check_budget, check_hooks, check_slices, check_weights, resolve_unet
 from .context import Controller, ControllerCall, RunContext, current, run_context
-from .memory import GIB, suspend_tracking, weights_bytes
+from .memory import GIB, size_text, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .slicing import Runner
 from .stages import StageRequest
 
-SUPPORTED_HOOKS = ("layerwise_casting", "peft_autocast_disable")
 log = logging.getLogger(__name__)
-
-
-def _check_slices(slices: Any) -> int | Literal["auto"]:
-    if slices == "auto":
-        return "auto"
-    if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
-        raise ValueError(f'slices must be a positive integer or "auto", got {slices!r}')
-    return slices
-
-
-def _check_budget(budget_bytes: Any) -> int | None:
-    if budget_bytes is None:
-        return None
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not math.isfinite(budget_bytes):
-        raise TypeError(f"budget_bytes must be a number of bytes or None, got {budget_bytes!r}")
-    if budget_bytes <= 0:
-        raise ValueError(f"budget_bytes must be a positive number of bytes (device memory, weights included), got {budget_bytes!r}")
-    return int(budget_bytes)
-
-
-SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff), "
-             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved), SVD's VAE "
-             "(AutoencoderKLTemporalDecoder: its temporal decoder) and the SD VAE (AutoencoderKL: its decoder)")
-
-
-def resolve_unet(target: Any) -> tuple[nn.Module, Adapter]:
-    unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
-    if type(unet).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
-        unet = unet.decoder  # pipe.vae: the decoder is what runs by groups
-    if not isinstance(unet, nn.Module):
-        raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet, or SVD's VAE ({SUPPORTED}), "
-                        f"got {type(target).__name__}")
-    try:
-        return unet, engine_adapter(unet)
-    except TypeError:
-        raise TypeError(f"target {type(unet).__name__} is not a supported model: streamline() accepts {SUPPORTED}") from None
-
-
-def _amount(nbytes: float, unit: float) -> str:
-    """Bytes as the user typed them: whole bytes, or a number of ``unit`` (GiB for the node)."""
-    return f"{int(nbytes)}" if unit == 1 else f"{nbytes / unit:g}"
-
-
-def check_weights(budget_bytes: int | None, weights: int, name: str = "budget_bytes", unit: float = 1) -> None:
-    """Refuse a budget that does not even hold the weights (``name`` and ``unit`` as the user typed it)."""
-    if budget_bytes is not None and budget_bytes <= weights:
-        raise ValueError(
-            f"{name}={_amount(budget_bytes, unit)} does not even hold the weights ({_amount(weights, unit)}"
-            f"{' bytes' if unit == 1 else ''}, {weights / GIB:.2f} GiB): the budget is total device memory, weights included"
-        )
-
-
-def _check_hooks(unet: nn.Module, slot: str, ours: "StreamlineHandle | None" = None) -> None:
-    for name, module in unet.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hooks = [h for h in getattr(registry, "hooks", {}) if h not in SUPPORTED_HOOKS]
-        if hooks:
-            raise ValueError(
-                f"streamline() cannot run under diffusers hooks {hooks} (on {name or 'the U-Net'}): remove them first; "
-                f"layerwise casting and model CPU offload are supported"
-            )
-    foreign = slot in unet.__dict__ and (ours is None or unet.__dict__[slot] != ours._forward)
-    if foreign and "_hf_hook" not in unet.__dict__:
-        raise ValueError(
-            f"{type(unet).__name__}.{slot} is already replaced on this instance by another library; "
-            f"streamline() would hide it. Remove that patch first"
-        )
 
 
 class Streamliner:
@@ -116,14 +48,18 @@ class Streamliner:
     stage requests live in the run's context (``context.py``).
 
     ``budget_bytes`` is a budget the user set: a call it cannot meet raises. Without one,
-    ``device_budget_bytes`` (ComfyUI: the device's total memory; diffusers on CUDA: free memory
-    plus the weights, read per call shape) is planned for, and where it cannot be met the plan goes
-    to the least reachable peak with a warning. ``axes`` limits which groups may be sliced
+    ``device_budget_bytes`` is planned for: a device's total memory (weights included), or a
+    function read at each call that returns the activation budget and where it came from
+    (ComfyUI: the free memory the host leaves less its reserve), planned in steps of
+    ``BUDGET_STEPS`` so a few bytes more or less reuse the plan; diffusers on CUDA: free memory plus
+    the weights, read per call shape. Where it cannot be met the plan goes to the least reachable
+    peak (a function's budget: exactly the least-memory plan) with a warning. ``axes`` limits which groups may be sliced
     (``{"frames"}``: spatial only; ``{"pixels"}``: temporal).
     """
 
     def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
-                 axes: frozenset[str] = frozenset({"frames", "pixels"}), device_budget_bytes: int | None = None,
+                 axes: frozenset[str] = frozenset({"frames", "pixels"}),
+                 device_budget_bytes: int | Callable[[], tuple[int, str] | None] | None = None,
                  budget_name: str = "budget_bytes", budget_unit: float = 1):
         self.unet, self.adapter = unet, adapter
         self.slices, self.budget_bytes, self.axes = slices, budget_bytes, axes
@@ -263,6 +199,10 @@ class Streamliner:
             self._reserved[key] = 2 * state.h.numel() * state.h.element_size()
         return self._reserved[key]
 
+    def reserved_for(self, controller: Any, *args: Any, **kwargs: Any) -> int:
+        """:meth:`reserved_bytes` of a call with these arguments under ``controller`` (anything with a ``cut``)."""
+        return self.reserved_bytes(self._arguments(args, kwargs), controller)
+
     # -- planning --------------------------------------------------------------------------
     def memory_ratio(self, arguments: dict[str, Any]) -> float:
         """Predicted activation peak of a call with these arguments over the unstreamlined peak."""
@@ -277,15 +217,47 @@ class Streamliner:
         """The plan a call with these arguments runs (computed on a meta replica, then cached)."""
         return self._plan(self._arguments(args, kwargs))
 
+    def planner_for(self, *args: Any, **kwargs: Any) -> Planner:
+        """The planner of a call with these arguments (measured once per call shape): plans for any
+        activation budget, the least reachable peak, the unsliced peak, the floor."""
+        return self._planner(self._arguments(args, kwargs))
+
     def least_total_bytes(self, arguments: dict[str, Any]) -> int:
         """Weights plus the least activation peak any plan reaches for a call with these arguments."""
         planner = self._planner(arguments)
         max_slices = None if self.slices == "auto" else self.slices
         return planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
 
+    def bind(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The arguments of a call, by name, as planning takes them."""
+        return self._arguments(args, kwargs)
+
+    def plan_within(self, arguments: dict[str, Any], activation_budget: int, source: str = "a host's estimate") -> Plan:
+        """The plan a budget read from a host gets: for ``activation_budget`` in its step, or the least-memory
+        plan where that is short (``source`` says where the budget came from, for the log)."""
+        planner = self._planner(arguments)
+        least = planner.least_peak(None if self.slices == "auto" else self.slices, axes=self.axes)
+        return self._budget_plan(arguments, max(least, _stepped(activation_budget)), source)
+
+    def planned_peak(self, arguments: dict[str, Any], activation_budget: int, source: str = "a host's estimate") -> int:
+        """:meth:`plan_within`'s predicted activation peak: what a host is told a call will need before it
+        decides what to load."""
+        return self.plan_within(arguments, activation_budget, source).predicted_peak_bytes
+
     def _plan(self, arguments: dict[str, Any], controller: Controller | None = None) -> Plan:
         sample = arguments[self.adapter.sample]
         reserved = self.reserved_bytes(arguments, controller) if controller is not None else 0
+        if callable(self.device_budget_bytes) and self.budget_bytes is None:
+            read = self.device_budget_bytes()
+            if read is not None:
+                budget, source = read
+                if reserved:
+                    source += f", less {reserved / GIB:.2f} GiB kept for Step Rehash's cached feature"
+                planner = self._planner(arguments)
+                least = planner.least_peak(None if self.slices == "auto" else self.slices, axes=self.axes)
+                if _stepped(budget - reserved) < least:
+                    self._warn_short(arguments, budget - reserved, least + planner.weights_bytes, source)
+                return self.plan_within(arguments, budget - reserved, source)
         key = (_shape_key(arguments), self.adapter.variant(self.unet), reserved)
         if key not in self._plans:
             budget = self._activation_budget(sample.device)
@@ -307,6 +279,31 @@ class Streamliner:
                      time.perf_counter() - start, plan.describe(), plan.predicted_peak_bytes / GIB)
         return self._plans[key]
 
+    def _budget_plan(self, arguments: dict[str, Any], activation_budget: int, source: str) -> Plan:
+        """The plan for an activation budget read from the host (stepped, at least the least-memory plan's)."""
+        key = (_shape_key(arguments), self.adapter.variant(self.unet), "budget", activation_budget)
+        if key not in self._plans:
+            sample = arguments[self.adapter.sample]
+            start = time.perf_counter()
+            with suspend_tracking():
+                planner = self._planner(arguments)
+                plan = self._plans[key] = planner.plan(activation_budget, None if self.slices == "auto" else self.slices,
+                                                       axes=self.axes)
+            log.info("streamline: planned %s for input %s for %s of activations (%s) in %.1f s: %s, predicted "
+                     "activation peak %s", type(self.unet).__name__, tuple(sample.shape), size_text(activation_budget),
+                     source, time.perf_counter() - start, plan.describe(), size_text(plan.predicted_peak_bytes))
+        return self._plans[key]
+
+    def _warn_short(self, arguments: dict[str, Any], budget: int, least_total: int, source: str) -> None:
+        ctx = current()
+        if ctx is not None and "device memory short" in ctx.warned:
+            return
+        if ctx is not None:
+            ctx.warned.add("device memory short")
+        log.warning("Streamline: %s: %s for activations, short of the least-memory plan for input %s (%s with the "
+                    "weights); planned for that plan", source, size_text(max(0, budget)),
+                    tuple(arguments[self.adapter.sample].shape), size_text(least_total))
+
     def _new_plan(self, arguments: dict[str, Any], budget: int | None) -> Plan:
         planner = self._planner(arguments)
         max_slices = None if self.slices == "auto" else self.slices
@@ -318,11 +315,11 @@ class Streamliner:
         if not plan.fits:
             least = planner.least_peak(max_slices, axes=self.axes) + planner.weights_bytes
             total = budget + planner.weights_bytes
-            found = (f"{_amount(least, self.budget_unit)}{' bytes' if self.budget_unit == 1 else ''} ({least / GIB:.2f} GiB = "
+            found = (f"{amount(least, self.budget_unit)}{' bytes' if self.budget_unit == 1 else ''} ({least / GIB:.2f} GiB = "
                      f"weights {planner.weights_bytes / GIB:.2f} GiB + activations {(least - planner.weights_bytes) / GIB:.2f} "
                      f"GiB at the most slicing)")
             if self.budget_bytes is not None:
-                raise ValueError(f"{self.budget_name}={_amount(total, self.budget_unit)} is below the least reachable peak: "
+                raise ValueError(f"{self.budget_name}={amount(total, self.budget_unit)} is below the least reachable peak: "
                                  f"{found}, for input {tuple(arguments[self.adapter.sample].shape)}")
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
@@ -359,7 +356,7 @@ class Streamliner:
         weights = weights_bytes(self.unet)
         if self.budget_bytes is not None:
             return self.budget_bytes - weights
-        if self.device_budget_bytes is not None:
+        if isinstance(self.device_budget_bytes, int):
             return max(0, self.device_budget_bytes - weights)
         if device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(device)
@@ -427,15 +424,25 @@ def streamline(target: Any, slices: int | Literal["auto"] = "auto", budget_bytes
     occupy; on CPU and meta: the least slicing that reaches 1.5x the skip floor). An integer is an
     upper bound, clamped per group to its axis. Applying again replaces the previous settings.
     """
-    slices = _check_slices(slices)
-    budget_bytes = _check_budget(budget_bytes)
+    slices = check_slices(slices)
+    budget_bytes = check_budget(budget_bytes)
     unet, adapter = resolve_unet(target)
     check_weights(budget_bytes, weights_bytes(unet))
     previous = unet.__dict__.get("_streamline_handle")
-    _check_hooks(unet, adapter.slot, previous)
+    check_hooks(unet, adapter.slot, previous)
     if previous is not None:
         previous._remove(keep_rehash=False)
     return StreamlineHandle(unet, adapter, slices, budget_bytes)
+
+
+BUDGET_STEPS = 32  # a budget read from the host is planned for in steps of 1/32 of its power of two (2-3%)
+
+
+def _stepped(budget: int) -> int:
+    """``budget`` rounded down to its step, so a few bytes more or less free plan alike."""
+    budget = max(0, int(budget))
+    step = max(1, (1 << max(0, budget.bit_length() - 1)) // BUDGET_STEPS)
+    return budget // step * step
 
 
 def _shape_key(value: Any) -> Any:

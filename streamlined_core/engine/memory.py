@@ -28,6 +28,11 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_flatten
 
 GIB = 1024**3
+
+
+def size_text(nbytes: float) -> str:
+    """Bytes for a log line: GiB to two decimals from 0.1 GiB up, else MiB to three."""
+    return f"{nbytes / GIB:.2f} GiB" if abs(nbytes) >= 0.1 * GIB else f"{nbytes / 1024**2:.3f} MiB"
 LEVELS = ("op", "call")
 
 _ACTIVE: list["MemoryTracker"] = []  # trackers whose regions are open, outermost first

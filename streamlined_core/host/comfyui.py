@@ -12,6 +12,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..engine.memory import size_text
+
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -131,3 +133,35 @@ def model_folder(name: str, path: Path | str, extensions: set[str]):
         else:
             folder_paths.folder_names_and_paths[name] = previous
         getattr(folder_paths, "filename_list_cache", {}).pop(name, None)
+
+
+# -- what ComfyUI leaves free: the nodes' default budget ------------------------------------
+#
+# ComfyUI decides how many weights stay on the device from the free memory and the model's estimate
+# (``model_management.load_models_gpu``) and keeps ``extra_reserved_memory()`` free for other
+# programs. The nodes plan for what it leaves, read as it runs, not for the card's total.
+
+def free_for_activations(device) -> tuple[int, str] | None:
+    """What ComfyUI leaves free on ``device`` now, less its reserve, and a sentence saying so; None on the CPU."""
+    import comfy.model_management as mm
+
+    if mm.is_device_cpu(device):
+        return None
+    free, reserve = mm.get_free_memory(device), mm.extra_reserved_memory()
+    return max(0, int(free - reserve)), (f"ComfyUI's free memory at run time, {size_text(free)}, less its "
+                                         f"{size_text(reserve)} reserve")
+
+
+def room_with_weights_resident(device, weights_bytes: int) -> tuple[int, str] | None:
+    """Before a model loads: what ComfyUI could leave free for activations with all ``weights_bytes``
+    resident (its free memory and every model it may unload, less the weights and its reserve);
+    None on the CPU."""
+    import comfy.model_management as mm
+
+    if mm.is_device_cpu(device):
+        return None
+    free, reserve = mm.get_free_memory(device), mm.extra_reserved_memory()
+    unloadable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    room = int(free + unloadable - weights_bytes - reserve)
+    return max(0, room), (f"ComfyUI's free memory before loading, {size_text(free + unloadable)} with the models it "
+                          f"may unload, less {size_text(weights_bytes)} of weights and its {size_text(reserve)} reserve")

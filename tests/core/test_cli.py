@@ -150,7 +150,7 @@ def test_simulate_pipeline_prints_every_stage_original_and_streamlined(capsys):
     assert stages == {"svd-xt": ["image", "VAE", "U-Net,", "VAE"], "animatediff": ["text", "U-Net,", "VAE"]}, stages
     for r in rows.values():
         assert r["peak_bytes"] == max(s["total_bytes"] for s in r["stages"]) < r["original_peak_bytes"]
-        assert r["card_bytes"] == r["peak_bytes"] + r["cuda_context_bytes"] + r["comfy_reserve_bytes"]
+        assert r["card_bytes"] == r["peak_bytes"] + r["cuda_context_bytes"]  # all weights resident, no host reserve
         assert r["card_bytes"] <= r["smallest_card_gb"] * 1024**3 and "Step Rehash" in r["step_rehash"]
         unet, decode = r["stages"][-2], r["stages"][-1]
         assert unet["peak_bytes"] < unet["original_peak_bytes"] and decode["peak_bytes"] < decode["original_peak_bytes"]
@@ -160,9 +160,44 @@ def test_simulate_pipeline_prints_every_stage_original_and_streamlined(capsys):
 
     table = format_markdown([PipelineRow("svd-xt", 32, 64, 25, [Stage(**{k: s[k] for k in (
         "name", "weights_bytes", "original_peak_bytes", "peak_bytes", "streamlined")}) for s in rows["svd-xt"]["stages"]])])
-    assert "| SVD-XT 25 frames 32x64 | image encoder" in table and "smallest card (predicted)" in table
+    assert "| SVD-XT 25 frames 32x64 | image encoder" in table and "all weights resident: smallest card" in table
     with pytest.raises(SystemExit):
         main(["simulate", "--pipeline", "--frames", "3"])
+
+
+def test_simulate_pipeline_card_says_what_fits_and_what_the_host_streams(capsys):
+    """--card N: every workflow three ways on that card, loaded as ComfyUI loads it."""
+    for gb in (1, 24):
+        assert main(["simulate", "--pipeline", "--model", "svd-xt", "--resolution", "64x128", "--card", str(gb), "--json"]) == 0
+        predictions = json.loads(capsys.readouterr().out)
+        assert [p["variant"] for p in predictions] == ["original", "streamlined", "streamlined + Step Rehash"]
+        for p in predictions:
+            assert p["card_gb"] == gb and p["system"] == "linux" and p["free_bytes"] == gb * 1024**3 - p["cuda_context_bytes"]
+            stages = {s["name"]: s for s in p["stages"]}
+            for s in stages.values():
+                assert s["need_bytes"] == s["resident_bytes"] + s["cast_bytes"] + s["activation_bytes"] + s["cache_bytes"]
+            assert p["fits"] == all(s["need_bytes"] <= p["free_bytes"] for s in stages.values())
+            assert p["deciding_stage"] == max(stages.values(), key=lambda s: s["need_bytes"])["name"]
+            unet = stages["sampler (U-Net)"]
+            assert (unet["cache_bytes"] > 0) == (p["variant"] == "streamlined + Step Rehash")
+            assert (unet["streamed_share"] > 0.5) if gb == 1 else (unet["streamed_share"] == 0)
+    assert main(["simulate", "--pipeline", "--model", "svd-xt", "--resolution", "64x128", "--card", "6", "--system",
+                 "windows", "--desktop-gb", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| workflow | runs as | fits 6 GB |" in out and "6 GB, Windows, desktop 0.5 GiB" in out and "600 MiB" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "--card", "0"], "--card: expected a card's memory in GB between 1 and 1024"),
+    (["--pipeline", "--card", "six"], "--card: expected a card's memory in GB"),
+    (["--pipeline", "--card", "6", "--desktop-gb", "-1"], "--desktop-gb: expected GB already in use"),
+    (["--card", "6"], "--card, --system, --desktop-gb: they go with --pipeline"),
+    (["--pipeline", "--card", "1", "--desktop-gb", "1"], "leave nothing of a 1 GB card"),
+])
+def test_simulate_card_refuses_bad_input_naming_it(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["simulate", "--model", "svd-xt", "--resolution", "64x128", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_bench_decode_puts_the_error_at_the_cuts_and_none_in_the_groups(capsys, tmp_path):

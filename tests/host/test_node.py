@@ -1,5 +1,7 @@
 """The Streamline Model node on a real ComfyUI: KSampler runs, equality, clean restoration."""
 
+import re
+
 import pytest
 import torch
 from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
@@ -319,21 +321,103 @@ def test_a_typed_budget_below_the_weights_is_refused_when_the_node_runs(pack, sv
         node(pack).patch(svd_patcher, "auto", 8, 1e-6, "all")
 
 
-def test_the_default_budget_on_a_card_too_small_plans_the_least_peak_and_warns_once(pack, svd_patcher, monkeypatch, caplog):
-    """vram_budget_gb=0 on a device whose memory is short of weights plus the least reachable peak (SVD-XT on
-    a 4 GB card): the run goes ahead at the least peak, with one warning, as ComfyUI would offload weights."""
+def test_the_default_budget_on_a_card_too_small_plans_the_least_peak_and_warns_once(pack, svd_patcher, small_card, caplog):
+    """vram_budget_gb=0 on a device where ComfyUI leaves less than the least reachable peak free (SVD-XT on a 4 GB
+    card): the run goes ahead at the least-memory plan, with one warning, as ComfyUI streams weights."""
     import logging
-    import sys
 
-    from streamlined_core.engine.memory import weights_bytes
+    import comfy.model_management as mm
 
-    weights = weights_bytes(svd_patcher.get_model_object("diffusion_model"))
-    node_module = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__]
-    monkeypatch.setattr(node_module, "_device_memory", lambda: weights + 1024)  # the device's total memory
     reference = ksample(svd_patcher)
     (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
     errors = checked(patched)
+    small_card(mm.extra_reserved_memory() + 1024)
     with caplog.at_level(logging.WARNING):
         out = ksample(patched)
-    short = [r for r in caplog.records if "short of the least reachable peak" in r.getMessage()]
+    short = [r for r in caplog.records if "short of the least-memory plan" in r.getMessage()]
     assert len(short) == 1 and rel(out, reference) <= LATENT_TOL and max(errors) <= 1e-5
+
+
+@pytest.fixture
+def small_card(monkeypatch):
+    """ComfyUI as on a card with ``free`` bytes free (its free-memory functions patched; the device is
+    not the CPU for them): returns a setter."""
+    import comfy.model_management as mm
+
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+
+    def set_free(free: int) -> None:
+        monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free)
+
+    return set_free
+
+
+def test_the_default_budget_plans_for_what_comfyui_leaves_free_as_it_runs(pack, svd_patcher, small_card, caplog):
+    """At vram_budget_gb=0 on a small card: each call planned for the host's free memory less its reserve, down
+    to the least-memory plan; the log says so; the output is the plain model's."""
+    import logging
+
+    import comfy.model_management as mm
+
+    from streamlined_core.engine.arch import comfy_unet
+
+    frames = 3
+    reference = ksample(svd_patcher, frames)
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
+    engine = patched.object_patches["diffusion_model._forward"]
+    arguments = comfy_unet.example_arguments(engine.unet, (2 * frames, 4, 8, 12), frames=frames)
+    planner = engine.planner_for(**arguments)
+    least, whole = planner.least_peak(), planner.unsliced_peak()
+    reserve = mm.extra_reserved_memory()
+    for activations, short in (((least + whole) // 2, False), (least // 2, True)):
+        small_card(reserve + activations)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            out = ksample(patched, frames)
+        assert rel(out, reference) <= LATENT_TOL
+        planned = [r.getMessage() for r in caplog.records if "of activations (ComfyUI's free memory at run time" in
+                   r.getMessage()]
+        assert planned, "the log names the budget and where it came from"
+        warned = any("short of the least-memory plan" in r.getMessage() for r in caplog.records)
+        assert warned == short
+        assert all(": unsliced," not in line for line in planned), planned  # below the unsliced peak: sliced
+        for line in planned:
+            budget = _bytes(re.search(r"for ([\d.]+ [MG]iB) of activations", line).group(1))
+            peak = _bytes(re.search(r"predicted activation peak ([\d.]+ [MG]iB)", line).group(1))
+            assert peak <= max(budget, least) * 1.01 + 2e3, line  # printed to 0.001 MiB
+            assert budget <= max(activations, least) + 2e3, line
+
+
+def _bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * (1024**3 if unit == "GiB" else 1024**2)
+
+
+def test_the_memory_estimate_on_a_device_is_the_plan_for_the_room_weights_leave(pack, svd_patcher, small_card):
+    """Before loading, the host is told the smaller of its own estimate and the plan for the room every weight
+    resident would leave: on a small card, the least-memory plan's peak."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    from streamlined_core.engine.arch import comfy_unet
+
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
+    engine = patched.object_patches["diffusion_model._forward"]
+    base = patched.model
+    shape = [6, 4, 8, 12]
+    arguments = comfy_unet.example_arguments(engine.unet, shape)
+    least = engine.planner_for(**arguments).least_peak()
+    host = base.memory_required(shape)
+    seen = {}
+
+    def spy(executor, *args, **kwargs):
+        seen["estimate"] = base.memory_required(shape)
+        return executor(*args, **kwargs)
+
+    patched.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "test-spy", spy)
+    loaded = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == patched.load_device)
+    small_card(mm.extra_reserved_memory() + patched.model_size() - loaded + least // 3)  # the room: a third of least
+    ksample(patched, 3)
+    assert seen["estimate"] == engine.planned_peak(arguments, 0) < host
+    assert seen["estimate"] <= least * 1.05
+    assert "memory_required" not in base.__dict__

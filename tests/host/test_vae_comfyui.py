@@ -190,3 +190,44 @@ def test_the_node_decodes_other_vaes_with_the_hosts_decode_and_says_so(pack, com
     out = decode_node(pack).decode({"samples": torch.randn(2, 4, 8, 8)}, vae, 0.0)
     assert "not SVD's temporal decoder" in out["ui"]["text"][0]
     assert out["result"][0].shape[0] == 2
+
+
+def test_the_default_budget_plans_the_decode_for_what_comfyui_can_leave_free(pack, svd_vae, monkeypatch):
+    """vram_budget_gb=0 on a small card (the host's free-memory functions patched): the decode is planned for the
+    room ComfyUI can leave with the VAE loaded, less its reserve, down to its least-memory plan; the node says so,
+    with its floor; the frames equal the whole decode."""
+    import re
+
+    import comfy.model_management as mm
+
+    torch.manual_seed(4)
+    latent = torch.randn(5, 4, 6, 10)
+    z = latent.to(svd_vae.vae_dtype).to(svd_vae.device)
+    with torch.no_grad():
+        whole = svd_vae.process_output(svd_vae.first_stage_model.decode(z).to(svd_vae.output_device).float()).movedim(1, -1)
+    handle = streamline(svd_vae.first_stage_model.decoder)
+    try:
+        planner = handle.planner_for(z)
+        least, floor, stock = planner.least_peak(), planner.skip_floor_bytes, planner.unsliced_peak()
+        least_plan = planner.plan(least)  # every group at its most slicing where it must, measured
+    finally:
+        handle.remove()
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(mm, "current_loaded_models", [])
+    base = svd_vae.patcher.model_size() + mm.extra_reserved_memory()
+    for room, short in (((least + stock) // 2, False), (least // 3, True)):
+        def free(dev=None, torch_free_too=False, card=base + room):  # what is loaded takes its share of the card
+            f = card - sum(m.model_loaded_memory() for m in mm.current_loaded_models)
+            return (f, f) if torch_free_too else f
+
+        monkeypatch.setattr(mm, "get_free_memory", free)
+        out = decode_node(pack).decode({"samples": latent}, svd_vae, 0.0)
+        (images,), (text,) = out["result"], out["ui"]["text"]
+        assert (images - whole).abs().max() <= 1e-5
+        assert "ComfyUI's free memory before loading" in text and "its floor of" in text, text
+        x = float(re.search(r"([\d.]+)x its floor", text).group(1))
+        if short:  # the least-memory plan
+            assert x == pytest.approx(least_plan.predicted_peak_bytes / floor, abs=0.01), text
+        else:
+            assert least / floor - 0.01 <= x <= room / floor + 0.01 and "unsliced" not in text, text
+    assert "forward" not in svd_vae.first_stage_model.decoder.__dict__

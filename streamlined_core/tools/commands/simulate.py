@@ -48,6 +48,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       help="instead: every stage of each model's workflow (encoders, U-Net with guidance, VAE decode), "
                            "original and streamlined, the pipeline's peak beside the paper's and the smallest card it "
                            "should fit (default resolution: 576x1024; --model chooses the workflows)")
+    sim.add_argument("--card", type=_card_gb, default=None, metavar="GB",
+                     help="with --pipeline: whether each workflow fits a card of this many GB, loaded as ComfyUI loads "
+                          "it (part of the weights streamed on a small card): the stage that decides, the slicing, the "
+                          "share of weights streamed (default: the smallest card of each workflow, both views)")
+    sim.add_argument("--system", choices=("linux", "windows"), default="linux",
+                     help="with --card: the host's system (ComfyUI keeps 400 MiB free on Linux, 600 MiB on Windows; "
+                          "default: linux)")
+    sim.add_argument("--desktop-gb", type=_desktop_gb, default=0.0, metavar="GB",
+                     help="with --card: device memory a desktop and other programs already hold (default: 0)")
     out = sim.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON list, one object per row")
     out.add_argument("--markdown", action="store_true", help="print the Markdown table the docs embed")
@@ -56,6 +65,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """``streamline simulate``: the U-Net table, or --decode's, or --pipeline's."""
+    if not args.pipeline and (args.card is not None or args.system != "linux" or args.desktop_gb):
+        args.parser.error("arguments --card, --system, --desktop-gb: they go with --pipeline")
     if "diffusers" in (args.implementation or ()) and importlib.util.find_spec("diffusers") is None:
         print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
               "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
@@ -70,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for height, width in args.resolution or ((576, 1024),):
             rows += pipeline_rows(args.model, height, width, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.card is not None:
+            return _card(args, rows)
         print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else pipeline_markdown(rows),
               end="\n" if args.json else "")
     elif args.decode:
@@ -96,4 +109,41 @@ def run(args: argparse.Namespace) -> int:
             print(format_markdown(rows), end="")
         else:
             print(format_text(rows), end="")
+    return 0
+
+
+def _card_gb(text: str) -> float:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not 1 <= gb <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a card's memory in GB between 1 and 1024 (e.g. 6 or 11), got {text!r}")
+    return gb
+
+
+def _desktop_gb(text: str) -> float:
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = -1.0
+    if not 0 <= gb <= 64:
+        raise argparse.ArgumentTypeError(f"expected GB already in use on the card, 0 to 64 (e.g. 0.5), got {text!r}")
+    return gb
+
+
+def _card(args: argparse.Namespace, rows: list) -> int:
+    """``simulate --pipeline --card N``: each workflow, original and streamlined, on that card."""
+    from ..sim.cards import VARIANTS, format_card_markdown
+    from ..sim.host_memory import GIB, Card
+
+    card = Card(args.card, args.system, int(args.desktop_gb * GIB))
+    if card.free_bytes <= 0:
+        args.parser.error(f"argument --desktop-gb: {args.desktop_gb:g} GB and the CUDA context leave nothing of a "
+                          f"{args.card:g} GB card")
+    predictions = [r.host.predict(card, variant) for r in rows for variant in VARIANTS]
+    if args.json:
+        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+    else:
+        print(format_card_markdown(predictions), end="")
     return 0

@@ -12,9 +12,11 @@ that offloads between stages, as ComfyUI does on small cards):
   decoder over every frame in one call, and one frame at a time by groups.
 
 Each stage's figure is weights plus the activation peak; the pipeline's peak is the largest stage.
-The smallest card a workflow should fit adds the CUDA context and ComfyUI's own reserve (the
-``minimum_inference_memory`` it keeps free: 0.8 GiB plus 400 MiB), a prediction until
-``streamline bench --cuda`` measures it.
+This is the "all weights resident" view: the smallest card it fits adds the CUDA context, nothing
+else (ComfyUI's inference reserve is kept free for the activations, which are counted). The same
+models also give ``cards.py``'s view, where each stage is loaded as ComfyUI loads it on a given card
+(part of the weights streamed per call on a small one). Both are predictions until ``streamline
+bench --cuda`` measures them.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from ...engine.api import streamline
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
 from ...engine.slicing import Runner
 from .. import configs
+from .cards import VARIANTS, Encoder, HostWorkflow
+from .host_memory import CUDA_CONTEXT_BYTES, Inventory, encode_estimate
 from .unet import MODELS, PAPER_NVML_GB, STREAMLINED, implementations, measure_call
 
-CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # a typical CUDA context with cuDNN and cuBLAS loaded (an assumption)
-COMFY_RESERVE_BYTES = int(0.8 * GIB) + 400 * 1024**2  # comfy.model_management.minimum_inference_memory()
 CARDS_GB = (4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 48, 80)  # consumer and workstation memory sizes (GiB as sold)
-STEP_REHASH_NOTE = "Step Rehash's cache: not counted (Step Rehash is not built yet)"
+STEP_REHASH_NOTE = ("Step Rehash's cache (the cached feature and a reuse step's working copy) is counted in the "
+                    "sampler's stage of the card view's Step Rehash rows, not in this view")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class PipelineRow:
     width: int
     frames: int
     stages: list[Stage] = field(default_factory=list)
+    host: HostWorkflow | None = field(default=None, repr=False, compare=False)  # the same models, for the card view
 
     @property
     def original_peak_bytes(self) -> int:
@@ -76,8 +80,8 @@ class PipelineRow:
 
     @property
     def card_bytes(self) -> int:
-        """What the streamlined workflow needs of a card: its peak, the CUDA context and ComfyUI's reserve."""
-        return self.peak_bytes + CUDA_CONTEXT_BYTES + COMFY_RESERVE_BYTES
+        """What the streamlined workflow needs of a card with every weight resident: its peak and the CUDA context."""
+        return self.peak_bytes + CUDA_CONTEXT_BYTES
 
     @property
     def smallest_card_gb(self) -> int | None:
@@ -91,7 +95,7 @@ class PipelineRow:
                        for s in self.stages],
             "original_peak_bytes": self.original_peak_bytes, "peak_bytes": self.peak_bytes, "peak_stage": self.peak_stage,
             "card_bytes": self.card_bytes, "smallest_card_gb": self.smallest_card_gb,
-            "cuda_context_bytes": CUDA_CONTEXT_BYTES, "comfy_reserve_bytes": COMFY_RESERVE_BYTES,
+            "cuda_context_bytes": CUDA_CONTEXT_BYTES,
             "paper_nvml_original_gb": paper[0], "paper_nvml_streamlined_gb": paper[1],
             "step_rehash": STEP_REHASH_NOTE,
         }
@@ -103,12 +107,15 @@ def _tracked(call: Callable[[], object]) -> int:
     return tracker.peak_bytes
 
 
-def _encoder_stage(name: str, module: nn.Module, call: Callable[[], object]) -> Stage:
+def _encoder_stage(name: str, module: nn.Module, call: Callable[[], object], loaded: nn.Module | None = None,
+                   memory_required: float = 0) -> tuple[Stage, Encoder]:
+    """The stage, and the encoder as the host loads it (``loaded``: the whole model it loads, default ``module``)."""
     peak = _tracked(call)
-    return Stage(name, weights_bytes(module), peak, peak, "unchanged")
+    encoder = Encoder(name, Inventory.of(loaded if loaded is not None else module, fp32_modules=()), memory_required, peak)
+    return Stage(name, weights_bytes(module), peak, peak, "unchanged"), encoder
 
 
-def image_encoder_stage(dtype: torch.dtype) -> Stage:
+def image_encoder_stage(dtype: torch.dtype) -> tuple[Stage, Encoder]:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
@@ -119,7 +126,7 @@ def image_encoder_stage(dtype: torch.dtype) -> Stage:
     return _encoder_stage("image encoder (CLIP ViT-H/14)", model, lambda: model(pixel_values=pixels))
 
 
-def text_encoder_stage(dtype: torch.dtype) -> Stage:
+def text_encoder_stage(dtype: torch.dtype) -> tuple[Stage, Encoder]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -130,24 +137,35 @@ def text_encoder_stage(dtype: torch.dtype) -> Stage:
     return _encoder_stage("text encoder (CLIP ViT-L/14), prompt + negative", model, lambda: model(input_ids=ids))
 
 
-def vae_encode_stage(vae: nn.Module, height: int, width: int, dtype: torch.dtype) -> Stage:
+def vae_encode_stage(vae: nn.Module, height: int, width: int, dtype: torch.dtype) -> tuple[Stage, Encoder]:
     image = torch.empty(1, 3, height, width, device="meta", dtype=dtype)
     encoder = nn.ModuleList([vae.encoder, vae.quant_conv]) if vae.quant_conv is not None else vae.encoder
-    return _encoder_stage("VAE encode of the init image", encoder, lambda: vae.encode(image))
+    # ComfyUI loads the whole VAE to encode, with its memory_used_encode estimate
+    return _encoder_stage("VAE encode of the init image", encoder, lambda: vae.encode(image), vae,
+                          encode_estimate(height, width, image.element_size()))
 
 
-def unet_stage(model_key: str, frames: int, height: int, width: int, dtype: torch.dtype) -> Stage:
+def unet_stage(model_key: str, frames: int, height: int, width: int, dtype: torch.dtype):
+    """The U-Net's stage, its model, its inputs per batch, and its stock peak per batch (measured once each)."""
     impl = next(i for i in implementations(model_key) if i.key == "diffusers")
     model = impl.build(device="meta", dtype=dtype)
-    args, kwargs = impl.inputs(model, 2, frames, height, width)
+    inputs = lambda batch: impl.inputs(model, batch, frames, height, width)  # noqa: E731
+    args, kwargs = inputs(2)
     original, _ = measure_call(model, args, kwargs)
+    stock = {2: original}
+
+    def stock_peak(batch: int) -> int:
+        if batch not in stock:
+            stock[batch] = measure_call(model, *inputs(batch))[0]
+        return stock[batch]
+
     STREAMLINED.apply(model)
     try:
         peak, _ = measure_call(model, args, kwargs)
         label = STREAMLINED.label(model)
     finally:
         STREAMLINED.revert(model)
-    return Stage("U-Net, one call with guidance (batch of 2)", weights_bytes(model), original, peak, label)
+    return Stage("U-Net, one call with guidance (batch of 2)", weights_bytes(model), original, peak, label), model, inputs, stock_peak
 
 
 def svd_decode_stage(vae: nn.Module, frames: int, height: int, width: int, dtype: torch.dtype) -> Stage:
@@ -175,37 +193,98 @@ def sd_decode_stage(frames: int, height: int, width: int, dtype: torch.dtype) ->
                  f"the least single-frame peak, by groups ({plan.describe()})")
 
 
+def _svd_stock_decode(vae: nn.Module, frames: int, height: int, width: int, dtype: torch.dtype) -> Callable[[int], int]:
+    """The stock decoder's peak on ``n`` frames as one clip (ComfyUI's VAE Decode decodes its parts so)."""
+    peaks: dict[int, int] = {}
+
+    def peak(n: int) -> int:
+        if n not in peaks:
+            z = torch.empty(n, 4, height // 8, width // 8, device="meta", dtype=dtype)
+            ioi = torch.zeros(1, n, device="meta", dtype=dtype)
+            peaks[n] = _tracked(lambda: vae.decoder(z, image_only_indicator=ioi, num_frames=n))
+        return peaks[n]
+
+    return peak
+
+
+def _sd_stock_decode(vae: nn.Module, height: int, width: int, dtype: torch.dtype) -> Callable[[int], int]:
+    peaks: dict[int, int] = {}
+
+    def peak(n: int) -> int:
+        if n not in peaks:
+            z = torch.empty(n, 4, height // 8, width // 8, device="meta", dtype=dtype)
+            peaks[n] = _tracked(lambda: vae.decode(z))
+        return peaks[n]
+
+    return peak
+
+
 def pipeline_rows(models=tuple(MODELS), height: int = 576, width: int = 1024, dtype: torch.dtype = torch.float16,
                   progress: Callable[[str], None] | None = None) -> list[PipelineRow]:
-    """Simulate every stage of each model's workflow at ``height`` x ``width``."""
+    """Simulate every stage of each model's workflow at ``height`` x ``width`` (``row.host``: the same
+    models for the card view)."""
     say = progress or (lambda _m: None)
     rows = []
     for key in models:
         label, frames = MODELS[key]
         row = PipelineRow(key, height, width, frames)
+        encoders = []
         if key in ("svd", "svd-xt"):
             say(f"{label}: image encoder")
-            row.stages.append(image_encoder_stage(dtype))
+            stage, encoder = image_encoder_stage(dtype)
+            row.stages.append(stage)
+            encoders.append(encoder)
             vae = configs.build_svd_vae(dtype=dtype)
             say(f"{label}: VAE encode")
-            row.stages.append(vae_encode_stage(vae, height, width, dtype))
+            stage, encoder = vae_encode_stage(vae, height, width, dtype)
+            row.stages.append(stage)
+            encoders.append(encoder)
             say(f"{label}: U-Net")
-            row.stages.append(unet_stage(key, frames, height, width, dtype))
+            stage, unet, inputs, stock_peak = unet_stage(key, frames, height, width, dtype)
+            row.stages.append(stage)
             say(f"{label}: VAE decode")
             row.stages.append(svd_decode_stage(vae, frames, height, width, dtype))
+            stock_decode = _svd_stock_decode(vae, frames, height, width, dtype)
+
+            def decode_inputs(vae=vae, frames=frames):
+                z = torch.empty(frames, 4, height // 8, width // 8, device="meta", dtype=dtype)
+                return (z,), {"image_only_indicator": torch.zeros(1, frames, device="meta", dtype=dtype), "num_frames": frames}
         else:
             say(f"{label}: text encoder")
-            row.stages.append(text_encoder_stage(dtype))
+            stage, encoder = text_encoder_stage(dtype)
+            row.stages.append(stage)
+            encoders.append(encoder)
             say(f"{label}: U-Net")
-            row.stages.append(unet_stage(key, frames, height, width, dtype))
+            stage, unet, inputs, stock_peak = unet_stage(key, frames, height, width, dtype)
+            row.stages.append(stage)
             say(f"{label}: VAE decode")
             row.stages.append(sd_decode_stage(frames, height, width, dtype))
+            vae = configs.build_sd_vae(dtype=dtype)
+            stock_decode, decode_inputs = _sd_stock_decode(vae, height, width, dtype), None
+        row.host = HostWorkflow(key, label, height, width, frames, encoders, unet, inputs, stock_peak, vae, stock_decode,
+                                decode_inputs)
         rows.append(row)
     return rows
 
 
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
+
+
+def _card(need_bytes: int) -> str:
+    gb = next((gb for gb in CARDS_GB if gb * GIB >= need_bytes), None)
+    return f"{gb} GB" if gb else "-"
+
+
+def _partial(row: PipelineRow) -> str:
+    """The smallest card of each way of running the workflow with ComfyUI's partial loading, and its streamed share."""
+    if row.host is None:
+        return "-"
+    cells = []
+    for variant in VARIANTS:
+        p = row.host.smallest_card(variant, CARDS_GB)
+        cells.append("-" if p is None else f"{p.card.gb:g} GB ({p.streamed_share:.0%})")
+    return " / ".join(cells)
 
 
 def format_markdown(rows: list[PipelineRow]) -> str:
@@ -222,22 +301,25 @@ def format_markdown(rows: list[PipelineRow]) -> str:
     lines += [
         "",
         "| workflow | original peak GiB | streamlined peak GiB | largest stage | paper NVML GB orig / streamlined* "
-        "| with CUDA context and ComfyUI's reserve | smallest card (predicted) |",
+        "| all weights resident: smallest card, original / streamlined | ComfyUI's partial loading: smallest card, "
+        "original / streamlined / with Step Rehash (weights streamed there) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         paper = PAPER_NVML_GB.get((r.model, r.height, r.width), (None, None))
         paper_cell = f"{paper[0]:.2f} / {paper[1]:.2f}" if paper[0] is not None else "-"
-        card = f"{r.smallest_card_gb} GB" if r.smallest_card_gb else "-"
+        resident = f"{_card(r.original_peak_bytes + CUDA_CONTEXT_BYTES)} / {_card(r.card_bytes)}"
         lines.append(f"| {MODELS[r.model][0]} {r.frames} frames {r.height}x{r.width} | {_gib(r.original_peak_bytes)} | "
-                     f"{_gib(r.peak_bytes)} | {r.peak_stage} | {paper_cell} | {_gib(r.card_bytes)} GiB | {card} |")
+                     f"{_gib(r.peak_bytes)} | {r.peak_stage} | {paper_cell} | {resident} | {_partial(r)} |")
     lines += [
         "",
-        f"fp16, simulated on the meta device: each stage holds its own weights and its activations, and the "
-        f"pipeline's peak is its largest stage. {STEP_REHASH_NOTE}. The card adds "
-        f"{CUDA_CONTEXT_BYTES / GIB:.1f} GiB for the CUDA context (assumed) and ComfyUI's reserve "
-        f"({COMFY_RESERVE_BYTES / GIB:.2f} GiB, 0.8 GiB plus 400 MiB): a prediction until `streamline bench --cuda` "
-        f"measures it. *The paper's figures are whole-pipeline NVML readings on an A100 (CUDA context, allocator "
-        f"cache, Step Rehash included), for reference.",
+        f"fp16, simulated on the meta device. All weights resident: each stage holds its own weights and its "
+        f"activations (the streamlined U-Net at its default plan, 1.5x its skip floor, with guidance batched), and the "
+        f"card adds {CUDA_CONTEXT_BYTES / GIB:.1f} GiB for the CUDA context (assumed). ComfyUI's partial loading: each "
+        f"stage loaded as ComfyUI 0.3.64 loads it on the card (Linux, no desktop), streaming the weights that do not "
+        f"fit, the nodes at their defaults; the original decode is ComfyUI's VAE Decode, which cuts SVD's clip into "
+        f"parts and changes its output. {STEP_REHASH_NOTE}. Predictions until `streamline bench --cuda` measures them. "
+        f"*The paper's figures are whole-pipeline NVML readings on an A100 (CUDA context, allocator cache, Step Rehash "
+        f"included), for reference.",
     ]
     return "\n".join(lines) + "\n"

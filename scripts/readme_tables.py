@@ -7,7 +7,7 @@
     .venv/bin/python scripts/readme_tables.py --overhead # also streamline profile --overhead
     .venv/bin/python scripts/readme_tables.py --fixture  # also streamline bench --fixture (docs/fixture_grid.png)
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
-    .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline
+    .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline, and with --card 6
     .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
     .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; about 2.5 h on 2 cores)
     .venv/bin/python scripts/readme_tables.py --rehash-comfyui  # also bench --rehash --comfyui-only (a ComfyUI checkout; ~12 min)
@@ -41,6 +41,7 @@ BLOCKS = {
     "decode": "--decode: streamline simulate --decode --markdown",
     "decode-cuts": "--decode: streamline bench --decode --grid, and its grid (shown under the block)",
     "pipeline": "--pipeline: streamline simulate --pipeline --markdown",
+    "pipeline-card": "--pipeline: streamline simulate --pipeline --card 6",
     "rehash-calibration": "--calibrate: streamline calibrate, and its maps",
     "rehash-bench": "--rehash: streamline bench --rehash --plot",
     "rehash-comfyui": "--rehash-comfyui: streamline bench --rehash --comfyui-only",
@@ -184,10 +185,15 @@ def main() -> None:
         plot(clips, DOCS / "decode_cuts.png")
         put("decode-cuts", lambda page: errors_markdown(rows))
     if "--pipeline" in args:
+        from streamlined_core.tools.sim.cards import VARIANTS, format_card_markdown
+        from streamlined_core.tools.sim.host_memory import Card
         from streamlined_core.tools.sim.pipeline import format_markdown as pipeline_markdown
         from streamlined_core.tools.sim.pipeline import pipeline_rows
 
-        put("pipeline", lambda page: pipeline_markdown(pipeline_rows(progress=say)))
+        rows = pipeline_rows(progress=say)
+        put("pipeline", lambda page: pipeline_markdown(rows))
+        card = Card(6)
+        put("pipeline-card", lambda page: format_card_markdown([r.host.predict(card, v) for r in rows for v in VARIANTS]))
     if "--calibrate" in args:
         put("rehash-calibration", lambda page: calibration_block(say, page))
     if "--rehash" in args:

@@ -117,3 +117,33 @@ def test_the_readme_says_where_the_test_hosts_come_from():
     text = README.read_text()
     for needed in ("../shared/hosts", "COMFYUI_PATH=", "~/comfy/ComfyUI", "docs/development.md"):
         assert needed in text, f"README.md's Tests section no longer mentions {needed}"
+
+
+def _cells(block: str, start: str) -> list[str]:
+    line = next(line for line in block.splitlines() if line.startswith(start))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_the_whole_workflow_tables_agree_with_the_u_net_and_decode_tables():
+    """The workflow tables are generated from the same measurements as the U-Net and decode tables: their
+    shared figures agree, and the card view says "yes" exactly where a stage's need is within the free memory."""
+    from readme import generated_block
+
+    pipeline, simulate, decode = generated_block("pipeline"), generated_block("simulate"), generated_block("decode")
+    for label, frames in (("SVD", 14), ("SVD-XT", 25), ("AnimateDiff", 16)):
+        original = _cells(simulate, f"| {label} | diffusers | original | 576x1024 | {frames} |")
+        streamlined = next(_cells(simulate, line) for line in simulate.splitlines() if line.startswith(
+            f"| {label} | diffusers | streamlined auto") and f"| 576x1024 | {frames} |" in line)
+        unet = _cells(pipeline, f"| {label} {frames} frames 576x1024 | U-Net, one call with guidance")
+        assert unet[2] == original[5] and unet[3].split(" / ")[0] == original[6], (unet, original)
+        assert unet[4].split(" / ")[0] == streamlined[6], (unet, streamlined)
+    for label, frames in (("SVD", 14), ("SVD-XT", 25)):
+        stock = _cells(decode, f"| {label} | 576x1024 | {frames} |")
+        stage = _cells(pipeline, f"| {label} {frames} frames 576x1024 | VAE decode")
+        assert stage[3].split(" / ")[0] == stock[3].split()[0], (stage, stock)
+    rows = [line for line in generated_block("pipeline-card").splitlines() if re.match(r"\| \w", line)][1:]
+    assert len(rows) == 9
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        need, free = (float(x) for x in re.search(r": ([\d.]+) / ([\d.]+)$", cells[3]).groups())
+        assert (cells[2] == "yes") == (need <= free), line

@@ -221,7 +221,7 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
-def _share(p: CardPrediction) -> str:
+def streamed_text(p: CardPrediction) -> str:
     """Which stages stream weights, and what share of their model."""
     streamed = [f"{s.name.split(' (')[0]} {s.load.streamed_share:.0%}" for s in p.stages if s.load.streamed_bytes]
     return ", ".join(streamed) if streamed else "none"
@@ -242,7 +242,7 @@ def format_card_markdown(predictions: list[CardPrediction]) -> str:
         d = p.deciding
         unet, decode = stages["sampler (U-Net)"], stages["VAE decode"]
         lines.append(f"| {p.workflow} | {p.variant} | {'yes' if p.fits else '**no**'} | {d.name}: {gib(d.need_bytes)} / "
-                     f"{gib(card.free_bytes)} | {unet.runs} | {decode.runs} | {_share(p)} |")
+                     f"{gib(card.free_bytes)} | {unet.runs} | {decode.runs} | {streamed_text(p)} |")
     lines += ["", f"Predicted for {card.describe()} (assumed), with ComfyUI 0.3.64's own loading: it keeps "
               f"{card.reserved_bytes / 2**20:.0f} MiB free for other programs and streams the weights that do not fit. A "
               f"stage needs its resident weights, its activation peak, the largest streamed module's weight and Step "
@@ -261,5 +261,5 @@ def format_smallest_markdown(workflows: list[HostWorkflow], cards_gb, system: st
                 lines.append(f"| {w.name} | {variant} | none up to {cards_gb[-1]} GB | - | - |")
                 continue
             lines.append(f"| {w.name} | {variant} | {p.card.gb:g} GB | {p.deciding.name}: {gib(p.deciding.need_bytes)} GiB "
-                         f"| {_share(p)} |")
+                         f"| {streamed_text(p)} |")
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ from ...engine.api import streamline
 from ...engine.memory import GIB, MemoryTracker, weights_bytes
 from ...engine.slicing import Runner
 from .. import configs
-from .cards import VARIANTS, Encoder, HostWorkflow
+from .cards import VARIANTS, Encoder, HostWorkflow, streamed_text
 from .host_memory import CUDA_CONTEXT_BYTES, Inventory, encode_estimate
 from .unet import MODELS, PAPER_NVML_GB, STREAMLINED, implementations, measure_call
 
@@ -283,7 +283,7 @@ def _partial(row: PipelineRow) -> str:
     cells = []
     for variant in VARIANTS:
         p = row.host.smallest_card(variant, CARDS_GB)
-        cells.append("-" if p is None else f"{p.card.gb:g} GB ({p.streamed_share:.0%})")
+        cells.append("-" if p is None else f"{p.card.gb:g} GB (streamed: {streamed_text(p)})")
     return " / ".join(cells)
 
 
@@ -302,7 +302,7 @@ def format_markdown(rows: list[PipelineRow]) -> str:
         "",
         "| workflow | original peak GiB | streamlined peak GiB | largest stage | paper NVML GB orig / streamlined* "
         "| all weights resident: smallest card, original / streamlined | ComfyUI's partial loading: smallest card, "
-        "original / streamlined / with Step Rehash (weights streamed there) |",
+        "original / streamlined / with Step Rehash (weights ComfyUI streams there) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -78,11 +78,12 @@ def run(args: argparse.Namespace) -> int:
         if args.frames is not None or args.batch != 2:
             args.parser.error("argument --pipeline: each workflow runs its own frame count with guidance; "
                               "--frames and --batch are for the U-Net table")
+        card = _card(args) if args.card is not None else None  # refused before anything is built
         rows = []
         for height, width in args.resolution or ((576, 1024),):
             rows += pipeline_rows(args.model, height, width, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        if args.card is not None:
-            return _card(args, rows)
+        if card is not None:
+            return _on_card(args, card, rows)
         print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else pipeline_markdown(rows),
               end="\n" if args.json else "")
     elif args.decode:
@@ -132,15 +133,21 @@ def _desktop_gb(text: str) -> float:
     return gb
 
 
-def _card(args: argparse.Namespace, rows: list) -> int:
-    """``simulate --pipeline --card N``: each workflow, original and streamlined, on that card."""
-    from ..sim.cards import VARIANTS, format_card_markdown
+def _card(args: argparse.Namespace):
+    """The card ``--card``, ``--system`` and ``--desktop-gb`` describe."""
     from ..sim.host_memory import GIB, Card
 
     card = Card(args.card, args.system, int(args.desktop_gb * GIB))
     if card.free_bytes <= 0:
         args.parser.error(f"argument --desktop-gb: {args.desktop_gb:g} GB and the CUDA context leave nothing of a "
                           f"{args.card:g} GB card")
+    return card
+
+
+def _on_card(args: argparse.Namespace, card, rows: list) -> int:
+    """``simulate --pipeline --card N``: each workflow, original and streamlined, on that card."""
+    from ..sim.cards import VARIANTS, format_card_markdown
+
     predictions = [r.host.predict(card, variant) for r in rows for variant in VARIANTS]
     if args.json:
         print(json.dumps([p.as_dict() for p in predictions], indent=2))

@@ -161,7 +161,8 @@ def room_with_weights_resident(device, weights_bytes: int) -> tuple[int, str] | 
     if mm.is_device_cpu(device):
         return None
     free, reserve = mm.get_free_memory(device), mm.extra_reserved_memory()
-    unloadable = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    unloadable = sum(m.model_loaded_memory() for m in list(mm.current_loaded_models)
+                     if m.device == device and m.model is not None)  # a collected model's entry holds nothing
     room = int(free + unloadable - weights_bytes - reserve)
     return max(0, room), (f"ComfyUI's free memory before loading, {size_text(free + unloadable)} with the models it "
                           f"may unload, less {size_text(weights_bytes)} of weights and its {size_text(reserve)} reserve")

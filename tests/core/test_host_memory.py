@@ -64,3 +64,22 @@ def test_the_hosts_estimates():
     assert hm.decode_estimate(72, 128, 2) == 2178 * 72 * 128 * 64 * 2
     assert hm.encode_estimate(576, 1024, 2) == 1767 * 576 * 1024 * 2
     assert hm.stock_decode_frames(5 * GIB, 2 * GIB) == 2 and hm.stock_decode_frames(GIB, 2 * GIB) == 1
+
+
+def test_the_card_table_names_the_deciding_stage_and_what_streams():
+    from streamlined_core.tools.sim.cards import CardPrediction, HostStage, format_card_markdown
+
+    card = hm.Card(6)
+    inv = hm.Inventory((2 * GIB, GIB), 3 * GIB)
+    partial = hm.load(card, inv, memory_required=0, minimum_memory_required=card.free_bytes - 2.5 * GIB - 400 * MIB)
+    whole = hm.load(card, hm.Inventory((GIB // 8,), GIB // 8), memory_required=GIB)
+    fits = CardPrediction("SVD-XT 25 frames 576x1024", card, "streamlined", [
+        HostStage("sampler (U-Net)", partial, 2 * GIB, "k<=2 frames"), HostStage("VAE decode", whole, GIB, "by groups")])
+    over = CardPrediction("SVD-XT 25 frames 576x1024", card, "original", [
+        HostStage("sampler (U-Net)", partial, 4 * GIB, "unsliced"), HostStage("VAE decode", whole, GIB, "in parts")])
+    assert partial.resident_bytes == 2 * GIB and partial.streamed_share == pytest.approx(1 / 3)
+    assert fits.fits and not over.fits and over.deciding.name == "sampler (U-Net)"
+    table = format_card_markdown([fits, over])
+    assert "| SVD-XT 25 frames 576x1024 | streamlined | yes | sampler (U-Net): 5.00 / 5.50 | k<=2 frames | by groups " \
+           "| sampler 33% |" in table
+    assert "| original | **no** | sampler (U-Net): 7.00 / 5.50 |" in table and "6 GB, Linux, desktop 0.0 GiB" in table

@@ -48,10 +48,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                       help="instead: every stage of each model's workflow (encoders, U-Net with guidance, VAE decode), "
                            "original and streamlined, the pipeline's peak beside the paper's and the smallest card it "
                            "should fit (default resolution: 576x1024; --model chooses the workflows)")
-    sim.add_argument("--card", type=_card_gb, default=None, metavar="GB",
-                     help="with --pipeline: whether each workflow fits a card of this many GB, loaded as ComfyUI loads "
-                          "it (part of the weights streamed on a small card): the stage that decides, the slicing, the "
-                          "share of weights streamed (default: the smallest card of each workflow, both views)")
+    sim.add_argument("--card", type=_cards_gb, default=None, metavar="GB[,GB...]",
+                     help="with --pipeline: whether each workflow fits a card of this many GB (comma-separated: several "
+                          "cards), loaded as ComfyUI loads it (part of the weights streamed on a small card): the stage "
+                          "that decides, the slicing, the share of weights streamed (default: the smallest card of each "
+                          "workflow, both views)")
     sim.add_argument("--system", choices=("linux", "windows"), default="linux",
                      help="with --card: the host's system (ComfyUI keeps 400 MiB free on Linux, 600 MiB on Windows; "
                           "default: linux)")
@@ -78,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
         if args.frames is not None or args.batch != 2:
             args.parser.error("argument --pipeline: each workflow runs its own frame count with guidance; "
                               "--frames and --batch are for the U-Net table")
-        card = _card(args) if args.card is not None else None  # refused before anything is built
+        cards = _cards(args) if args.card is not None else None  # refused before anything is built
         rows = []
         for height, width in args.resolution or ((576, 1024),):
             rows += pipeline_rows(args.model, height, width, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        if card is not None:
-            return _on_card(args, card, rows)
+        if cards is not None:
+            return _on_cards(args, cards, rows)
         print(json.dumps([r.as_dict() for r in rows], indent=2) if args.json else pipeline_markdown(rows),
               end="\n" if args.json else "")
     elif args.decode:
@@ -113,14 +114,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _card_gb(text: str) -> float:
-    try:
-        gb = float(text)
-    except ValueError:
-        gb = -1.0
-    if not 1 <= gb <= 1024:
-        raise argparse.ArgumentTypeError(f"expected a card's memory in GB between 1 and 1024 (e.g. 6 or 11), got {text!r}")
-    return gb
+def _cards_gb(text: str) -> tuple[float, ...]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            gb = float(part)
+        except ValueError:
+            gb = -1.0
+        if not 1 <= gb <= 1024:
+            raise argparse.ArgumentTypeError(f"expected a card's memory in GB between 1 and 1024 (e.g. 6, or 6,8,12 for "
+                                             f"several cards), got {part!r}")
+        sizes.append(gb)
+    return tuple(sizes)
 
 
 def _desktop_gb(text: str) -> float:
@@ -133,24 +138,25 @@ def _desktop_gb(text: str) -> float:
     return gb
 
 
-def _card(args: argparse.Namespace):
-    """The card ``--card``, ``--system`` and ``--desktop-gb`` describe."""
+def _cards(args: argparse.Namespace) -> list:
+    """The cards ``--card``, ``--system`` and ``--desktop-gb`` describe."""
     from ..sim.host_memory import GIB, Card
 
-    card = Card(args.card, args.system, int(args.desktop_gb * GIB))
-    if card.free_bytes <= 0:
-        args.parser.error(f"argument --desktop-gb: {args.desktop_gb:g} GB and the CUDA context leave nothing of a "
-                          f"{args.card:g} GB card")
-    return card
+    cards = [Card(gb, args.system, int(args.desktop_gb * GIB)) for gb in args.card]
+    for card in cards:
+        if card.free_bytes <= 0:
+            args.parser.error(f"argument --desktop-gb: {args.desktop_gb:g} GB and the CUDA context leave nothing of a "
+                              f"{card.gb:g} GB card")
+    return cards
 
 
-def _on_card(args: argparse.Namespace, card, rows: list) -> int:
-    """``simulate --pipeline --card N``: each workflow, original and streamlined, on that card."""
+def _on_cards(args: argparse.Namespace, cards: list, rows: list) -> int:
+    """``simulate --pipeline --card N``: each workflow, original and streamlined, on each card."""
     from ..sim.cards import VARIANTS, format_card_markdown
 
-    predictions = [r.host.predict(card, variant) for r in rows for variant in VARIANTS]
+    predictions = [[r.host.predict(card, variant) for r in rows for variant in VARIANTS] for card in cards]
     if args.json:
-        print(json.dumps([p.as_dict() for p in predictions], indent=2))
+        print(json.dumps([p.as_dict() for on_card in predictions for p in on_card], indent=2))
     else:
-        print(format_card_markdown(predictions), end="")
+        print("\n".join(format_card_markdown(on_card) for on_card in predictions), end="")
     return 0

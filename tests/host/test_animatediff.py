@@ -169,17 +169,29 @@ def test_a_run_that_raises_inside_a_cross_frame_slice_restores_everything(pack, 
     assert_nothing_left(sd15_patcher)
 
 
-def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, ade, motion_models, sd15_patcher, monkeypatch):
+@pytest.mark.parametrize("version, frames, freeu", [("v2", 5, False), ("v1", 3, True)], ids=["v2", "v1_cross_frame_freeu"])
+def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, ade, motion_models, sd15_patcher, monkeypatch,
+                                                                         version, frames, freeu):
+    """Each output block's first layer concatenates per slice (under ADE's cross-frame norms too), after
+    FreeU's output block patch has seen the feature and the skip."""
     import sys
 
     packs_comfy_unet = sys.modules[pack.NODE_CLASS_MAPPINGS["StreamlineModel"].__module__].comfy_unet
     monkeypatch.setattr(packs_comfy_unet, "KNOWN_FORWARDS", {})  # as on a ComfyUI version released after this pack
-    reference = ksample(evolved(ade, sd15_patcher, motion_models["v2"]), 5)
-    (patched,) = node(pack).patch(evolved(ade, sd15_patcher, motion_models["v2"]), "upper bound", 3, 0.0, "all")
+    handed = []
+    fused = packs_comfy_unet._fused_first
+    monkeypatch.setattr(packs_comfy_unet, "_fused_first", lambda runner, name, *rest: handed.append(name) or fused(runner, name, *rest))
+    base = free_u(sd15_patcher) if freeu else sd15_patcher
+    reference = ksample(evolved(ade, base, motion_models[version]), frames)
+    (patched,) = node(pack).patch(evolved(ade, base, motion_models[version]), "upper bound", 3, 0.0, "all")
     assert patched.object_patches["diffusion_model._forward"].adapter.forward is packs_comfy_unet.module_level_forward
-    check = probe(patched, fallback_captures=True)
-    out = ksample(patched, 5)
+    coverage = Coverage()
+    check = probe(patched, coverage, fallback_captures=True)
+    out = ksample(patched, frames)
     assert max(check.errors) <= STEP_TOL and rel(out, reference) <= LATENT_TOL
+    assert all(c["cross_frame"] for c in check.calls) == (version == "v1")
+    assert {f"output_blocks.{i}.0" for i in range(12)} <= set(handed)
+    assert {f"output_blocks.{i}.0" for i in range(12)} <= set(coverage.sliced)
     assert check.captures_compared >= 50  # the fallback's captures equal the stage loop's at every cut
     assert_nothing_left(sd15_patcher)
 

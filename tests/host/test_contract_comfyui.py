@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced, same_state
+from contract import TOL, Coverage, Subject, check_cuts, check_per_slice_statistics_fail, check_sliced, forced, same_state
 
 from streamlined_core import streamline
 from streamlined_core.engine.arch import comfy_unet, cut_points
@@ -230,3 +230,89 @@ def test_streamline_patches_the_instance_and_removes_cleanly(model):
         assert "_forward" not in model.__dict__ and handle._removed
         assert torch.equal(model(*args, **kwargs), reference)
     assert ((out - reference).abs().max() / reference.abs().max()).item() <= TOL
+
+
+# -- the module-level fallback sliced: the host's own loop, each concatenation handed to its first layer --
+
+# one frame on a non-square latent; odd frames on an odd latent (the upsampler follows output_shape);
+# a batch of three on a 3x9 latent; with 3 and 7 slices most slices are uneven
+FALLBACK_CASES = [(shape, k) for shape in [(1, 1, 32, 96), (2, 13, 40, 56), (3, 5, 24, 72)] for k in (3, 7, 10_000)]
+
+
+def handed_over(monkeypatch, wrong: bool = False) -> list[str]:
+    """Record which layers ran on a handed-over feature and skip (``wrong``: pair each slice of the feature
+    with another frame's skip, the mistake a per-slice concatenation can make)."""
+    calls = []
+    fused = comfy_unet._fused_first
+
+    def recording(runner, name, layer, h, skip, *rest):
+        calls.append(name)
+        return fused(runner, name, layer, h, skip.roll(1, 0) if wrong else skip, *rest)
+
+    monkeypatch.setattr(comfy_unet, "_fused_first", recording)
+    return calls
+
+
+@pytest.mark.parametrize("shape, slices", FALLBACK_CASES, ids=lambda v: "b{}_t{}_{}x{}".format(*v) if isinstance(v, tuple) else str(v))
+def test_module_level_fallback_sliced_equals_the_hosts_own_loop(model, monkeypatch, shape, slices):
+    """No output block's concatenation exists whole: each first layer concatenates per slice."""
+    calls, coverage = handed_over(monkeypatch), Coverage()
+    assert check_sliced(subject(model, shape, forward=comfy_unet.module_level_forward), slices, coverage) <= TOL
+    assert calls == [f"output_blocks.{i}.0" for i in range(len(model.output_blocks))]
+    assert coverage.seen and not coverage.never_sliced()
+    assert not [name for name, mod in model.named_modules() if "forward" in mod.__dict__]
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_module_level_fallback_sliced_holds_every_hook_of_the_host(model, monkeypatch, slices):
+    """Output block patches (FreeU-style, one writing into the feature in place) see the feature and the
+    skip before the hand-over; control, input block and emb patches as in the host's loop."""
+    shape = (2, 3, 64, 64)
+    plain = hooks(shape[0] * shape[1])[0]
+
+    def extras():
+        options, control = plain()
+
+        def in_place(h, hsp, opts):
+            h[:, : h.shape[1] // 2] *= 1.2
+            return h, hsp
+        options["patches"]["output_block_patch"] = [in_place, *options["patches"]["output_block_patch"]]
+        return options, control
+
+    calls = handed_over(monkeypatch)
+    s = subject(model, shape, extras, forward=comfy_unet.module_level_forward)
+    assert check_sliced(s, slices) <= TOL
+    assert len(calls) == len(model.output_blocks)
+    args, kwargs = configs.comfy_svd_inputs(model, *shape)
+    options, control = extras()
+    patches, lists = options["patches"], {k: list(v) for k, v in options["patches"].items()}
+    bare = {}
+    with torch.no_grad():  # the caller's options come back as they were
+        comfy_unet.module_level_forward(model, forced(slices), *args, control=control, transformer_options=options, **kwargs)
+        comfy_unet.module_level_forward(model, forced(slices), *args, transformer_options=bare, **kwargs)
+    assert options["patches"] is patches and {k: list(v) for k, v in patches.items()} == lists
+    assert "patches" not in bare
+
+
+def test_module_level_fallback_with_skips_paired_to_the_wrong_frames_fails_the_same_comparison(model, monkeypatch):
+    handed_over(monkeypatch, wrong=True)
+    assert check_sliced(subject(model, (2, 13, 40, 56), forward=comfy_unet.module_level_forward), 3) > 10 * TOL
+
+
+def test_module_level_fallback_leaves_the_concatenation_to_the_host_when_the_first_layer_is_not_its_own(model, monkeypatch):
+    """A first layer another library replaced: the host concatenates and calls it, as before."""
+    calls = handed_over(monkeypatch)
+    first = model.output_blocks[1][0]
+    seen = []
+
+    def replaced(x, emb, *args):  # what a library patching this instance would install
+        seen.append(x.shape[1])
+        return type(first).forward(first, x, emb, *args)
+
+    first.forward = replaced
+    try:
+        assert check_sliced(subject(model, (2, 3, 64, 64), forward=comfy_unet.module_level_forward), 3) <= TOL
+    finally:
+        del first.forward
+    assert calls == [f"output_blocks.{i}.0" for i in range(len(model.output_blocks)) if i != 1]
+    assert seen and set(seen) == {first.channels}  # the whole concatenation, twice (reference, engine)

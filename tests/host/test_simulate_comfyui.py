@@ -13,7 +13,7 @@ from readme import generated_block
 from streamlined_core.engine.arch import adapter_for, skip_floor_bytes, traced_skips
 from streamlined_core.engine.memory import GIB
 from streamlined_core.tools import configs
-from streamlined_core.tools.sim.unet import format_markdown, measure_call, simulate
+from streamlined_core.tools.sim.unet import MODULE_LEVEL, format_markdown, measure_call, simulate
 
 SHAPES = [(2, 3, 64, 64), (1, 1, 32, 96), (2, 5, 48, 80)]
 
@@ -86,11 +86,27 @@ def test_comfyui_animatediff_evolved_original_agrees_with_diffusers_animatediff(
         assert comfy.peak_bytes == pytest.approx(diffusers.peak_bytes, rel=0.05)
 
 
-def test_the_module_level_fallback_is_reported_and_saves_most_of_the_memory(all_rows):
+def test_the_module_level_fallback_is_reported_and_reaches_1_5x_the_skip_floor(all_rows):
+    """What a ComfyUI version the stage loop does not recognise gets: the owned loop's target too."""
     rows = [r for r in all_rows if r.implementation == "comfyui" and "module-level" in r.variant]
     assert {(r.model, r.height) for r in rows} == {(m, h) for m in ("svd", "svd-xt", "animatediff") for h in (512, 576)}
     for r in rows:
-        assert r.skip_floor_bytes < r.peak_bytes <= 0.35 * r.original_peak_bytes, (r.model, r.height, r.x_floor)
+        assert r.skip_floor_bytes < r.peak_bytes <= 1.5 * r.skip_floor_bytes, (r.model, r.height, r.x_floor)
+        assert r.peak_bytes <= 0.35 * r.original_peak_bytes, (r.model, r.height, r.x_floor)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 128, 192), (2, 3, 104, 136)], ids=lambda s: "b{}_t{}_{}x{}".format(*s))
+def test_the_module_level_plan_reaches_1_5x_the_skip_floor_on_a_small_latent(comfyui, shape):
+    """Full-width SVD, a small latent, on meta. Were the host to concatenate each output block's input
+    whole (and hold it through the block), the least reachable peak would be about 2x the floor here."""
+    unet = MODULE_LEVEL.apply(configs.build_comfy_svd("meta", torch.float32))
+    try:
+        peak, _ = measure_call(unet, *configs.comfy_svd_inputs(unet, *shape))
+        plan = unet._streamline_handle.last_plan
+    finally:
+        MODULE_LEVEL.revert(unet)
+    assert plan.predicted_peak_bytes == peak <= 1.5 * plan.skip_floor_bytes, plan.table()
+    assert plan.sliced_groups
 
 
 def test_readme_tables_comfyui_rows_are_the_ones_the_command_prints(all_rows):

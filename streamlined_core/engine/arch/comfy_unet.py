@@ -440,6 +440,7 @@ def _fused_first(runner, name, layer, h, skip, pending, c, host, output_shape):
     if isinstance(layer, host.VideoResBlock):
         spatial = lambda hs, rs, es: host.ResBlock.forward(layer, cat(hs, rs), es)  # noqa: E731
         h = slicing.frames_group(runner, f"{name}.spatial", spatial, [h, skip], [c.emb])
+        skip = None  # free for the temporal group where the caller holds no other reference (module level)
         return _video_resblock_temporal(runner, f"{name}.temporal", layer, h, c)
     if isinstance(layer, host.TimestepBlock):
         return _frames(runner, name, lambda hs, rs, es: layer(cat(hs, rs), es), [h, skip], [c.emb], c, _group_norms(layer))
@@ -458,9 +459,13 @@ def streamlined_forward(model: nn.Module, runner: Runner, x, timesteps=None, con
 # -- module level: the host's own loop, each layer's forward replaced for the call ------------
 #
 # For host versions whose ``_forward`` the stage loop does not reproduce. Each layer runs sliced as
-# above, but the skip concatenations and upsamplers run whole, so the peak is higher. Captures work
-# (recorded through the installed forwards); running from a cut does not: the host's loop cannot be
-# entered part way.
+# above, upsamplers as groups of their own (their output exists whole). The skip concatenation does not:
+# a last ``output_block_patch`` entry takes the feature and the skip the host is about to concatenate
+# and hands it empty tensors (zero channels) instead, so the host's ``torch.cat`` allocates nothing and
+# the tensor it holds for the whole block is empty; the block's first layer, receiving that, runs on the
+# feature and the skip concatenated per slice, as in the stage loop. A host that calls no such patch
+# concatenates as before. Captures work (recorded through the installed forwards); running from a cut
+# does not: the host's loop cannot be entered part way.
 
 
 def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, context=None, y=None, control=None,
@@ -478,6 +483,21 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
     cross = comfy_ade.cross_frame_length(model)
     installed: list[nn.Module] = []
     recorder = _CaptureRecorder(model, request) if request is not None and request.capture else None
+    handed: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}  # first layer -> (feature, skip)
+
+    def hand_over(h: torch.Tensor, hsp: torch.Tensor, opts: dict):
+        """The last output block patch: keep what the host would concatenate for the block's first layer."""
+        block = opts.get("block")
+        if not (isinstance(block, (tuple, list)) and len(block) == 2 and block[0] == "output"
+                and isinstance(block[1], int) and 0 <= block[1] < len(model.output_blocks)):
+            return h, hsp
+        first = model.output_blocks[block[1]][0]
+        if (first not in installed or not isinstance(first, host.TimestepBlock) or h.dim() != hsp.dim()
+                or h.shape[0] != hsp.shape[0] or h.shape[2:] != hsp.shape[2:] or h.shape[1] == 0):
+            return h, hsp
+        handed[first] = (h, hsp)
+        empty = h.new_empty((h.shape[0], 0, *h.shape[2:]))
+        return empty, empty
 
     def install(layer: nn.Module, run) -> None:
         if "forward" in layer.__dict__:
@@ -507,7 +527,12 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
             opts = a.get("transformer_options")
             c = Call(a.get("emb"), a.get("context", a.get("encoder_hidden_states")), opts if opts is not None else {},
                      a.get("time_context"), frames, h.shape[0] // frames, a.get("image_only_indicator"), cross)
-            if comfy_ade.is_motion_module(layer):
+            kept = list(handed.pop(layer, ()))  # a host that ignored the empty pair passes the concatenation
+            if kept and h.shape[1] == 0:
+                # the host concatenated the empty pair: concatenate per slice here; popped into the call,
+                # so that only the callee holds the feature and the skip and frees them once consumed
+                out = _fused_first(runner, name, layer, kept.pop(0), kept.pop(0), None, c, host, a.get("output_shape"))
+            elif comfy_ade.is_motion_module(layer):
                 if a.get("attention_mask") is not None:
                     out = layer(*args, **kw)
                 else:
@@ -542,9 +567,18 @@ def module_level_forward(model: nn.Module, runner: Runner, x, timesteps=None, co
     install(head, run_head)
     if recorder is not None:
         transformer_options = recorder.options(transformer_options)
+    had_patches, patches = "patches" in transformer_options, transformer_options.get("patches")
+    ours = dict(patches or {})
+    ours["output_block_patch"] = [*ours.get("output_block_patch", []), hand_over]
+    transformer_options["patches"] = ours  # the call's own options dict; the caller's as it was in finally
     try:
         return type(model)._forward(model, x, timesteps, context, y, control, transformer_options, **kwargs)
     finally:
+        if had_patches:
+            transformer_options["patches"] = patches
+        else:
+            transformer_options.pop("patches", None)
+        handed.clear()
         for layer in installed:
             layer.__dict__.pop("forward", None)
 

@@ -349,9 +349,8 @@ class Streamliner:
         key = (_shape_key(arguments), variant)
         if key not in self._planners:
             adapter = self.adapter
-            if self._structure is None or self._structure[0] != variant:  # once per engine, as its replica
-                self._structure = (variant, structure_key(self.unet))
-            shared = (self._structure[1], adapter.slot, adapter.forward, adapter.floor, adapter.floor_name, key)
+            # the model as it is now (a host may have hooked or patched it since an earlier shape was planned)
+            shared = (structure_key(self.unet), adapter.slot, adapter.forward, adapter.floor, adapter.floor_name, key)
             measurements = PLANS.get(shared)
             meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count
             if measurements is None:
@@ -364,23 +363,20 @@ class Streamliner:
             else:
                 weights, floor = measurements.weights_bytes, measurements.skip_floor_bytes
 
-            def run(runner: Runner) -> Any:  # inside the planner's session: SDPA on the replica
-                return adapter.forward(self._replica(variant), runner, **fresh_containers(meta_arguments))
+            replica: list[nn.Module] = []  # made at the planner's first run: none where every run is known
 
-            planner = Planner(run, weights, floor, adapter.floor_name, measurements=measurements,
-                              session=lambda: sdpa_on_meta(self._replica(variant)))  # never a host's attention on meta
+            def session() -> Any:  # around the runs of one planner call: never a host's attention on meta
+                if not replica:
+                    replica.append(meta_replica(self.unet))
+                return sdpa_on_meta(replica[0])
+
+            def run(runner: Runner) -> Any:  # inside the session
+                return adapter.forward(replica[0], runner, **fresh_containers(meta_arguments))
+
+            planner = Planner(run, weights, floor, adapter.floor_name, measurements=measurements, session=session)
             PLANS.put(shared, planner.measurements)
             self._planners[key] = planner
         return self._planners[key]
-
-    def _replica(self, variant: Any) -> nn.Module:
-        """The weightless meta replica this engine's planners run (one per variant, made at the first run)."""
-        if self._replica_of is None or self._replica_of[0] != variant:
-            self._replica_of = (variant, meta_replica(self.unet))
-        return self._replica_of[1]
-
-    _replica_of: tuple[Any, nn.Module] | None = None
-    _structure: tuple[Any, str] | None = None
 
     def _activation_budget(self, device: torch.device) -> int | None:
         weights = weights_bytes(self.unet)

@@ -272,26 +272,12 @@ class _CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         t = self.tracker
-        if t._paused or _is_view(func):
+        if t._paused:
             return func(*args, **kwargs)
         fresh = [False]
         out = META_KERNELS.call(func, args, kwargs, fresh)
         t._record_outputs(out, (args, kwargs), fresh=fresh[0])
         return out
-
-
-_VIEWS: dict[Any, bool] = {}  # op -> its schema declares every output an alias and no write
-
-
-def _is_view(func) -> bool:
-    """Whether ``func`` only makes views (half a sliced U-Net's ops), skipped exactly: a view's storage is an
-    input's, counted or older than the region, so no peak moves (and every peak is raised after a sweep)."""
-    view = _VIEWS.get(func)
-    if view is None:
-        schema = getattr(func, "_schema", None)
-        view = _VIEWS[func] = bool(schema is not None and not schema.is_mutable and schema.returns and all(
-            r.alias_info is not None and not r.alias_info.is_write for r in schema.returns))
-    return view
 
 
 meta_kernels.TRACKER_MODES = (_CountingMode,)

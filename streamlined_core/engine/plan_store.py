@@ -47,8 +47,11 @@ class PlanStore:
 # streamline() on the same model, plans a shape it has seen without a run.
 PLANS = PlanStore()
 
+# Not structure: the module's tensors and children (described apart), the engine's own patches, and ComfyUI's
+# note of which weights it patched (the forward never reads it).
 _SKIPPED_ATTRIBUTES = {"_parameters", "_buffers", "_modules", "_forward", "forward", "_old_forward", "_hf_hook",
-                       "_streamline_handle", "_streamline_rehash"}
+                       "_streamline_handle", "_streamline_rehash", "comfy_patched_weights"}
+_ABSENT = object()
 
 
 def _described(value: Any, depth: int = 0) -> Any:
@@ -73,7 +76,9 @@ def structure_key(model: nn.Module) -> str:
     buffer's shape and dtype. Weights' values, and the engine's own patches on the model, are left out."""
     digest = hashlib.sha256()
     for name, module in model.named_modules():
-        attributes = tuple((k, _described(v)) for k, v in sorted(vars(module).items()) if k not in _SKIPPED_ATTRIBUTES)
+        cls = type(module)  # an instance attribute equal to its class's (ComfyUI's loaded ``weight_function = []``) is that
+        attributes = tuple((k, d) for k, v in sorted(vars(module).items()) if k not in _SKIPPED_ATTRIBUTES
+                           for d in [_described(v)] if d != _described(getattr(cls, k, _ABSENT)))
         tensors = tuple((k, _described(t)) for k, t in (*module._parameters.items(), *module._buffers.items()))
         digest.update(repr((name, type(module).__module__, type(module).__qualname__, attributes, tensors)).encode())
     return digest.hexdigest()

@@ -135,17 +135,15 @@ def test_the_store_keeps_the_shapes_used_last():
     assert store.get("b") is None and store.get("a") == 1 and store.get("c") == 3 and len(store) == 2
 
 
-def test_skipping_views_and_fresh_outputs_in_the_tracker_changes_no_figure(runs, monkeypatch):
-    """The tracker skips ops that only make views and looks up no input for outputs the meta kernel cache
-    made: the plan, every group's figure and the peak are those of counting every op in full."""
+def test_outputs_the_meta_kernel_cache_made_are_counted_as_every_kernels_are(runs, monkeypatch):
+    """The tracker looks up no input storages for outputs the meta kernel cache made (new storages): the
+    plan, every group's figure and the peak are those of running every kernel."""
     from streamlined_core.engine import memory
 
     model = svd()
-    budget = None
-    fast = fresh_plan(model, budget)
-    monkeypatch.setattr(memory, "_is_view", lambda func: False)
-    monkeypatch.setattr(memory.META_KERNELS, "enabled", False)  # every kernel runs: no fresh outputs
-    slow = fresh_plan(model, budget)
+    fast = fresh_plan(model)
+    monkeypatch.setattr(memory.META_KERNELS, "enabled", False)  # every kernel runs: no cache-made outputs
+    slow = fresh_plan(model)
     assert [(g.name, g.slices, g.mode, g.predicted_bytes) for g in slow.groups] == \
         [(g.name, g.slices, g.mode, g.predicted_bytes) for g in fast.groups]
     assert slow.predicted_peak_bytes == fast.predicted_peak_bytes

@@ -21,6 +21,7 @@ import inspect
 import logging
 import time
 import warnings
+from dataclasses import replace
 from typing import Any, Callable, Literal
 
 import torch
@@ -32,6 +33,7 @@ from .checks import amount, check_budget, check_hooks, check_slices, check_weigh
 from .context import Controller, ControllerCall, RunContext, current, run_context
 from .memory import GIB, size_text, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
+from .plan_store import PLANS, structure_key
 from .slicing import Runner
 from .stages import StageRequest
 
@@ -269,14 +271,17 @@ class Streamliner:
                      tuple(sample.shape))
             try:
                 with suspend_tracking():
-                    plan = self._plans[key] = self._new_plan(arguments, budget)
+                    plan = self._new_plan(arguments, budget)
             except ValueError as e:
                 if not reserved or budget is None:
                     raise
                 raise ValueError(f"{e} (the budget given to the plan is net of {reserved / GIB:.2f} GiB kept for "
                                  f"Step Rehash's cached feature)") from None
-            log.info("streamline: planned in %.1f s: %s, predicted activation peak %.2f GiB",
-                     time.perf_counter() - start, plan.describe(), plan.predicted_peak_bytes / GIB)
+            plan = self._plans[key] = replace(plan, seconds=time.perf_counter() - start)
+            runs = self._planner(arguments).runs
+            log.info("streamline: planned in %.1f s (%s): %s, predicted activation peak %.2f GiB", plan.seconds,
+                     f"{runs} meta run{'s' * (runs != 1)}" if runs else "measurements reused",
+                     plan.describe(), plan.predicted_peak_bytes / GIB)
         return self._plans[key]
 
     def _budget_plan(self, arguments: dict[str, Any], activation_budget: int, source: str) -> Plan:
@@ -335,21 +340,39 @@ class Streamliner:
         return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:
-        key = (_shape_key(arguments), self.adapter.variant(self.unet))
+        """The planner of this call shape: this engine's, else one on the measurements any engine made for a
+        model of the same structure and this shape (``PLANS``), else one that measures on a meta replica."""
+        variant = self.adapter.variant(self.unet)
+        key = (_shape_key(arguments), variant)
         if key not in self._planners:
-            replica = meta_replica(self.unet)
+            adapter = self.adapter
+            # the model as it is now (a host may have hooked or patched it since an earlier shape was planned)
+            shared = (structure_key(self.unet), adapter.slot, adapter.forward, adapter.floor, adapter.floor_name, key)
+            measurements = PLANS.get(shared)
             meta_arguments = to_meta(arguments)  # made outside the measured runs: inputs never count
-            batch, frames, h, w = self.adapter.call_shape(arguments)
-            weights = weights_bytes(self.unet)
-            if self.adapter.floor is not None:
-                floor = self.adapter.floor(self.unet, arguments)
+            if measurements is None:
+                weights = weights_bytes(self.unet)
+                batch, frames, h, w = adapter.call_shape(arguments)
+                if adapter.floor is not None:
+                    floor = adapter.floor(self.unet, arguments)
+                else:
+                    floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[adapter.sample].dtype)
             else:
-                floor = skip_floor_bytes(self.unet, batch * frames, h, w, arguments[self.adapter.sample].dtype)
-            def run(runner: Runner) -> Any:
-                with sdpa_on_meta(replica):  # never a host's attention backend on meta
-                    return self.adapter.forward(replica, runner, **fresh_containers(meta_arguments))
+                weights, floor = measurements.weights_bytes, measurements.skip_floor_bytes
 
-            self._planners[key] = Planner(run, weights, floor, self.adapter.floor_name)
+            replica: list[nn.Module] = []  # made at the planner's first run: none where every run is known
+
+            def session() -> Any:  # around the runs of one planner call: never a host's attention on meta
+                if not replica:
+                    replica.append(meta_replica(self.unet))
+                return sdpa_on_meta(replica[0])
+
+            def run(runner: Runner) -> Any:  # inside the session
+                return adapter.forward(replica[0], runner, **fresh_containers(meta_arguments))
+
+            planner = Planner(run, weights, floor, adapter.floor_name, measurements=measurements, session=session)
+            PLANS.put(shared, planner.measurements)
+            self._planners[key] = planner
         return self._planners[key]
 
     def _activation_budget(self, device: torch.device) -> int | None:

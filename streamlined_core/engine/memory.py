@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
-from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import meta_kernels
+from .meta_kernels import META_KERNELS, MetaKernelCache, input_keys, storage_of, tensors_in  # noqa: F401 (their home was here)
 
 GIB = 1024**3
 
@@ -54,39 +56,6 @@ class _Live:
     ref: StorageWeakRef
     nbytes: int
     device: str
-
-
-def _storage(t: torch.Tensor):
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, nested, functional wrappers
-        return None
-
-
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    """The tensors in an op's arguments or results: tensors, and lists, tuples and dicts of them."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    found: list[torch.Tensor] = []
-    _collect(tree, found)
-    return found
-
-
-def _collect(tree: Any, found: list[torch.Tensor]) -> None:
-    # aten ops take and return tensors, scalars and (nested) lists and tuples of them; pytree's general
-    # flatten costs several times this per op, and the tracker runs it twice for every op.
-    if isinstance(tree, torch.Tensor):
-        found.append(tree)
-    elif isinstance(tree, (list, tuple)):
-        for x in tree:
-            _collect(x, found)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            _collect(x, found)
-    elif not isinstance(tree, (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
-                               torch.memory_format, slice)):
-        leaves, _ = tree_flatten(tree)  # anything else pytree knows
-        found.extend(x for x in leaves if isinstance(x, torch.Tensor))
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -198,12 +167,13 @@ class MemoryTracker:
         return self.devices is None or device.type in self.devices
 
     def _record_outputs(self, out: Any, inputs: Any, transient: int = 0,
-                        transient_device: str | None = None) -> None:
-        input_keys: set[int] | None = None  # built only when an output's storage is not tracked yet
-        for t in _tensors(out):
+                        transient_device: str | None = None, fresh: bool = False) -> None:
+        # built only when an output's storage is not tracked yet; ``fresh`` ones (cache-made) are no input's
+        input_keys: set[int] | None = set() if fresh else None
+        for t in tensors_in(out):
             if not self._counts(t.device):
                 continue
-            s = _storage(t)
+            s = storage_of(t)
             if s is None:
                 continue
             key = s._cdata
@@ -242,16 +212,7 @@ class MemoryTracker:
             if b > self.peak_bytes_by_device.get(dev, 0):
                 self.peak_bytes_by_device[dev] = b
 
-    @staticmethod
-    def _input_keys(inputs: tuple[Any, dict]) -> set[int]:
-        """Storage keys of the tensors among an op's ``(args, kwargs)``."""
-        args, kwargs = inputs
-        keys = set()
-        for t in (*_tensors(args), *_tensors(kwargs)):
-            s = _storage(t)
-            if s is not None:
-                keys.add(s._cdata)
-        return keys
+    _input_keys = staticmethod(input_keys)
 
     def _attention(self, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
         query = args[0] if args else kwargs["query"]
@@ -318,135 +279,13 @@ class _CountingMode(TorchDispatchMode):
         t = self.tracker
         if t._paused:
             return func(*args, **kwargs)
-        out = META_KERNELS.call(func, args, kwargs)
-        t._record_outputs(out, (args, kwargs))
+        fresh = [False]
+        out = META_KERNELS.call(func, args, kwargs, fresh)
+        t._record_outputs(out, (args, kwargs), fresh=fresh[0])
         return out
 
 
-class _Uncacheable(Exception):
-    pass
-
-
-_SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # subclasses with their own dispatch are never cached
-
-
-class MetaKernelCache:
-    """What a ``meta`` kernel returns depends only on its arguments' metadata: remember it.
-
-    Most meta kernels are Python (``torch._refs``, ``torch._meta_registrations``): about 250 us an op,
-    and a sliced U-Net's planning runs hundreds of thousands of ops, the same shapes slice after slice
-    and pass after pass. An op whose tensor arguments are all on ``meta`` and that neither mutates nor
-    returns a view (its schema says so) is run once per distinct key (the op, each tensor's shape,
-    strides and dtype, every other argument with its type, the default dtype); afterwards its outputs
-    are made directly with ``torch.empty_strided``. An output is remembered only where that gives the
-    same tensor: same shape, strides, dtype, a fresh storage of the same size. Views (declared, or
-    found sharing an argument's storage: such an op is never cached again), in-place and ``out=``
-    ops, ops given a generator object, tensor subclasses, sparse outputs, anything off ``meta``, and
-    every op while a dispatch mode other than a tracker's is active beneath always run their kernel.
-    ``hits`` and ``misses`` count what it did; ``clear()`` empties it, as does reaching
-    ``max_entries`` (a full-size SVD's planning makes a few thousand); with ``enabled`` false every op
-    runs its kernel.
-    """
-
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self.enabled = True
-        self.max_entries = max_entries
-        self._outputs: dict[tuple, Any] = {}
-        self._plain: dict[Any, bool] = {}  # op -> neither mutates nor aliases
-        self.hits = self.misses = 0
-
-    def clear(self) -> None:
-        self._outputs.clear()
-        self.hits = self.misses = 0
-
-    def call(self, func, args: tuple, kwargs: dict) -> Any:
-        if not self.enabled:
-            return func(*args, **kwargs)
-        plain = self._plain.get(func)
-        if plain is None:
-            schema = getattr(func, "_schema", None)
-            plain = self._plain[func] = schema is not None and not schema.is_mutable and all(
-                r.alias_info is None for r in schema.returns)
-        if not plain or not _only_trackers_below():
-            return func(*args, **kwargs)
-        try:
-            meta = [False]
-            key = (func, torch.get_default_dtype(), self._key(args, meta), self._key(kwargs, meta))
-        except _Uncacheable:
-            return func(*args, **kwargs)
-        if not meta[0]:
-            return func(*args, **kwargs)
-        spec = self._outputs.get(key)
-        if spec is not None:
-            self.hits += 1
-            return self._make(spec)
-        self.misses += 1
-        out = func(*args, **kwargs)
-        outputs = [_storage(t) for t in _tensors(out)]
-        if None in outputs:  # sparse, nested: nothing to remember
-            return out
-        keys = [st._cdata for st in outputs]
-        if not MemoryTracker._input_keys((args, kwargs)).isdisjoint(keys):
-            # A view its schema does not declare (``aten._unsafe_view``, for one): never cached.
-            self._plain[func] = False
-            return out
-        if len(set(keys)) != len(keys):  # outputs sharing a storage
-            return out
-        spec = self._spec(out)
-        if spec is not None:
-            if len(self._outputs) >= self.max_entries:
-                self._outputs.clear()  # a long-lived process planning ever new shapes starts over
-            self._outputs[key] = spec
-        return out
-
-    def _key(self, value: Any, meta: list) -> Any:
-        if isinstance(value, torch.Tensor):
-            if type(value) not in _PLAIN_TENSORS or value.device.type != "meta" or value.layout != torch.strided:
-                raise _Uncacheable
-            meta[0] = True
-            return ("t", tuple(value.shape), value.stride(), value.dtype)
-        if isinstance(value, _SCALARS):
-            return (type(value), value)
-        if isinstance(value, (list, tuple)):
-            return (type(value), tuple(self._key(v, meta) for v in value))
-        if isinstance(value, dict):
-            return tuple((k, self._key(v, meta)) for k, v in value.items())
-        raise _Uncacheable  # a generator, a SymInt, anything else
-
-    @staticmethod
-    def _spec(out: Any) -> Any:
-        if isinstance(out, torch.Tensor):
-            if (type(out) is not torch.Tensor or out.device.type != "meta" or out.layout != torch.strided
-                    or out.storage_offset() != 0 or out.requires_grad):
-                return None
-            shape, stride = tuple(out.shape), out.stride()
-            made = torch.empty_strided(shape, stride, dtype=out.dtype, device="meta")
-            if made.untyped_storage().nbytes() != out.untyped_storage().nbytes():
-                return None
-            return (shape, stride, out.dtype)
-        if isinstance(out, (tuple, list)) and out and all(isinstance(t, torch.Tensor) for t in out):
-            specs = [MetaKernelCache._spec(t) for t in out]
-            return None if None in specs else (type(out), specs)
-        return None
-
-    @staticmethod
-    def _make(spec: Any) -> Any:
-        if isinstance(spec[0], type):
-            kind, specs = spec
-            return kind(torch.empty_strided(s, st, dtype=d, device="meta") for s, st, d in specs)
-        shape, stride, dtype = spec
-        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-
-
-def _only_trackers_below() -> bool:
-    """Whether every dispatch mode under the current one is a tracker's: another mode (a FLOP counter,
-    for one) must see each real op, never an ``empty_strided`` in its place."""
-    return all(isinstance(m, _CountingMode) for m in _get_current_dispatch_mode_stack())
-
-
-# The planner, the simulator and every op-level tracker share one cache.
-META_KERNELS = MetaKernelCache()
+meta_kernels.TRACKER_MODES = (_CountingMode,)
 
 
 class _AttentionMode(TorchFunctionMode):
@@ -459,7 +298,6 @@ class _AttentionMode(TorchFunctionMode):
         if func in _SDPA_FUNCTIONS and not self.tracker._paused:
             return self.tracker._attention(func, args, kwargs)
         return func(*args, **kwargs)
-
 
 
 class _CallCountingMode(TorchFunctionMode):

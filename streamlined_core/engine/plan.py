@@ -8,14 +8,22 @@ slices is the memory alive around it plus what one slice needs, linear in the sl
 slicing (keeping before recomputing) whose predicted peak fits the activation budget. The chosen
 plan is then measured once more, and each group's prediction is its measured peak; a group over
 the target is sliced further and the plan measured again (``VERIFY_ROUNDS``).
+
+Every run is a function of the slice count and mode it gives each group, so a planner keeps each
+run's measurement by those decisions (``Measurements``) and never runs the same decisions twice: a
+chosen plan whose decisions one of the four measurement runs made is not measured again, and a new
+budget for a known shape runs only decisions no earlier plan made. ``plan_store.PLANS`` keeps these
+measurements (data only, no model) by the model's structure and the call's shapes, so a second engine
+on the same model, or on a model built alike, plans a known shape without a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from torch import nn
@@ -62,6 +70,8 @@ class Plan:
     fits: bool = True
     floor_name: str = "skip floor"  # a U-Net's skip floor; a VAE decoder's output-level floor
     _by_name: dict[str, GroupPlan] = field(default_factory=dict, repr=False)
+    # Seconds the engine spent making this plan for its call (near 0 where a cached planner had it all).
+    seconds: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
         self._by_name = {g.name: g for g in self.groups}
@@ -152,22 +162,97 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
     return measured, outside, tracker.peak_bytes
 
 
+Decisions = frozenset  # of (group, length, slices, mode): what one run gave every group
+
+
+@dataclass
+class Measurements:
+    """What planning one call shape measured: the four measurement runs, folded per group (``groups``,
+    ``outside``), every run by its decisions, and every plan by its arguments. Data only (no model, no
+    closure), so it may outlive the engine that made it (``plan_store.PLANS``)."""
+
+    weights_bytes: int
+    skip_floor_bytes: int
+    floor_name: str = "skip floor"
+    groups: dict[str, _Measured] = field(default_factory=dict)
+    outside: int = 0
+    runs: dict[Decisions, tuple[dict[str, _Measured], int]] = field(default_factory=dict)
+    plans: dict[tuple, Plan] = field(default_factory=dict)
+
+
 class Planner:
-    """Plans one call shape from measurements of ``run(runner)`` on a meta replica."""
+    """Plans one call shape from measurements of ``run(runner)`` on a meta replica.
+
+    ``session()``, when given, is entered once around the runs one call makes (ComfyUI's attention
+    swapped for SDPA on the replica, for one). ``measurements`` from an earlier planner of the same
+    model and call shape replaces the four measurement runs; ``runs`` counts the runs this one made.
+    """
 
     def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int,
-                 floor_name: str = "skip floor") -> None:
+                 floor_name: str = "skip floor", session: Callable[[], ContextManager] | None = None,
+                 measurements: Measurements | None = None) -> None:
         self.run = run
-        self.weights_bytes = weights_bytes
-        self.skip_floor_bytes = skip_floor_bytes
-        self.floor_name = floor_name
-        self.groups: dict[str, _Measured] = {}
-        self.outside = 0
-        for k, mode in ((1, "keep"), (2, "keep"), (4, "keep"), (2, "recompute")):
-            measured, outside, _ = measure_groups(run, lambda _n, _a, _l, k=k, mode=mode: (k, mode))
-            self.outside = max(self.outside, outside)
-            for name, m in measured.items():
-                self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes, m.in_place, m.rows)).peaks.update(m.peaks)
+        self.session = session
+        self.runs = 0
+        self._stack: contextlib.ExitStack | None = None
+        self._in_session = False
+        fresh = measurements is None
+        self._adopt(measurements or Measurements(weights_bytes, skip_floor_bytes, floor_name))
+        if fresh:
+            with self._batch():
+                for k, mode in ((1, "keep"), (2, "keep"), (4, "keep"), (2, "recompute")):
+                    # a run whose clamped decisions an earlier one made (two slices recomputing where no
+                    # group recomputes) is that run again: it is not repeated
+                    measured, outside = self.measure(lambda _n, _a, _l, k=k, mode=mode: (k, mode))
+                    self.measurements.outside = max(self.measurements.outside, outside)
+                    for name, m in measured.items():
+                        self.groups.setdefault(
+                            name, _Measured(m.axis, m.length, m.modes, m.in_place, m.rows)).peaks.update(m.peaks)
+            self._adopt(self.measurements)
+
+    def _adopt(self, measurements: Measurements) -> None:
+        self.measurements = measurements
+        self.weights_bytes = measurements.weights_bytes
+        self.skip_floor_bytes = measurements.skip_floor_bytes
+        self.floor_name = measurements.floor_name
+        self.groups = measurements.groups
+        self.outside = measurements.outside
+
+    @contextlib.contextmanager
+    def _batch(self):
+        """The runs inside share one ``session``, entered at the first of them that actually runs."""
+        if self._stack is not None:
+            yield
+            return
+        self._stack, self._in_session = contextlib.ExitStack(), False
+        try:
+            with self._stack:
+                yield
+        finally:
+            self._stack = None
+
+    def _run(self, decide) -> tuple[dict[str, _Measured], int]:
+        if self._stack is not None and self.session is not None and not self._in_session:
+            self._stack.enter_context(self.session())
+            self._in_session = True
+        self.runs += 1
+        measured, outside, _ = measure_groups(self.run, decide)
+        return measured, outside
+
+    def measure(self, decide) -> tuple[dict[str, _Measured], int]:
+        """Each group's measured peak and the peak outside groups of a run by ``decide``; a run whose
+        decisions an earlier one made (for every group, as the runner clamps them) is not run again."""
+        decisions = frozenset((name, m.length, *_normalized(m, *decide(name, m.axis, m.length)))
+                              for name, m in self.groups.items())
+        known = self.measurements.runs.get(decisions) if self.groups else None
+        if known is not None:
+            return known
+        measured, outside = self._run(decide)
+        made = _decisions_of(measured)
+        if made is not None and (made == decisions or not self.groups):
+            # the first run sees the groups: until then no decisions are known to compare
+            self.measurements.runs.setdefault(made, (measured, outside))
+        return measured, outside
 
     def predict(self, name: str, slices: int, mode: Mode) -> int:
         """Predicted peak of group ``name`` with ``slices`` slices in ``mode``."""
@@ -208,6 +293,16 @@ class Planner:
         Without a budget every group runs ``max_slices`` slices (clamped to its axis). Groups that
         cannot fit get their least-peak option; ``Plan.fits`` says whether all fit.
         """
+        key = (activation_budget, max_slices, tuple(sorted(axes)))
+        known = self.measurements.plans.get(key)
+        if known is not None:
+            return known
+        with self._batch():
+            plan = self._plan(activation_budget, max_slices, axes)
+        self.measurements.plans[key] = plan
+        return plan
+
+    def _plan(self, activation_budget: int | None, max_slices: int | None, axes: Iterable[str]) -> Plan:
         chosen, fits = [], True
         target = activation_budget
         if activation_budget is not None:
@@ -245,7 +340,7 @@ class Planner:
         outside = self.outside
         for round_ in range(rounds + 1):
             plan = Plan(chosen, 0, self.weights_bytes, self.skip_floor_bytes)
-            measured, outside, _ = measure_groups(self.run, plan.decide)
+            measured, outside = self.measure(plan.decide)
             chosen = [replace(g, predicted_bytes=max(measured[g.name].peaks.values())) if g.name in measured else g
                       for g in chosen]
             if target is None or round_ == rounds:
@@ -284,6 +379,18 @@ class Planner:
                 if k <= kmax:
                     yield k, mode
             yield kmax, mode
+
+
+def _normalized(m: _Measured, slices: int, mode: Mode) -> tuple[int, Mode]:
+    """A decision as the runner applies it to group ``m``: slices clamped to its axis, a mode it has."""
+    return max(1, min(int(slices), m.length)), (mode if mode in m.modes else m.modes[0])
+
+
+def _decisions_of(measured: dict[str, _Measured]) -> Decisions | None:
+    """The decisions one run made, from what it measured (None where a group ran two ways)."""
+    if any(len(m.peaks) != 1 for m in measured.values()):
+        return None
+    return frozenset((name, m.length, *next(iter(m.peaks))) for name, m in measured.items())
 
 
 def _least_slices(m: _Measured, longest: int) -> int:

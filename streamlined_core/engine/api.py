@@ -300,14 +300,22 @@ class Streamliner:
         return self._plans[key]
 
     def _warn_short(self, arguments: dict[str, Any], budget: int, least_total: int, source: str) -> None:
+        self._warn_once(f"Streamline: {source}: {size_text(max(0, budget))} for activations, short of the least-memory "
+                        f"plan for input {tuple(arguments[self.adapter.sample].shape)} ({size_text(least_total)} with "
+                        f"the weights); planned for that plan")
+
+    def _warn_once(self, message: str) -> None:
+        """Say the device memory is short once per run, not once per call shape planned (ComfyUI's estimate plans
+        too): a warning callers can filter from the Python API, ComfyUI's log inside ComfyUI."""
         ctx = current()
         if ctx is not None and "device memory short" in ctx.warned:
             return
         if ctx is not None:
             ctx.warned.add("device memory short")
-        log.warning("Streamline: %s: %s for activations, short of the least-memory plan for input %s (%s with the "
-                    "weights); planned for that plan", source, size_text(max(0, budget)),
-                    tuple(arguments[self.adapter.sample].shape), size_text(least_total))
+        if self.budget_name == "budget_bytes":
+            warnings.warn(message, stacklevel=5)
+        else:
+            log.warning(message)
 
     def _new_plan(self, arguments: dict[str, Any], budget: int | None) -> Plan:
         planner = self._planner(arguments)
@@ -329,14 +337,7 @@ class Streamliner:
             message = (f"Streamline: the device's memory ({total / GIB:.2f} GiB) is short of the least reachable peak for "
                        f"input {tuple(arguments[self.adapter.sample].shape)}: {found}; planned for that peak, the host may "
                        f"offload weights")
-            ctx = current()  # once per run, not once per call shape planned (ComfyUI's estimate plans too)
-            if ctx is None or "device memory short" not in ctx.warned:
-                if ctx is not None:
-                    ctx.warned.add("device memory short")
-                if self.budget_name == "budget_bytes":  # the Python API: a warning callers can filter
-                    warnings.warn(message, stacklevel=4)
-                else:  # inside ComfyUI: its log
-                    log.warning(message)
+            self._warn_once(message)
         return plan
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:

@@ -120,7 +120,6 @@ class HostWorkflow:
         self.vae_inventory = Inventory.of(vae, fp32_modules=())
         self.stock_decode_peak, self.decode_inputs = stock_decode_peak, decode_inputs
         self._unet = Streamliner(unet, engine_adapter(unet), "auto", None)
-        self._decoder = vae.decoder
         self._decode = Streamliner(vae.decoder, engine_adapter(vae.decoder), "auto", None) if decode_inputs else None
         self._cache: dict[int, int] = {}
 

@@ -180,8 +180,7 @@ def svd_decode_stage(vae: nn.Module, frames: int, height: int, width: int, dtype
                  f"by groups ({plan.describe()})")
 
 
-def sd_decode_stage(frames: int, height: int, width: int, dtype: torch.dtype) -> Stage:
-    vae = configs.build_sd_vae(dtype=dtype)
+def sd_decode_stage(vae: nn.Module, frames: int, height: int, width: int, dtype: torch.dtype) -> Stage:
     decoder = nn.ModuleList([vae.decoder, vae.post_quant_conv])
     z = torch.empty(frames, 4, height // 8, width // 8, device="meta", dtype=dtype)
     original = _tracked(lambda: vae.decode(z))
@@ -193,27 +192,16 @@ def sd_decode_stage(frames: int, height: int, width: int, dtype: torch.dtype) ->
                  f"the least single-frame peak, by groups ({plan.describe()})")
 
 
-def _svd_stock_decode(vae: nn.Module, frames: int, height: int, width: int, dtype: torch.dtype) -> Callable[[int], int]:
-    """The stock decoder's peak on ``n`` frames as one clip (ComfyUI's VAE Decode decodes its parts so)."""
-    peaks: dict[int, int] = {}
+def _stock_decode(decode: Callable[[torch.Tensor], object], height: int, width: int, dtype: torch.dtype,
+                  measured: dict[int, int]) -> Callable[[int], int]:
+    """The stock decode's peak on ``n`` latent frames (ComfyUI's VAE Decode decodes its parts so), measured once
+    per ``n``; ``measured`` holds the peaks the stage table already measured."""
+    peaks = dict(measured)
 
     def peak(n: int) -> int:
         if n not in peaks:
             z = torch.empty(n, 4, height // 8, width // 8, device="meta", dtype=dtype)
-            ioi = torch.zeros(1, n, device="meta", dtype=dtype)
-            peaks[n] = _tracked(lambda: vae.decoder(z, image_only_indicator=ioi, num_frames=n))
-        return peaks[n]
-
-    return peak
-
-
-def _sd_stock_decode(vae: nn.Module, height: int, width: int, dtype: torch.dtype) -> Callable[[int], int]:
-    peaks: dict[int, int] = {}
-
-    def peak(n: int) -> int:
-        if n not in peaks:
-            z = torch.empty(n, 4, height // 8, width // 8, device="meta", dtype=dtype)
-            peaks[n] = _tracked(lambda: vae.decode(z))
+            peaks[n] = _tracked(lambda: decode(z))
         return peaks[n]
 
     return peak
@@ -244,9 +232,11 @@ def pipeline_rows(models=tuple(MODELS), height: int = 576, width: int = 1024, dt
             row.stages.append(stage)
             say(f"{label}: VAE decode")
             row.stages.append(svd_decode_stage(vae, frames, height, width, dtype))
-            stock_decode = _svd_stock_decode(vae, frames, height, width, dtype)
+            stock_decode = _stock_decode(lambda z, vae=vae: vae.decoder(z, image_only_indicator=torch.zeros(
+                1, len(z), device="meta", dtype=dtype), num_frames=len(z)), height, width, dtype,
+                {frames: row.stages[-1].original_peak_bytes})
 
-            def decode_inputs(vae=vae, frames=frames):
+            def decode_inputs(frames=frames):
                 z = torch.empty(frames, 4, height // 8, width // 8, device="meta", dtype=dtype)
                 return (z,), {"image_only_indicator": torch.zeros(1, frames, device="meta", dtype=dtype), "num_frames": frames}
         else:
@@ -258,9 +248,10 @@ def pipeline_rows(models=tuple(MODELS), height: int = 576, width: int = 1024, dt
             stage, unet, inputs, stock_peak = unet_stage(key, frames, height, width, dtype)
             row.stages.append(stage)
             say(f"{label}: VAE decode")
-            row.stages.append(sd_decode_stage(frames, height, width, dtype))
             vae = configs.build_sd_vae(dtype=dtype)
-            stock_decode, decode_inputs = _sd_stock_decode(vae, height, width, dtype), None
+            row.stages.append(sd_decode_stage(vae, frames, height, width, dtype))
+            stock_decode = _stock_decode(vae.decode, height, width, dtype, {frames: row.stages[-1].original_peak_bytes})
+            decode_inputs = None
         row.host = HostWorkflow(key, label, height, width, frames, encoders, unet, inputs, stock_peak, vae, stock_decode,
                                 decode_inputs)
         rows.append(row)

@@ -14,11 +14,14 @@ which holds configuration only.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
+
+import torch
 
 from ..streamlined_core.engine.api import Streamliner
 from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
-from ..streamlined_core.engine.context import run_context
+from ..streamlined_core.engine.context import current, run_context
 from ..streamlined_core.host.comfyui import free_for_activations, room_with_weights_resident
 
 KEY = "streamline"
@@ -65,19 +68,40 @@ class StreamlineOuter:
             )
 
     def _with_estimate(self, executor, *args: Any, **kwargs: Any) -> Any:
-        base_model = executor.class_obj.model_patcher.model
+        import comfy.patcher_extension as pe
+
+        guider = executor.class_obj
+        patcher = guider.model_patcher
+        base_model = patcher.model
         had_own = "memory_required" in base_model.__dict__
         previous = base_model.__dict__.get("memory_required")
         host_estimate = base_model.memory_required  # ours wraps whatever is there (another pack's too)
         engine = self.engine
+        latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        frames = latent.shape[0] if latent is not None and latent.dim() == 4 else None
+        dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+        preparing = [False]  # inside the sampler's prepare_sampling (its estimate before loading)
 
-        patcher = executor.class_obj.model_patcher
+        def prepare(prepare_executor, *a: Any, **k: Any) -> Any:
+            preparing[0] = True
+            try:
+                return prepare_executor(*a, **k)
+            finally:
+                preparing[0] = False
 
         def memory_required(input_shape, cond_shapes={}):
             estimate = host_estimate(input_shape, cond_shapes=cond_shapes)
             try:
-                arguments = comfy_unet.example_arguments(engine.unet, input_shape)
                 room = room_with_weights_resident(patcher.load_device, patcher.model_size())
+                if room is None and preparing[0]:
+                    # comfy.model_management.load_models_gpu frees and partially loads for devices other than
+                    # the CPU only: this estimate is not read, so it is not planned (the sampler's batching
+                    # estimate, next, is: it shares the calls' plan)
+                    _once("cpu estimate", "Streamline: on the CPU ComfyUI loads every weight whatever its memory "
+                                          "estimate: its estimate before loading is left as it is, unplanned")
+                    return estimate
+                arguments = self._example(input_shape, cond_shapes, guider, frames, sigmas, dtype)
                 if room is None or engine.budget_bytes is not None:  # the CPU, or a typed budget: scale the host's
                     return estimate * engine.memory_ratio(arguments)
                 # on a device: the smaller of the host's formula and the plan for the room every weight resident
@@ -88,13 +112,55 @@ class StreamlineOuter:
                 return estimate
 
         base_model.memory_required = memory_required
+        pe.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, prepare, guider.model_options, is_model_options=True)
         try:
             return executor(*args, **kwargs)
         finally:
+            wrappers = pe.get_wrappers_with_key(pe.WrappersMP.PREPARE_SAMPLING, KEY, guider.model_options,
+                                                is_model_options=True)
+            if prepare in wrappers:
+                wrappers.remove(prepare)
             if had_own:
                 base_model.memory_required = previous
             else:
                 base_model.__dict__.pop("memory_required", None)
+
+    def _example(self, input_shape, cond_shapes, guider, frames, sigmas, dtype) -> dict[str, Any]:
+        """The ``_forward`` arguments a sampler call of ``input_shape`` will have, as far as a plan reads them:
+        videos of the latent's frames, the conditioning's context length, the sampler's options with the
+        entries each call adds (``calc_cond_batch``), the compute dtype."""
+        import uuid
+
+        n = input_shape[0]
+        videos = n // frames if frames and n % frames == 0 else 1
+        options = dict(guider.model_options.get("transformer_options", {}))
+        options.update(cond_or_uncond=[0] * videos, uuids=[uuid.uuid4() for _ in range(videos)])
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+            options["sigmas"] = sigmas[:1].expand(n // videos)
+        tokens = _context_tokens(cond_shapes, getattr(guider, "conds", None))
+        return comfy_unet.example_arguments(self.engine.unet, input_shape, frames=n // videos, tokens=tokens,
+                                            transformer_options=options, dtype=dtype)
+
+
+def _context_tokens(cond_shapes: dict, conds: dict | None) -> int:
+    """The context length of the sampler's calls: from the batching query's ``c_crossattn`` shapes, else the
+    conditioning's ``cross_attn``; lengths that differ are padded to their least common multiple when batched
+    (``CONDCrossAttn.concat``)."""
+    shapes = list(cond_shapes.get("c_crossattn", ()) or ())
+    if not shapes:
+        shapes = [c["cross_attn"].shape for cs in (conds or {}).values() for c in cs
+                  if isinstance(c, dict) and isinstance(c.get("cross_attn"), torch.Tensor)]
+    tokens = [int(shape[1]) for shape in shapes if len(shape) >= 3]
+    return math.lcm(*tokens) if tokens else 1
+
+
+def _once(what: str, message: str) -> None:
+    """Log ``message`` once per run."""
+    ctx = current()
+    if ctx is None or what not in ctx.warned:
+        if ctx is not None:
+            ctx.warned.add(what)
+        log.info(message)
 
 
 class StreamlineModel:

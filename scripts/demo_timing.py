@@ -84,7 +84,7 @@ def main(runs: int = 2, comfyui: Path = ROOT / "build" / "hosts" / "0.3.64" / "C
             print(f"run {run + 1}: {total:.1f} s to the result ({history[prompt_id]['status']['status_str']}); planning "
                   f"{planned} = {sum(planned):.1f} s, {100 * sum(planned) / total:.1f}% of the run")
             for line in lines:
-                if "planned" in line:
+                if "planned in" in line or ") in " in line:
                     print("   ", line.strip()[:200])
     finally:
         process.terminate()

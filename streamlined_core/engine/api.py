@@ -192,7 +192,7 @@ class Streamliner:
         cut = controller.cut
         if cut is None or not any(cut in (c.id, c.after) for c in self._cuts()):
             return 0
-        key = (_shape_key(arguments), self.adapter.variant(self.unet), cut)
+        key = (self._key(arguments), self.adapter.variant(self.unet), cut)
         if key not in self._reserved:
             replica = meta_replica(self.unet)
             with suspend_tracking(), sdpa_on_meta(replica), torch.no_grad():
@@ -260,7 +260,8 @@ class Streamliner:
                 if _stepped(budget - reserved) < least:
                     self._warn_short(arguments, budget - reserved, least + planner.weights_bytes, source)
                 return self.plan_within(arguments, budget - reserved, source)
-        key = (_shape_key(arguments), self.adapter.variant(self.unet), reserved)
+        # the device stays in this key: the budget read where none is given depends on it
+        key = (self._key(arguments), _budget_device(sample), self.adapter.variant(self.unet), reserved)
         if key not in self._plans:
             budget = self._activation_budget(sample.device)
             if budget is not None and reserved:
@@ -286,7 +287,7 @@ class Streamliner:
 
     def _budget_plan(self, arguments: dict[str, Any], activation_budget: int, source: str) -> Plan:
         """The plan for an activation budget read from the host (stepped, at least the least-memory plan's)."""
-        key = (_shape_key(arguments), self.adapter.variant(self.unet), "budget", activation_budget)
+        key = (self._key(arguments), self.adapter.variant(self.unet), "budget", activation_budget)
         if key not in self._plans:
             sample = arguments[self.adapter.sample]
             start = time.perf_counter()
@@ -340,11 +341,16 @@ class Streamliner:
             self._warn_once(message)
         return plan
 
+    def _key(self, arguments: dict[str, Any]) -> Any:
+        """What a plan of a call with these arguments depends on: shapes and dtypes (not devices: plans are
+        measured on ``meta``) of the arguments the adapter says matter, and every plain value among them."""
+        return _shape_key(self.adapter.planning_arguments(arguments))
+
     def _planner(self, arguments: dict[str, Any]) -> Planner:
         """The planner of this call shape: this engine's, else one on the measurements any engine made for a
         model of the same structure and this shape (``PLANS``), else one that measures on a meta replica."""
         variant = self.adapter.variant(self.unet)
-        key = (_shape_key(arguments), variant)
+        key = (self._key(arguments), variant)
         if key not in self._planners:
             adapter = self.adapter
             # the model as it is now (a host may have hooked or patched it since an earlier shape was planned)
@@ -371,7 +377,8 @@ class Streamliner:
             def run(runner: Runner) -> Any:  # inside the session
                 return adapter.forward(replica[0], runner, **fresh_containers(meta_arguments))
 
-            planner = Planner(run, weights, floor, adapter.floor_name, measurements=measurements, session=session)
+            planner = Planner(run, weights, floor, adapter.floor_name, measurements=measurements, session=session,
+                              replay=adapter.replayable(arguments))
             PLANS.put(shared, planner.measurements)
             self._planners[key] = planner
         return self._planners[key]
@@ -469,11 +476,16 @@ def _stepped(budget: int) -> int:
     return budget // step * step
 
 
+def _budget_device(sample: torch.Tensor) -> str | None:
+    """The device whose free memory a plan without a given budget reads (None: no budget is read)."""
+    return sample.device.type if sample.device.type == "cuda" else None
+
+
 def _shape_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype, value.device)
+        return ("T", tuple(value.shape), value.dtype)
     if isinstance(value, dict):
-        return tuple((k, _shape_key(v)) for k, v in value.items())
+        return tuple(sorted(((k, _shape_key(v)) for k, v in value.items()), key=lambda item: repr(item[0])))
     if isinstance(value, (tuple, list)):
         return tuple(_shape_key(v) for v in value)
     return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__

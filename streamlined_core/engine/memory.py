@@ -40,6 +40,7 @@ LEVELS = ("op", "call")
 _ACTIVE: list["MemoryTracker"] = []  # trackers whose regions are open, outermost first
 
 _SDPA_FUNCTIONS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_storage_expired = torch.UntypedStorage._expired  # what StorageWeakRef.expired() calls, without its frame
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class MemoryTracker:
 
     # -- counting --------------------------------------------------------------------------
     def _sweep(self) -> None:
-        dead = [k for k, v in self._live.items() if v.ref.expired()]
+        expired = _storage_expired
+        dead = [k for k, v in self._live.items() if expired(v.ref.cdata)]
         for k in dead:
             v = self._live.pop(k)
             self._current -= v.nbytes
@@ -168,6 +170,9 @@ class MemoryTracker:
 
     def _record_outputs(self, out: Any, inputs: Any, transient: int = 0,
                         transient_device: str | None = None, fresh: bool = False) -> None:
+        if fresh and type(out) is torch.Tensor and not transient:
+            self._record_fresh(out)
+            return
         # built only when an output's storage is not tracked yet; ``fresh`` ones (cache-made) are no input's
         input_keys: set[int] | None = set() if fresh else None
         for t in tensors_in(out):
@@ -199,6 +204,24 @@ class MemoryTracker:
             self._bump(transient, transient_device)
         elif len(self._live) > 2 * self._swept_size + 256:
             self._sweep()  # keeps the table of tracked storages from growing with freed ones
+
+    def _record_fresh(self, out: torch.Tensor) -> None:
+        """:meth:`_record_outputs` of one tensor the meta kernel cache just made (a storage no one else holds):
+        the same bookkeeping, without looking for it among the tracked storages or the op's inputs."""
+        dev = out.device.type
+        if self.devices is not None and dev not in self.devices:
+            return
+        s = out.untyped_storage()
+        nbytes = s.nbytes()
+        self._live[s._cdata] = _Live(StorageWeakRef(s), nbytes, dev)
+        self._current += nbytes
+        by_device = self.current_by_device
+        by_device[dev] = by_device.get(dev, 0) + nbytes
+        if self._raises_peak(0, None):
+            self._sweep()
+            self._bump()
+        elif len(self._live) > 2 * self._swept_size + 256:
+            self._sweep()
 
     def _bump(self, transient: int = 0, transient_device: str | None = None) -> None:
         """Raise the peaks to the live bytes plus ``transient`` bytes held now on ``transient_device``."""

@@ -202,7 +202,12 @@ TRACKER_MODES: tuple[type, ...] = ()  # the op-level tracker's dispatch mode (me
 def _only_trackers_below() -> bool:
     """Whether every dispatch mode under the current one is a tracker's: another mode (a FLOP counter,
     for one) must see each real op, never an ``empty_strided`` in its place."""
+    if not _dispatch_stack_length():  # the common case: the tracker's mode alone (popped while it runs)
+        return True
     return all(isinstance(m, TRACKER_MODES) for m in _get_current_dispatch_mode_stack())
+
+
+_dispatch_stack_length = torch._C._len_torch_dispatch_stack
 
 
 # The planner, the simulator and every op-level tracker share one cache.

@@ -37,6 +37,8 @@ TARGET_X_FLOOR = 1.5
 UNREACHABLE_SLACK = 0.02
 # How many times a plan whose measurement exceeds its target is sliced further and measured again.
 VERIFY_ROUNDS = 3
+# The runs a group's linear model is fitted on, besides running it whole: two slices, four, and two recomputing.
+FIT_RUNS = ((2, "keep"), (4, "keep"), (2, "recompute"))
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,103 @@ def allowed(axis: Axis, axes: Iterable[str]) -> bool:
     return axis in axes or (axis == "tiles" and "frames" in axes)
 
 
-def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Measured], int, int]:
-    """Run ``run(runner)`` under the tracker: each group's peak, the peak outside groups, and the total."""
+@dataclass(frozen=True)
+class GroupRecord:
+    """What one group did in a measuring run, enough to replay it: its peak over the live bytes at its
+    start, and its output's (shape, stride, dtype) on ``meta`` (None: it wrote into its input)."""
+
+    peak_above_start: int
+    output: tuple | None
+
+
+class GroupReplay:
+    """Replays groups a planner measured before with the same decision (``Runner.replay``).
+
+    A group's memory is its own: the bytes alive at its start plus a trajectory set by its inputs' shapes
+    and its decision. A group that allocated nothing but its output and freed nothing alive before it
+    (checked, storage by storage, at its end) is recorded by its peak above its start and its output;
+    met again in a later run with the same decision (same name, the same how-many-th group of that name,
+    length, slices, mode), it is not run: its output is made on ``meta`` and the tracker raised to the
+    recorded peak, so every group's measured peak, and the peak outside groups, are what running it gives.
+    Groups with groups inside are run."""
+
+    def __init__(self, tracker: MemoryTracker, records: dict) -> None:
+        self.tracker, self.records = tracker, records
+        self._pending: tuple | None = None  # the key play() found no record for: begin() records under it
+        self._open: list[dict] = []
+        self._seen: dict[str, int] = {}
+
+    def _key(self, key: tuple) -> tuple:
+        name = key[0]
+        self._seen[name] = self._seen.get(name, 0) + 1
+        return (name, self._seen[name], *key[1:])
+
+    def play(self, key: tuple, merge: Any) -> Any:
+        key = self._key(key)
+        record = self.records.get(key)
+        if record is None:
+            self._pending = key
+            return None
+        for token in self._open:
+            token["nested"] = True
+        t = self.tracker
+        t._sweep()
+        live = t._current
+        if record.output is None:
+            out = merge.target
+        else:
+            shape, stride, dtype = record.output
+            out = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+            if out.untyped_storage()._cdata not in t._live:  # counted once, whether or not the tracker's mode saw it
+                t._record_outputs(out, ((), {}))
+        t._bump(max(0, record.peak_above_start - (t._current - live)), "meta")
+        return out
+
+    def begin(self) -> dict:
+        t = self.tracker
+        t._sweep()
+        for token in self._open:
+            token["nested"] = True
+        token = {"key": self._pending, "live": t._current, "keys": set(t._live), "nested": False,
+                 "marked": t._mark_peak == t._current}  # the listener marked the group's start
+        self._open.append(token)
+        return token
+
+    def end(self, _key: tuple, token: dict, out: Any, merge: Any) -> None:
+        self._open.remove(token)
+        if token["nested"] or not token["marked"]:
+            return
+        t = self.tracker
+        t._sweep()
+        keys = set(t._live)
+        target = getattr(merge, "target", None)
+        if target is not None and out is target:
+            if keys != token["keys"]:
+                return
+            output = None
+        else:
+            if type(out) is not torch.Tensor or out.device.type != "meta" or out.storage_offset() != 0:
+                return
+            storage = out.untyped_storage()
+            if storage._cdata in token["keys"] or keys != token["keys"] | {storage._cdata}:
+                return
+            if storage.nbytes() != _strided_nbytes(out):
+                return  # an output inside a larger storage: made alone it would be smaller
+            output = (tuple(out.shape), out.stride(), out.dtype)
+        self.records[token["key"]] = GroupRecord(t._mark_peak - token["live"], output)
+
+
+def _strided_nbytes(t: torch.Tensor) -> int:
+    """Bytes ``torch.empty_strided`` allocates for ``t``'s shape and strides."""
+    if t.numel() == 0:
+        return 0
+    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
+
+
+def measure_groups(run: Callable[[Runner], Any], decide,
+                   records: dict | None = None) -> tuple[dict[str, _Measured], int, int]:
+    """Run ``run(runner)`` under the tracker: each group's peak, the peak outside groups, and the total.
+    With ``records`` (a planner's), groups recorded before are replayed and new ones recorded."""
     tracker = MemoryTracker()
     measured: dict[str, _Measured] = {}
     outside = 0
@@ -157,7 +254,7 @@ def measure_groups(run: Callable[[Runner], Any], decide) -> tuple[dict[str, _Mea
         m.peaks[key] = max(m.peaks.get(key, 0), mark.peak_bytes)
 
     with tracker:
-        run(Runner(decide, [listen]))
+        run(Runner(decide, [listen], replay=GroupReplay(tracker, records) if records is not None else None))
         outside = max(outside, tracker.mark("end").peak_bytes)
     return measured, outside, tracker.peak_bytes
 
@@ -178,6 +275,7 @@ class Measurements:
     outside: int = 0
     runs: dict[Decisions, tuple[dict[str, _Measured], int]] = field(default_factory=dict)
     plans: dict[tuple, Plan] = field(default_factory=dict)
+    replays: dict[tuple, GroupRecord] = field(default_factory=dict)  # groups a later run replays (GroupReplay)
 
 
 class Planner:
@@ -190,9 +288,10 @@ class Planner:
 
     def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int,
                  floor_name: str = "skip floor", session: Callable[[], ContextManager] | None = None,
-                 measurements: Measurements | None = None) -> None:
+                 measurements: Measurements | None = None, replay: bool = True) -> None:
         self.run = run
         self.session = session
+        self.replay = replay
         self.runs = 0
         self._stack: contextlib.ExitStack | None = None
         self._in_session = False
@@ -200,15 +299,7 @@ class Planner:
         self._adopt(measurements or Measurements(weights_bytes, skip_floor_bytes, floor_name))
         if fresh:
             with self._batch():
-                for k, mode in ((1, "keep"), (2, "keep"), (4, "keep"), (2, "recompute")):
-                    # a run whose clamped decisions an earlier one made (two slices recomputing where no
-                    # group recomputes) is that run again: it is not repeated
-                    measured, outside = self.measure(lambda _n, _a, _l, k=k, mode=mode: (k, mode))
-                    self.measurements.outside = max(self.measurements.outside, outside)
-                    for name, m in measured.items():
-                        self.groups.setdefault(
-                            name, _Measured(m.axis, m.length, m.modes, m.in_place, m.rows)).peaks.update(m.peaks)
-            self._adopt(self.measurements)
+                self._fold(*self.measure(lambda _n, _a, _l: (1, "keep")))
 
     def _adopt(self, measurements: Measurements) -> None:
         self.measurements = measurements
@@ -217,6 +308,33 @@ class Planner:
         self.floor_name = measurements.floor_name
         self.groups = measurements.groups
         self.outside = measurements.outside
+
+    def _fold(self, measured: dict[str, _Measured], outside: int) -> None:
+        """Add one run's measurements to every group's and the peak outside groups."""
+        self.measurements.outside = self.outside = max(self.measurements.outside, outside)
+        for name, m in measured.items():
+            self.groups.setdefault(name, _Measured(m.axis, m.length, m.modes, m.in_place, m.rows)).peaks.update(m.peaks)
+
+    def _fitted(self, name: str) -> bool:
+        m = self.groups[name]
+        needed = {_normalized(m, k, mode) for k, mode in FIT_RUNS}
+        return needed <= m.peaks.keys()
+
+    def _ensure(self, names: Iterable[str]) -> None:
+        """Measure the named groups that lack their linear model's runs (``FIT_RUNS``), all in the same runs:
+        they at the run's decision, every other group whole (replayed where it can be)."""
+        names = {name for name in names if not self._fitted(name)}
+        if not names:
+            return
+        with self._batch():
+            for k, mode in FIT_RUNS:
+                self._fold(*self.measure(lambda name, _a, _l, k=k, mode=mode: (k, mode) if name in names else (1, "keep")))
+
+    def _sliceable(self, max_slices: int | None, axes: Iterable[str]) -> list[str]:
+        """Groups that may run more than one slice."""
+        axes = set(axes)
+        return [name for name, m in self.groups.items()
+                if allowed(m.axis, axes) and m.length > 1 and (max_slices is None or max_slices > 1)]
 
     @contextlib.contextmanager
     def _batch(self):
@@ -236,7 +354,7 @@ class Planner:
             self._stack.enter_context(self.session())
             self._in_session = True
         self.runs += 1
-        measured, outside, _ = measure_groups(self.run, decide)
+        measured, outside, _ = measure_groups(self.run, decide, self.measurements.replays if self.replay else None)
         return measured, outside
 
     def measure(self, decide) -> tuple[dict[str, _Measured], int]:
@@ -261,6 +379,7 @@ class Planner:
         mode = mode if mode in m.modes else m.modes[0]
         if slices == 1:
             return m.peaks[(1, m.modes[0])]
+        self._ensure([name])  # callers measure every group they ask about at once; this is the fallback
         per_item, bases = self._fit(m)
         return int(bases[mode] + per_item * governing_slice(m.length, slices, m.in_place, m.rows))
 
@@ -277,14 +396,17 @@ class Planner:
         """The activation peak with every group whole."""
         return max([self.outside] + [self.predict(name, 1, "keep") for name in self.groups])
 
+    def _least(self, name: str, max_slices: int | None, axes: Iterable[str]) -> int:
+        """Group ``name``'s least predicted peak (at its most slicing, or whole)."""
+        m = self.groups[name]
+        k = m.length if max_slices is None else min(max_slices, m.length)
+        k = k if allowed(m.axis, axes) else 1
+        return min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes)
+
     def least_peak(self, max_slices: int | None = None, axes: Iterable[str] = ("frames", "pixels")) -> int:
         """The least activation peak any plan reaches (every group at its most slicing)."""
-        peaks = [self.outside]
-        for name, m in self.groups.items():
-            k = m.length if max_slices is None else min(max_slices, m.length)
-            k = k if allowed(m.axis, axes) else 1
-            peaks.append(min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes))
-        return max(peaks)
+        self._ensure(self._sliceable(max_slices, axes))
+        return max([self.outside] + [self._least(name, max_slices, axes) for name in self.groups])
 
     def plan(self, activation_budget: int | None, max_slices: int | None = None,
              axes: Iterable[str] = ("frames", "pixels")) -> Plan:
@@ -305,10 +427,18 @@ class Planner:
     def _plan(self, activation_budget: int | None, max_slices: int | None, axes: Iterable[str]) -> Plan:
         chosen, fits = [], True
         target = activation_budget
-        if activation_budget is not None:
-            # Below the least reachable peak no plan fits; then slice each group only as far as
-            # within 2% of that peak, not to its most slicing (thousands of slices for a last 0.1%).
-            reachable = self.least_peak(max_slices, axes)
+        if activation_budget is None:
+            self._ensure(self._sliceable(max_slices, axes))
+        else:
+            # Only groups whose whole peak is over the budget are sliced, so only they are measured sliced.
+            # Below the least reachable peak no plan fits; then slice each group only as far as within 2% of
+            # that peak, not to its most slicing (thousands of slices for a last 0.1%). A group under the
+            # budget whole has a least peak under it too, so where the outside peak or an over-budget group's
+            # least peak is over the budget, the greatest of them is the least reachable peak; otherwise every
+            # group fits.
+            over = [name for name, m in self.groups.items() if m.peaks[(1, m.modes[0])] > activation_budget]
+            self._ensure(set(over) & set(self._sliceable(max_slices, axes)))
+            reachable = max([self.outside] + [self._least(name, max_slices, axes) for name in over])
             fits = activation_budget >= reachable
             if not fits:
                 target = max(activation_budget, int(reachable * (1 + UNREACHABLE_SLACK)))
@@ -316,9 +446,9 @@ class Planner:
             kmax = m.length if max_slices is None else max(1, min(max_slices, m.length))
             kmax = kmax if allowed(m.axis, axes) else 1
             if target is None:
-                options = [(kmax, m.modes[0])]
+                options = iter([(kmax, m.modes[0])])
             else:
-                options = list(self._options(name, m, target, kmax))
+                options = self._options(name, m, target, kmax)  # lazily: the first that fits is taken
             best = next(((k, mode) for k, mode in options if self.predict(name, k, mode) <= (target or math.inf)), None)
             if best is None:
                 fits = False
@@ -367,6 +497,7 @@ class Planner:
         yield 1, m.modes[0]
         if kmax < 2:
             return
+        self._ensure([name])
         per_item, bases = self._fit(m)
         for mode in m.modes:
             room = budget - bases[mode]

@@ -167,10 +167,13 @@ class Runner:
     """
 
     def __init__(self, decide: Decide = unsliced, listeners: Iterable[Callable[[object], None]] = (),
-                 request: object = None) -> None:
+                 request: object = None, replay: object = None) -> None:
         self.decide = decide
         self.listeners = list(listeners)
         self.request = request
+        # a planner's measuring run on ``meta``: groups it measured before with the same decision are
+        # replayed from their record instead of run (``plan.GroupReplay``)
+        self.replay = replay
 
     def emit(self, event: object) -> None:
         """Send a group or stage event to every listener."""
@@ -204,6 +207,13 @@ class Runner:
             mode = modes[0]
         in_place = isinstance(merge, (InPlace, TilesInPlace))
         self.emit(GroupEvent("start", name, axis, length, slices, mode, modes, in_place, rows))
+        replay, key = self.replay, (name, length, slices, mode)
+        if replay is not None:
+            out = replay.play(key, merge)
+            if out is not None:
+                self.emit(GroupEvent("end", name, axis, length, slices, mode, modes, in_place, rows))
+                return out
+            token = replay.begin()
         bounds = tile_bounds(length // rows, rows, slices) if rows else slice_bounds(length, slices)
         if len(bounds) > 1:
             for pass_ in passes:
@@ -220,6 +230,8 @@ class Runner:
                 merge.write(out, *bound, part)
                 del part
             out = merge.finish(out)
+        if replay is not None:
+            replay.end(key, token, out, merge)
         self.emit(GroupEvent("end", name, axis, length, slices, mode, modes, in_place, rows))
         return out
 

@@ -60,6 +60,12 @@ class Adapter:
     floor: Callable[[nn.Module, dict], int] | None = None  # a model that is no U-Net: its floor for a call
     floor_name: str = "skip floor"  # what the floor is called in plans and tables
     target_x_floor: float = 1.5  # the default memory target where no device budget exists, in floors
+    # the arguments a plan depends on: a host's per-call bookkeeping (ComfyUI's sigmas, cond_or_uncond,
+    # wrappers) left out, so its memory estimate and its calls share one plan
+    planning_arguments: Callable[[dict], dict] = lambda arguments: arguments
+    # whether a planner may replay a group it measured before (plan.GroupReplay): not where a host's patches
+    # may carry state from one group to the next (ComfyUI's transformer_index, read by attention patches)
+    replayable: Callable[[dict], bool] = lambda arguments: True
 
 
 def _module_adapter(name: str, module) -> Adapter:
@@ -73,6 +79,8 @@ def _module_adapter(name: str, module) -> Adapter:
         supports=getattr(module, "recognises", lambda model: True),
         variant=getattr(module, "variant", lambda model: None),
         fallback=getattr(module, "module_level_forward", None),
+        planning_arguments=getattr(module, "planning_arguments", lambda arguments: arguments),
+        replayable=getattr(module, "replayable", lambda arguments: True),
         unet=UNetLayout(module.skip_layout, module.skip_sources, module.cuts),
     )
 

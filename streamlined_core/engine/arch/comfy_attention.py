@@ -72,9 +72,10 @@ class _Swaps:
         self.entries: list[tuple[dict, Any, Any, Callable]] = []
 
     def swap(self, namespace: dict, dispatchers: dict[int, tuple[Any, Callable]]) -> None:
-        for key, value in list(namespace.items()):
-            found = dispatchers.get(id(value))
-            if found is not None and found[0] is value:
+        for key in [key for key, value in namespace.items() if id(value) in dispatchers]:
+            value = namespace[key]
+            found = dispatchers[id(value)]
+            if found[0] is value:
                 namespace[key] = found[1]
                 self.entries.append((namespace, key, value, found[1]))
 

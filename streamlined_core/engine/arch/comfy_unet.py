@@ -666,21 +666,51 @@ def adm_dim(model: nn.Module) -> int:
     return model.label_emb[0][0].in_features
 
 
-def example_arguments(model: nn.Module, input_shape, device="meta", frames: int | None = None) -> dict[str, Any]:
+def example_arguments(model: nn.Module, input_shape, device="meta", frames: int | None = None,
+                      tokens: int = 1, transformer_options: dict | None = None,
+                      dtype: torch.dtype | None = None) -> dict[str, Any]:
     """``_forward`` arguments for a latent batch of ``input_shape``, for planning: videos of ``frames``
-    frames (default: one video of all items, what ComfyUI's memory estimate knows)."""
+    frames (default: one video of all items, what ComfyUI's memory estimate knows), a context of ``tokens``
+    tokens, ``transformer_options`` (the sampler's, for its patches) and the compute ``dtype`` (default the
+    model's; ``BaseModel._apply_model`` casts to its manual-cast dtype, timesteps to fp32). With the latent's
+    frame count, the conditioning's tokens and the sampler's options these plan as the sampler's calls do
+    (``planning_arguments``)."""
     n = input_shape[0]
-    dtype = getattr(model, "dtype", None) or torch.float32
+    dtype = dtype or getattr(model, "dtype", None) or torch.float32
     arguments: dict[str, Any] = {
         "x": torch.empty((n, model.in_channels, *input_shape[2:]), device=device, dtype=dtype),
-        "timesteps": torch.empty(n, device=device, dtype=dtype),
-        "context": torch.empty(n, 1, context_dim(model), device=device, dtype=dtype),
-        "transformer_options": {},
+        "timesteps": torch.empty(n, device=device, dtype=torch.float32),
+        "context": torch.empty(n, tokens, context_dim(model), device=device, dtype=dtype),
+        "transformer_options": dict(transformer_options or {}),
         "num_video_frames": frames or n,
     }
     if model.num_classes is not None:
         arguments["y"] = torch.empty(n, adm_dim(model), device=device, dtype=dtype)
     return arguments
+
+
+# What ComfyUI's sampler adds to ``transformer_options`` for each call (``calc_cond_batch``, ``CFGGuider``) and
+# the wrappers it runs around ``forward``: none of them is read by ``_forward``'s structure.
+PER_CALL_OPTIONS = frozenset({"cond_or_uncond", "uuids", "sigmas", "sample_sigmas", "wrappers", "callbacks"})
+
+
+def replayable(arguments: dict[str, Any]) -> bool:
+    """Whether a planner may replay groups it measured (``plan.GroupReplay``): not with patches, which the
+    host's blocks look up by indices they advance as they run (``transformer_index``, ``block_index``)."""
+    options = arguments.get("transformer_options") or {}
+    return not (options.get("patches") or options.get("patches_replace"))
+
+
+def planning_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """What a plan of this call depends on: its arguments by name, without ``None``s (an absent ``control``) and
+    without the sampler's per-call options, so the memory estimate's example and the calls it stands for share a
+    plan. Patches (``patches``, ``patches_replace``) and any option another pack adds stay: they may change the
+    forward."""
+    planned = {k: v for k, v in arguments.items() if v is not None}
+    options = planned.get("transformer_options")
+    if isinstance(options, dict):
+        planned["transformer_options"] = {k: v for k, v in options.items() if k not in PER_CALL_OPTIONS}
+    return planned
 
 
 SLOT = "_forward"  # the host's forward still runs every DIFFUSION_MODEL wrapper, then this

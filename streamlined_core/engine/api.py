@@ -286,18 +286,28 @@ class Streamliner:
         return self._plans[key]
 
     def _budget_plan(self, arguments: dict[str, Any], activation_budget: int, source: str) -> Plan:
-        """The plan for an activation budget read from the host (stepped, at least the least-memory plan's)."""
+        """The plan for an activation budget read from the host (stepped, at least the least-memory plan's).
+        The log says once per run, for each budget and where it came from, what was planned (a plan made for
+        the host's estimate before loading serves the calls whose budget falls in the same step)."""
         key = (self._key(arguments), self.adapter.variant(self.unet), "budget", activation_budget)
-        if key not in self._plans:
-            sample = arguments[self.adapter.sample]
-            start = time.perf_counter()
+        start = time.perf_counter()
+        made = key not in self._plans
+        if made:
             with suspend_tracking():
                 planner = self._planner(arguments)
-                plan = self._plans[key] = planner.plan(activation_budget, None if self.slices == "auto" else self.slices,
-                                                       axes=self.axes)
-            log.info("streamline: planned %s for input %s for %s of activations (%s) in %.1f s: %s, predicted "
-                     "activation peak %s", type(self.unet).__name__, tuple(sample.shape), size_text(activation_budget),
-                     source, time.perf_counter() - start, plan.describe(), size_text(plan.predicted_peak_bytes))
+                self._plans[key] = planner.plan(activation_budget, None if self.slices == "auto" else self.slices,
+                                                axes=self.axes)
+        ctx = current()
+        said = ("budget plan", key, source)
+        if made or (ctx is not None and said not in ctx.said):
+            if ctx is not None:
+                ctx.said.add(said)
+            plan = self._plans[key]
+            log.info("streamline: planned %s for input %s for %s of activations (%s) %s: %s, predicted activation peak "
+                     "%s", type(self.unet).__name__, tuple(arguments[self.adapter.sample].shape),
+                     size_text(activation_budget), source,
+                     f"in {time.perf_counter() - start:.1f} s" if made else "before, in this step",
+                     plan.describe(), size_text(plan.predicted_peak_bytes))
         return self._plans[key]
 
     def _warn_short(self, arguments: dict[str, Any], budget: int, least_total: int, source: str) -> None:

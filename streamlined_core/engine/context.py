@@ -79,6 +79,7 @@ class RunContext:
     recorder: Profiled | None = None  # the VRAM profiler's recording of this run, when one is profiled
     rehash: Controller | None = None  # a host's Step Rehash for this run, when one runs
     warned: set[str] = field(default_factory=set)  # what this run was already warned about (once per run)
+    said: set = field(default_factory=set)  # log lines this run already wrote, by what they said (once per run)
 
 
 def current() -> RunContext | None:

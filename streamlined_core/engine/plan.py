@@ -1,20 +1,24 @@
 """Decide by budget: how many slices each group gets, from memory measured on a meta replica.
 
 The planner runs the streamlined forward on a weightless ``meta`` replica of the model with the
-call's shapes, under the tracker, a few times (every group whole; two slices; four slices; two
-slices recomputing instead of keeping), and records each group's peak. A group's peak with ``k``
-slices is the memory alive around it plus what one slice needs, linear in the slice's length:
-``base + per_item * length of the slice that sets the peak``. Each group then gets the least
-slicing (keeping before recomputing) whose predicted peak fits the activation budget. The chosen
+call's shapes, under the tracker, and records each group's peak: first with every group whole, then,
+for the groups a plan needs sliced (those whose whole peak is over its budget), with two slices, four
+slices and two slices recomputing instead of keeping (``FIT_RUNS``; every other group runs whole). A
+group's peak with ``k`` slices is the memory alive around it plus what one slice needs, linear in the
+slice's length: ``base + per_item * length of the slice that sets the peak``. Each group then gets the
+least slicing (keeping before recomputing) whose predicted peak fits the activation budget. The chosen
 plan is then measured once more, and each group's prediction is its measured peak; a group over
 the target is sliced further and the plan measured again (``VERIFY_ROUNDS``).
 
-Every run is a function of the slice count and mode it gives each group, so a planner keeps each
-run's measurement by those decisions (``Measurements``) and never runs the same decisions twice: a
-chosen plan whose decisions one of the four measurement runs made is not measured again, and a new
-budget for a known shape runs only decisions no earlier plan made. ``plan_store.PLANS`` keeps these
-measurements (data only, no model) by the model's structure and the call's shapes, so a second engine
-on the same model, or on a model built alike, plans a known shape without a run.
+A group's memory does not depend on the other groups' decisions, so measuring some groups sliced while
+the rest run whole gives each the figures an all-sliced run would, and a group measured before with the
+same decision is replayed, not run (``replay.py``). Every run is a function of the slice count and mode
+it gives each group, so a planner keeps each run's measurement by those decisions (``Measurements``)
+and never runs the same decisions twice: a chosen plan whose decisions an earlier run made is not
+measured again, and a new budget for a known shape runs only decisions no earlier plan made.
+``plan_store.PLANS`` keeps these measurements (data only, no model) by the model's structure and the
+call's shapes, so a second engine on the same model, or on a model built alike, plans a known shape
+without a run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from .memory import GIB, MemoryTracker
+from .replay import GroupRecord, GroupReplay  # noqa: F401 (GroupRecord: measurements hold them)
 from .slicing import Axis, GroupEvent, Mode, Runner, ceil_div, governing_slice
 
 # The default memory target where no device budget exists (CPU, meta): 1.5x the skip floor.
@@ -140,99 +145,6 @@ def allowed(axis: Axis, axes: Iterable[str]) -> bool:
     return axis in axes or (axis == "tiles" and "frames" in axes)
 
 
-@dataclass(frozen=True)
-class GroupRecord:
-    """What one group did in a measuring run, enough to replay it: its peak over the live bytes at its
-    start, and its output's (shape, stride, dtype) on ``meta`` (None: it wrote into its input)."""
-
-    peak_above_start: int
-    output: tuple | None
-
-
-class GroupReplay:
-    """Replays groups a planner measured before with the same decision (``Runner.replay``).
-
-    A group's memory is its own: the bytes alive at its start plus a trajectory set by its inputs' shapes
-    and its decision. A group that allocated nothing but its output and freed nothing alive before it
-    (checked, storage by storage, at its end) is recorded by its peak above its start and its output;
-    met again in a later run with the same decision (same name, the same how-many-th group of that name,
-    length, slices, mode), it is not run: its output is made on ``meta`` and the tracker raised to the
-    recorded peak, so every group's measured peak, and the peak outside groups, are what running it gives.
-    Groups with groups inside are run."""
-
-    def __init__(self, tracker: MemoryTracker, records: dict) -> None:
-        self.tracker, self.records = tracker, records
-        self._pending: tuple | None = None  # the key play() found no record for: begin() records under it
-        self._open: list[dict] = []
-        self._seen: dict[str, int] = {}
-
-    def _key(self, key: tuple) -> tuple:
-        name = key[0]
-        self._seen[name] = self._seen.get(name, 0) + 1
-        return (name, self._seen[name], *key[1:])
-
-    def play(self, key: tuple, merge: Any) -> Any:
-        key = self._key(key)
-        record = self.records.get(key)
-        if record is None:
-            self._pending = key
-            return None
-        for token in self._open:
-            token["nested"] = True
-        t = self.tracker
-        t._sweep()
-        live = t._current
-        if record.output is None:
-            out = merge.target
-        else:
-            shape, stride, dtype = record.output
-            out = torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-            if out.untyped_storage()._cdata not in t._live:  # counted once, whether or not the tracker's mode saw it
-                t._record_outputs(out, ((), {}))
-        t._bump(max(0, record.peak_above_start - (t._current - live)), "meta")
-        return out
-
-    def begin(self) -> dict:
-        t = self.tracker
-        t._sweep()
-        for token in self._open:
-            token["nested"] = True
-        token = {"key": self._pending, "live": t._current, "keys": set(t._live), "nested": False,
-                 "marked": t._mark_peak == t._current}  # the listener marked the group's start
-        self._open.append(token)
-        return token
-
-    def end(self, _key: tuple, token: dict, out: Any, merge: Any) -> None:
-        self._open.remove(token)
-        if token["nested"] or not token["marked"]:
-            return
-        t = self.tracker
-        t._sweep()
-        keys = set(t._live)
-        target = getattr(merge, "target", None)
-        if target is not None and out is target:
-            if keys != token["keys"]:
-                return
-            output = None
-        else:
-            if type(out) is not torch.Tensor or out.device.type != "meta" or out.storage_offset() != 0:
-                return
-            storage = out.untyped_storage()
-            if storage._cdata in token["keys"] or keys != token["keys"] | {storage._cdata}:
-                return
-            if storage.nbytes() != _strided_nbytes(out):
-                return  # an output inside a larger storage: made alone it would be smaller
-            output = (tuple(out.shape), out.stride(), out.dtype)
-        self.records[token["key"]] = GroupRecord(t._mark_peak - token["live"], output)
-
-
-def _strided_nbytes(t: torch.Tensor) -> int:
-    """Bytes ``torch.empty_strided`` allocates for ``t``'s shape and strides."""
-    if t.numel() == 0:
-        return 0
-    return (1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))) * t.element_size()
-
-
 def measure_groups(run: Callable[[Runner], Any], decide,
                    records: dict | None = None) -> tuple[dict[str, _Measured], int, int]:
     """Run ``run(runner)`` under the tracker: each group's peak, the peak outside groups, and the total.
@@ -264,7 +176,7 @@ Decisions = frozenset  # of (group, length, slices, mode): what one run gave eve
 
 @dataclass
 class Measurements:
-    """What planning one call shape measured: the four measurement runs, folded per group (``groups``,
+    """What planning one call shape measured: the measurement runs, folded per group (``groups``,
     ``outside``), every run by its decisions, and every plan by its arguments. Data only (no model, no
     closure), so it may outlive the engine that made it (``plan_store.PLANS``)."""
 
@@ -283,7 +195,8 @@ class Planner:
 
     ``session()``, when given, is entered once around the runs one call makes (ComfyUI's attention
     swapped for SDPA on the replica, for one). ``measurements`` from an earlier planner of the same
-    model and call shape replaces the four measurement runs; ``runs`` counts the runs this one made.
+    model and call shape replaces the runs they made; ``runs`` counts the runs this one made. With
+    ``replay`` false every group runs in every run (a host whose patches carry state from group to group).
     """
 
     def __init__(self, run: Callable[[Runner], Any], weights_bytes: int, skip_floor_bytes: int,

@@ -405,7 +405,7 @@ def test_the_memory_estimate_on_a_device_is_the_plan_for_the_room_weights_leave(
     engine = patched.object_patches["diffusion_model._forward"]
     base = patched.model
     shape = [6, 4, 8, 12]
-    arguments = comfy_unet.example_arguments(engine.unet, shape)
+    arguments = comfy_unet.example_arguments(engine.unet, shape, frames=3)  # both conds: two videos of 3 frames
     least = engine.planner_for(**arguments).least_peak()
     host = base.memory_required(shape)
     seen = {}
@@ -421,3 +421,47 @@ def test_the_memory_estimate_on_a_device_is_the_plan_for_the_room_weights_leave(
     assert seen["estimate"] == engine.planned_peak(arguments, 0) < host
     assert seen["estimate"] <= least * 1.05
     assert "memory_required" not in base.__dict__
+
+
+def test_the_sampler_calls_and_the_estimate_for_them_share_one_plan_on_the_cpu(pack, svd_patcher, caplog):
+    """On the CPU ComfyUI loads every weight whatever its estimate before loading: that estimate is left as the
+    host's, unplanned, and the log says so once; the sampler's batching estimate (both conds: two videos of the
+    latent's frames, the conditioning's context) and its calls plan once, on one planner."""
+    import logging
+
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
+    engine = patched.object_patches["diffusion_model._forward"]
+    with caplog.at_level(logging.INFO):
+        out = ksample(patched, 3)
+    assert rel(out, ksample(svd_patcher, 3)) <= LATENT_TOL
+    assert len(engine._planners) == 1, list(engine._planners)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("its estimate before loading is left as it is, unplanned" in m for m in messages) == 1
+    assert sum(m.startswith("streamline: planned in") for m in messages) == 1, messages
+
+
+def test_the_estimates_before_loading_on_a_device_plan_the_calls_shapes(pack, svd_patcher, small_card):
+    """On a device the estimates before loading are planned (both conds, and one cond: ComfyUI's minimum), with the
+    calls' shapes: the calls plan on the first one's planner, so two planners in all, not three."""
+    import comfy.model_management as mm
+
+    (patched,) = node(pack).patch(svd_patcher, "auto", 8, 0.0, "all")
+    engine = patched.object_patches["diffusion_model._forward"]
+    small_card(mm.extra_reserved_memory() + 64 * 1024**3)  # room for everything
+    calls = []
+    planner = engine._planner
+
+    def counted(arguments):
+        calls.append(arguments["x"].device.type)
+        return planner(arguments)
+
+    engine._planner = counted
+    try:
+        out = ksample(patched, 3)
+    finally:
+        del engine._planner
+    assert rel(out, ksample(svd_patcher, 3)) <= LATENT_TOL
+    assert "cpu" in calls and "meta" in calls  # the calls' own planner lookups and the estimates'
+    shapes = sorted(dict(key[0])["x"][1] for key in engine._planners)
+    channels = engine.unet.in_channels  # the latent and SVD's concatenated first frame
+    assert shapes == [(3, channels, 8, 12), (6, channels, 8, 12)], shapes

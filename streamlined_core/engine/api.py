@@ -33,7 +33,7 @@ from .checks import amount, check_budget, check_hooks, check_slices, check_weigh
 from .context import Controller, ControllerCall, RunContext, current, run_context
 from .memory import GIB, size_text, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
-from .plan_store import PLANS, structure_key
+from .plan_store import PLANS, shape_key, structure_key
 from .slicing import Runner
 from .stages import StageRequest
 
@@ -354,7 +354,7 @@ class Streamliner:
     def _key(self, arguments: dict[str, Any]) -> Any:
         """What a plan of a call with these arguments depends on: shapes and dtypes (not devices: plans are
         measured on ``meta``) of the arguments the adapter says matter, and every plain value among them."""
-        return _shape_key(self.adapter.planning_arguments(arguments))
+        return shape_key(self.adapter.planning_arguments(arguments))
 
     def _planner(self, arguments: dict[str, Any]) -> Planner:
         """The planner of this call shape: this engine's, else one on the measurements any engine made for a
@@ -490,12 +490,3 @@ def _budget_device(sample: torch.Tensor) -> str | None:
     """The device whose free memory a plan without a given budget reads (None: no budget is read)."""
     return sample.device.type if sample.device.type == "cuda" else None
 
-
-def _shape_key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), value.dtype)
-    if isinstance(value, dict):
-        return tuple(sorted(((k, _shape_key(v)) for k, v in value.items()), key=lambda item: repr(item[0])))
-    if isinstance(value, (tuple, list)):
-        return tuple(_shape_key(v) for v in value)
-    return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__

@@ -82,3 +82,15 @@ def structure_key(model: nn.Module) -> str:
         tensors = tuple((k, _described(t)) for k, t in (*module._parameters.items(), *module._buffers.items()))
         digest.update(repr((name, type(module).__module__, type(module).__qualname__, attributes, tensors)).encode())
     return digest.hexdigest()
+
+
+def shape_key(value: Any) -> Any:
+    """A call's arguments as a plan sees them: tensors by shape and dtype (not device: plans are measured on
+    ``meta``), dicts by sorted keys, plain values as they are, other objects by their type's name."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.dtype)
+    if isinstance(value, dict):
+        return tuple(sorted(((k, shape_key(v)) for k, v in value.items()), key=lambda item: repr(item[0])))
+    if isinstance(value, (tuple, list)):
+        return tuple(shape_key(v) for v in value)
+    return value if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__

@@ -11,7 +11,8 @@ from typing import Any
 from ..streamlined_core.features.rehash import DEFAULT_CUT
 from ..streamlined_core.features.rehash.comfyui import (
     AUTO,
-    CUTS,
+    AUTO_CUT,
+    CUT_CHOICES,
     FOLDER,
     SCHEDULES,
     RehashOptions,
@@ -39,10 +40,12 @@ def _rehash_inputs() -> dict:
                             "tooltip": "With gamma: the similarity a reuse step must keep to the last key step."}),
         "interval": ("INT", {"default": 2, "min": 1, "max": 100,
                              "tooltip": "With uniform interval: every interval-th step is key (2: 13 of 25)."}),
-        "cut": (list(CUTS), {
-            "default": DEFAULT_CUT,
-            "tooltip": "Where in the last up block the cached feature is taken: later cuts leave less to compute on "
-                       "a reuse step. See docs/step-rehash.md for the measured trade-off.",
+        "cut": (list(CUT_CHOICES), {
+            "default": AUTO_CUT,
+            "tooltip": f"Where in the last up block the cached feature is taken: later cuts leave less to compute on "
+                       f"a reuse step. auto: {DEFAULT_CUT}, or on a U-Net where that is the last layer (one ResBlock "
+                       f"per level) the nearest cut whose tail takes fresh input; the report names the cut taken. "
+                       f"See docs/step-rehash.md for the measured trade-off.",
         }),
         "calibration": ([AUTO] + calibration_files(), {
             "default": AUTO,

@@ -242,12 +242,29 @@ def test_the_first_run_calibrates_and_later_runs_use_the_calibration(pack, svd, 
 
 
 def test_bad_inputs_get_clear_errors(pack, svd, folder):
-    with pytest.raises(ValueError, match="cut must be one of up0.0.res, up0.0.attn, up0.1.res, up0.1.attn"):
+    with pytest.raises(ValueError, match="cut must be auto or one of up0.0.res, up0.0.attn, up0.1.res, up0.1.attn"):
         rehash_sample(pack, svd, cut="up0.2.attn")
     with pytest.raises(ValueError, match="start_percent and end_percent"):
         rehash_sample(pack, svd, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="calibration='../../etc/passwd': not in"):
         rehash_sample(pack, svd, schedule="gamma", calibration="../../etc/passwd")
+
+
+def test_the_default_cut_on_a_unet_with_one_resblock_per_level_is_the_nearest_that_fits(pack, svd, caplog):
+    """The tiny SVD has one ResBlock per level: its last up block is two units, and the default cut, up0.1.attn,
+    is its last layer (a reuse step from there only replays the last key step). At its default (auto) the node
+    takes the nearest cut whose tail takes fresh input, up0.0.attn, says so, and samples exactly as with that cut
+    chosen; chosen explicitly, up0.1.attn is refused, naming the widget and what fits."""
+    caplog.set_level(logging.INFO)
+    chosen = rehash_sample(pack, svd, cut="up0.0.attn")
+    out = rehash_sample(pack, svd, cut="auto")
+    text = report(caplog)
+    assert "cut up0.0.attn (auto: up0.1.attn replays the last full step's output" in text
+    assert "after up0.0.attn" in text
+    assert torch.equal(out, chosen)
+    assert pack.NODE_CLASS_MAPPINGS["StepRehashSampler"].INPUT_TYPES()["required"]["cut"][1]["default"] == "auto"
+    with pytest.raises(ValueError, match="cut='up0.1.attn' replays the last full step's output.*choose auto"):
+        rehash_sample(pack, svd, cut="up0.1.attn")
 
 
 def test_nodes_are_registered_with_tooltips(pack):

@@ -22,14 +22,14 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ...engine.api import Streamliner
 from ...engine.arch import comfy_unet, engine_adapter
 from ...engine.context import ControllerCall, run_context
-from ...engine.stages import StageRequest
+from ...engine.stages import CutPoint, StageRequest
 from .keysteps import DEFAULT_CUT, LAST_UP_BLOCK, default_count, fingerprint, interval_key_steps
-from .schedule import RehashConfig, Schedule
+from .schedule import RehashConfig, Schedule, nearest_cut
 from .state import HostCalibration, RehashDriver
 
 KEY = "streamline.rehash"
@@ -38,6 +38,10 @@ AUTO = "auto (find or make one)"
 SCHEDULES = ("target key steps", "gamma", "uniform interval")
 HEUN_LIKE = ("heun", "heunpp2")  # evaluate at the next step's sigma to correct a step (learnt for others)
 CUTS = tuple(c for c in LAST_UP_BLOCK if c not in LAST_UP_BLOCK[-2:])  # the cuts whose tail takes fresh input
+# The cut widget's default: DEFAULT_CUT, or on a U-Net where its tail takes no fresh input (one ResBlock per level,
+# where it is the last layer) the nearest cut whose tail does; the report names the cut taken.
+AUTO_CUT = "auto"
+CUT_CHOICES = (AUTO_CUT, *CUTS)
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +81,7 @@ class RehashOptions:
     key_steps: int = 0  # 0: the paper's share, 13 of 25 steps, scaled
     gamma: float = 0.95
     interval: int = 2
-    cut: str = DEFAULT_CUT
+    cut: str = AUTO_CUT
     calibration: str = AUTO
     start_percent: float = 0.0
     end_percent: float = 1.0
@@ -90,9 +94,9 @@ class RehashOptions:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if self.cut not in CUTS:
-            raise ValueError(f"cut must be one of {', '.join(CUTS)} (the last up block's cuts whose tail takes fresh "
-                             f"input); got {self.cut!r}")
+        if self.cut not in CUT_CHOICES:
+            raise ValueError(f"cut must be {AUTO_CUT} or one of {', '.join(CUTS)} (the last up block's cuts whose tail "
+                             f"takes fresh input); got {self.cut!r}")
         _whole("key_steps", self.key_steps, 0, "0 (13 of 25 steps, scaled) or a number of steps")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma must be a similarity from 0 to 1; got {self.gamma}")
@@ -134,6 +138,7 @@ class ComfyRehash:
     learn: bool = True  # off where guidance calls the model again at a step's sigma (PAG, SAG)
     _at_next: dict = field(default_factory=dict)  # branch -> its calls at the next step's sigma since the callback
     controller: RehashDriver | HostCalibration | None = None
+    cut_id: str | None = None  # the cut this run caches at (``options.cut``, or where auto took it)
     lines: list[str] = field(default_factory=list)
     _made_for: dict[str, Any] | None = None
 
@@ -156,13 +161,17 @@ class ComfyRehash:
         call's ``transformer_options``), and its branches as the token for :meth:`after`."""
         options = call.arguments.get("transformer_options") or {}
         if self.controller is None:
-            self.start(call.unet)
+            self.start(call.unet, call.cuts)
         branches = self.branches_of(options)
         step = self.step_of(_sigma(options), branches)
         if isinstance(self.controller, HostCalibration):
             return self.controller.request(call.cuts, call.rows, step, branches), branches
         driver = self.controller
-        driver.check(call.cuts)
+        try:
+            driver.check(call.cuts)
+        except ValueError as e:  # a cut the user chose that does not fit this U-Net: what the node offers instead
+            raise ValueError(str(e).replace("pass replay=True to sweep it, or take a cut with a fresh tail",
+                                            f"choose {AUTO_CUT} (the nearest that fits) or a cut with a fresh tail")) from None
         request, kind = driver.state.request(step, branches)
         driver.announce(step, kind, call.emit)
         return request, branches
@@ -231,7 +240,8 @@ class ComfyRehash:
         return tuple((window, str(u)) for u in ids)
 
     # the first U-Net call decides what the run does
-    def start(self, unet: Any) -> None:
+    def start(self, unet: Any, cuts: Sequence[CutPoint] = ()) -> None:
+        self.cut_id = self._chosen_cut(cuts)
         if self.steps < 2:
             self._use(list(range(self.steps)), "one step: nothing to reuse")
             return
@@ -251,15 +261,26 @@ class ComfyRehash:
             log.info("Step Rehash: %s", self.lines[-1])
             return
         if self.options.schedule == "gamma":
-            config = RehashConfig(schedule=schedule, cut=self.options.cut, gamma=self.options.gamma, override=True)
+            config = RehashConfig(schedule=schedule, cut=self.cut_id, gamma=self.options.gamma, override=True)
         else:
             count = self.options.key_steps or default_count(self.steps)
-            config = RehashConfig(schedule=schedule, cut=self.options.cut, count=min(count, self.steps), override=True)
+            config = RehashConfig(schedule=schedule, cut=self.cut_id, count=min(count, self.steps), override=True)
         keys, how = config.schedule.key_steps, f"{self.options.schedule} on the calibration's maps"
         if schedule.steps != self.steps:  # made for another step count (overridden)
             keys = [k for k in keys if k < self.steps]
             how += f" (made for {schedule.steps} steps: those below {self.steps})"
         self._use(keys, how)
+
+    def _chosen_cut(self, cuts: Sequence[CutPoint]) -> str:
+        """The cut widget's choice, or where auto takes it on this U-Net (said in the report)."""
+        if self.options.cut != AUTO_CUT:
+            return self.options.cut  # checked on the first call: one that does not fit is refused, naming the widget
+        if not cuts:
+            return DEFAULT_CUT
+        cut, why = nearest_cut(cuts)
+        self.lines.append(f"cut {cut} (auto{': ' + why if why else ''})")
+        log.info("Step Rehash: %s", self.lines[-1])
+        return cut
 
     def _find_calibration(self) -> Schedule | None:
         if self.options.calibration != AUTO:
@@ -289,7 +310,7 @@ class ComfyRehash:
 
     def _use(self, keys: list[int], how: str) -> None:
         keys = self._limited(keys)
-        self.controller = RehashDriver(RehashConfig(key_steps=keys, cut=self.options.cut), self.steps, {})
+        self.controller = RehashDriver(RehashConfig(key_steps=keys, cut=self.cut_id), self.steps, {})
         self.lines.append(f"key steps by {how}")
         self.progress(f"Step Rehash: step 1/{self.steps} key")
 
@@ -345,14 +366,14 @@ class ComfyRehash:
                     f"{self.controller.sampler.cap_bytes / 2**20:.0f} MiB; nothing saved (use interval, or fewer frames)")
         cal = self.controller.calibration(self.steps, self._made_for)
         wrong = [c for c, m in cal.maps.items() if tuple(m.shape) != (self.steps, self.steps)]
-        if wrong or self.options.cut not in cal.maps:
-            return (f"the calibration's maps do not cover this run's {self.steps} steps at {self.options.cut}; nothing "
+        if wrong or self.cut_id not in cal.maps:
+            return (f"the calibration's maps do not cover this run's {self.steps} steps at {self.cut_id}; nothing "
                     f"saved")
         m = self._made_for
         denoise = "" if m.get("denoise") in (None, 1.0) else f"-denoise{m['denoise']:g}"
         name = f"{m['model'][:12]}-{m['steps']}steps-{_slug(m['sampler'])}-{_slug(m['scheduler'])}{denoise}.json"
         path = calibration_folder() / name
-        json_path, _ = cal.save(path, cut=self.options.cut, count=default_count(self.steps))
+        json_path, _ = cal.save(path, cut=self.cut_id, count=default_count(self.steps))
         return (f"calibrated on this run and saved {json_path.name} in {json_path.parent}; the next runs with this "
                 f"model and setting use it (refresh the node definitions to see it in the calibration list)")
 

@@ -192,6 +192,24 @@ class RehashConfig:
         return sorted(set(self.key_steps) | {0, steps - 1})
 
 
+def nearest_cut(cuts: Sequence[CutPoint], preferred: str = DEFAULT_CUT) -> tuple[str, str]:
+    """The cut Step Rehash takes where none was chosen: ``preferred`` where its tail takes fresh input on this
+    U-Net; else the nearest of the last up block's cuts whose tail does (the earlier on a tie: more recomputed);
+    else the last such cut of the middle or up path. Returns it and, where it is not ``preferred``, why."""
+    usable = [c.id for c in cuts if c.section in ("mid", "up") and c.fresh]
+    if preferred in usable:
+        return preferred, ""
+    if not usable:
+        raise ValueError("cut: this U-Net has no cut in its middle or up path whose tail takes fresh input; Step Rehash "
+                         "has nothing to reuse on it")
+    order = list(LAST_UP_BLOCK)
+    at = order.index(preferred) if preferred in order else len(order)
+    near = sorted((c for c in order if c in usable), key=lambda c: (abs(order.index(c) - at), order.index(c)))
+    found = near[0] if near else usable[-1]
+    here = next((c for c in cuts if c.id == preferred), None)
+    return found, (f"{preferred} {here.label} on this U-Net" if here is not None else f"this U-Net has no {preferred}")
+
+
 def check_cut(cut: CutPoint | None, cut_id: str, cuts: Sequence[CutPoint], replay: bool) -> CutPoint:
     """The cut point Step Rehash caches at, or a clear error naming ``cut`` and the cuts it accepts."""
     usable = [c.id for c in cuts if c.section in ("mid", "up") and (c.fresh or replay)]

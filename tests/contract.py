@@ -18,68 +18,16 @@ handle, the node's clone.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from streamlined_core.engine import slicing
-from streamlined_core.engine.slicing import GroupEvent, Runner
-from streamlined_core.engine.stages import CutPoint, CutState, StageRequest
-
-TOL = 1e-5
-
-
-def rel(out: torch.Tensor, reference: torch.Tensor) -> float:
-    """Max abs difference relative to the reference's max magnitude."""
-    return ((out - reference).abs().max() / reference.abs().max()).item()
-
-
-@dataclass
-class Coverage:
-    """Which groups with an axis of two or more ran, and which of them ran with two or more slices."""
-
-    seen: set[str] = field(default_factory=set)
-    sliced: dict[str, int] = field(default_factory=dict)
-
-    def record(self, event: Any) -> None:
-        # by name: under ComfyUI the events come from the pack's own copy of the core
-        if type(event).__name__ == GroupEvent.__name__ and event.kind == "end" and event.length >= 2:
-            self.seen.add(event.name)
-            if event.slices >= 2:
-                self.sliced[event.name] = max(self.sliced.get(event.name, 0), event.slices)
-
-    def never_sliced(self) -> list[str]:
-        return sorted(self.seen - set(self.sliced))
-
-    def kinds(self) -> set[str]:
-        return {part for name in self.sliced for part in name.split(".")}
-
-
-@dataclass
-class Subject:
-    """One model call under the contract. Both callables build fresh containers per call (hosts pop
-    control lists and write options in place)."""
-
-    reference: Callable[[], torch.Tensor]  # the host's own forward
-    engine: Callable[[Runner], Any]  # the engine's forward: a tensor, or a CutState when asked to stop
-    cuts: list[CutPoint]
-
-
-def forced(slices: int, mode: str = "keep", listeners=(), request: StageRequest | None = None) -> Runner:
-    """A runner that gives every group ``slices`` slices (clamped to its axis)."""
-    return Runner(lambda _n, _a, _l: (slices, mode), listeners, request)
-
-
-def check_sliced(subject: Subject, slices: int, coverage: Coverage | None = None, mode: str = "keep") -> float:
-    """The engine with every group at ``slices`` slices against the host's own forward: the error."""
-    with torch.no_grad():
-        reference = subject.reference()
-        out = subject.engine(forced(slices, mode, [coverage.record] if coverage else []))
-    assert torch.isfinite(reference).all() and reference.std() > 0, "the comparison would prove nothing"
-    assert out.shape == reference.shape
-    return rel(out, reference)
+from streamlined_core.engine.slicing import Runner
+from streamlined_core.engine.stages import CutState, StageRequest
+from streamlined_core.tools.selftest.contract import TOL, Coverage, Subject, check_sliced, forced, rel  # noqa: F401
 
 
 def check_per_slice_statistics_fail(subject: Subject, monkeypatch, slices: int = 4) -> None:

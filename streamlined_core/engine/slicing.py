@@ -393,6 +393,21 @@ def rows_of(value, start: int, stop: int, length: int):
     return value[start:stop]
 
 
+def one_value_items(x: torch.Tensor) -> bool:
+    """Items of one value per channel (a 1x1 latent): the host's GroupNorm refuses one such item alone (a
+    group of one value), though the whole batch passes."""
+    return x.shape[0] > 1 and x[:1, :1].numel() == 1
+
+
+def paired(a: int, b: int, n: int, single: bool) -> tuple[int, int]:
+    """The items to run for items [a, b): a single item of :func:`one_value_items` runs beside a neighbour,
+    whose row is dropped (the modules are per item, so the item's row is what it would be alone)."""
+    if not single or b - a != 1:
+        return a, b
+    lo = a - 1 if a > 0 else a
+    return lo, lo + 2
+
+
 def frames_group(
     runner: Runner,
     name: str,
@@ -406,9 +421,12 @@ def frames_group(
     ``in_place``: each slice's result overwrites the slice of ``inputs[0]`` it came from (the result
     must have its shape and dtype, and the input must belong to the caller alone)."""
     n = inputs[0].shape[0]
+    single = one_value_items(inputs[0])
 
     def body(a: int, b: int) -> torch.Tensor:
-        return call(*[x[a:b] for x in inputs], *[rows_of(t, a, b, n) for t in per_item])
+        lo, hi = paired(a, b, n, single)
+        out = call(*[x[lo:hi] for x in inputs], *[rows_of(t, lo, hi, n) for t in per_item])
+        return out if (lo, hi) == (a, b) else out[a - lo:b - lo]
 
     return runner.run(name, "frames", n, body, InPlace(inputs[0]) if in_place else Rows(n))
 
@@ -555,6 +573,7 @@ def spatial_resblock(runner: Runner, name: str, block: SpatialResBlock, x: torch
     n, _, height, _ = x.shape
     scale = 2 if block.upsampler is not None else 1
     rows = height * scale
+    single = block.upsampler is None and one_value_items(x)
     stats1 = [GroupNormStats(block.norm1.num_groups) for _ in range(n)]
     stats2 = [GroupNormStats(block.norm2.num_groups) for _ in range(n)]
     affines: dict[int, tuple] = {}
@@ -585,8 +604,10 @@ def spatial_resblock(runner: Runner, name: str, block: SpatialResBlock, x: torch
 
     def body(f0: int, f1: int, r0: int, r1: int) -> torch.Tensor:
         if r1 - r0 == rows:  # whole frames: the host's modules
-            xs = x[f0:f1]
-            return block.whole(block.upsampler(xs) if block.upsampler is not None else xs)
+            lo, hi = paired(f0, f1, n, single)
+            xs = x[lo:hi]
+            out = block.whole(block.upsampler(xs) if block.upsampler is not None else xs)
+            return out if (lo, hi) == (f0, f1) else out[f0 - lo:f1 - lo]
         a, b = max(0, r0 - block.halo), min(rows, r1 + block.halo)
         xs = source(f0, a, b)
         h = first(f0, xs)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from .commands import bench, calibrate, profile, simulate
+from .commands import bench, calibrate, profile, selftest, simulate
 
-COMMANDS = (simulate, bench, profile, calibrate)
+COMMANDS = (simulate, bench, profile, calibrate, selftest)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ than growing a second description of each model.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -19,6 +20,8 @@ from torch import nn
 
 from ..stages import CutPoint
 from . import comfy_unet, comfy_vae, diffusers_animatediff, diffusers_sd_vae, diffusers_svd, diffusers_vae
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,18 @@ def engine_adapter(model: nn.Module) -> Adapter:
     """The adapter that drives ``model``: its family's, or its fallback on a host version it does not reproduce."""
     adapter = adapter_for(model)
     if adapter.forward is not None and not adapter.supports(model) and adapter.fallback is not None:
+        log.info("Streamline: %s's forward is not a version the stage loop reproduces%s: each layer is sliced under "
+                 "the host's own loop (module level), exactly; running from a cut (Step Rehash) needs a recognised "
+                 "version", type(model).__name__, _fingerprint(model))
         return module_level(adapter)
     return adapter
+
+
+def _fingerprint(model: nn.Module) -> str:
+    try:
+        return f" (sha256 {comfy_unet.forward_fingerprint(model)[:12]})"
+    except Exception:  # not a ComfyUI UNetModel
+        return ""
 
 
 def module_level(adapter: Adapter) -> Adapter:

@@ -1,0 +1,145 @@
+"""``streamline selftest exactness``: property-based exactness, counted (a development command: it needs the
+test extras, hypothesis among them: ``pip install ".[test]"``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import positive
+
+# ComfyUI's attention flags: one process each (the host picks its attention function at import); the
+# default process also runs the weight paths and the unrecognised forward
+BACKEND_FLAGS = {"default": "", "pytorch": "--use-pytorch-cross-attention", "split": "--use-split-cross-attention",
+                 "sub-quadratic": "--use-quad-cross-attention"}
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add the command's parser to ``sub`` (the ``streamline`` subparsers)."""
+    p = sub.add_parser(
+        "selftest",
+        help="exactness over random tiny configurations of every architecture, attention backend and weight path",
+        description="exactness: hypothesis draws tiny configurations of diffusers' SVD and AnimateDiff U-Nets and "
+        "VAE decoders and, with ComfyUI hosts, ComfyUI's SVD U-Net and VAE decoder under each attention backend its "
+        "flags select on this machine, with fp16 and fp8 weights cast per call, partially loaded, and with a "
+        "_forward the engine does not recognise; each example's sliced run is held to the host's own forward "
+        "(fp32: 1e-5 of the output's magnitude; bf16 against fp32), and each category checks that streamline() "
+        "restores the model. Prints the examples, the groups covered and the failures per category; exits 1 if "
+        "any failed. A development command: it needs the test extras (pip install \".[test]\").",
+    )
+    p.add_argument("check", choices=["exactness"], help="what to test")
+    p.add_argument("--profile", choices=["ci", "full"], default="ci",
+                   help="examples per category: ci (10 per diffusers architecture, 3 per ComfyUI category) or full "
+                        "(200 per diffusers architecture, 50 per ComfyUI category: 200 per ComfyUI architecture "
+                        "across the four backends); default ci")
+    p.add_argument("--examples", type=positive, default=None, metavar="N",
+                   help="examples per category instead of the profile's")
+    p.add_argument("--comfyui", action="append", default=None, metavar="PATH",
+                   help="a ComfyUI checkout to test (repeatable; default: $COMFYUI_PATHS, colon-separated, else "
+                        "$COMFYUI_PATH; none: the diffusers rows only)")
+    p.add_argument("--backend", action="append", choices=list(BACKEND_FLAGS), default=None,
+                   help="the ComfyUI attention backends to run (repeatable; default: all four; the weight paths and "
+                        "the unrecognised forward run with the default one)")
+    p.add_argument("--only", choices=["diffusers", "comfyui"], default=None, help="run one family of rows")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    return p
+
+
+def hosts(args: argparse.Namespace) -> list[str]:
+    if args.comfyui:
+        return args.comfyui
+    paths = os.environ.get("COMFYUI_PATHS") or os.environ.get("COMFYUI_PATH") or ""
+    return [p for p in paths.split(":") if p]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        print("streamline selftest: needs hypothesis, a test dependency: pip install \".[test]\" from a clone",
+              file=sys.stderr)
+        return 2
+    from ..selftest.exactness import PROFILES, run_category, wrong_variant
+
+    for root in hosts(args) if args.only != "diffusers" else []:
+        if not (Path(root) / "comfy").is_dir():
+            args.parser.error(f"--comfyui {root}: not a ComfyUI checkout (no comfy/ folder)")
+    diffusers_n, comfy_n = PROFILES[args.profile]
+    if args.examples:
+        diffusers_n = comfy_n = args.examples
+    rows: list[dict] = []
+    notes: list[str] = []
+    start = time.perf_counter()
+    if args.only != "comfyui":
+        import diffusers
+
+        from ..selftest.archs import DIFFUSERS
+
+        for arch in DIFFUSERS:
+            _say(f"{arch.label}: {diffusers_n} examples")
+            rows.append(run_category(arch, "default", f"diffusers {diffusers.__version__}", diffusers_n,
+                                     wrong=wrong_variant()).as_dict())
+    if args.only != "diffusers":
+        if not hosts(args):
+            notes.append("no ComfyUI host: set --comfyui PATH (or $COMFYUI_PATH) for its rows")
+        for root in hosts(args):
+            for flag in (BACKEND_FLAGS[b] for b in (args.backend or BACKEND_FLAGS)):
+                _say(f"ComfyUI at {root}, {flag or 'default flags'}: {comfy_n} examples per category")
+                rows.extend(_worker(root, comfy_n, flag))
+    failed = [r for r in rows if r["failed"]]
+    if args.json:
+        print(json.dumps({"profile": args.profile, "rows": rows, "notes": notes, "failed": len(failed),
+                          "seconds": time.perf_counter() - start}, indent=1, default=str))
+    else:
+        print(_table(rows, args.profile, notes, time.perf_counter() - start))
+    return 1 if failed else 0
+
+
+def _worker(root: str, examples: int, flag: str) -> list[dict]:
+    command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples)]
+    done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3])))
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout)[-1500:]
+        return [{"arch": "comfyui", "path": flag or "default", "host": root, "examples": 0, "failed": True,
+                 "failures": [{"check": "worker", "example": {}, "message": f"the ComfyUI process failed: {tail}"}]}]
+    return json.loads(lines[-1])
+
+
+def _say(text: str) -> None:
+    print(f"selftest: {text}", file=sys.stderr, flush=True)
+
+
+def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> str:
+    head = ("architecture", "host", "backend or weights", "examples", "fp32/bf16", "ill-cond.", "groups sliced",
+            "restore", "failures", "s")
+    body = []
+    for r in rows:
+        body.append((r["arch"], r.get("host", ""), r.get("path", ""), str(r.get("examples", 0)),
+                     f"{r.get('fp32', 0)}/{r.get('bf16', 0)}", str(r.get("ill_conditioned", 0)),
+                     f"{r.get('groups_sliced', 0)}/{r.get('groups_seen', 0)}", str(r.get("restore_runs", 0)),
+                     ", ".join(sorted({f["check"] for f in r.get("failures", [])})) or "0",
+                     f"{r.get('seconds', 0):.0f}"))
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = [f"Exactness self-test, profile {profile}: {sum(int(b[3]) for b in body)} examples in {seconds:.0f} s",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    for r in rows:
+        for f in r.get("failures", []):
+            lines.append(f"FAILED {r['arch']} [{r.get('path', '')}] {f['check']}: {f['message'][:400]}")
+            if f.get("example"):
+                lines.append(f"  smallest example: {json.dumps(f['example'], default=str)}")
+        for n in r.get("notes", []):
+            lines.append(f"note {r['arch']} [{r.get('path', '')}]: {n[:300]}")
+    lines += [f"note: {n}" for n in notes]
+    lines.append("ill-cond.: fp32 examples over 1e-5 whose output is as close to the fp64 forward as the host's own "
+                 "(tiny latents, where a norm sees a handful of values); groups sliced: groups run with two or more "
+                 "slices / groups with an axis of two or more")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""The ComfyUI architectures of the exactness self-test (needs ComfyUI importable): its SVD ``UNetModel``
+and its SVD ``VideoDecoder``, and the ways the host computes them: the attention function its flags chose,
+weights stored in fp16 or fp8 and cast per call (``comfy.ops.manual_cast``), a model partially loaded
+(``ModelPatcher.load(lowvram_model_memory=...)``: the modules left out cast their weights per call), and a
+``UNetModel._forward`` the engine does not recognise (the module-level path)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import configs
+from .archs import Arch, Config, Shape, _cast, _cumulative, _video_shapes  # noqa: F401  (Arch: the worker)
+from .contract import Subject
+
+
+def _unet_configs(st):
+    return st.fixed_dictionaries({
+        "model_channels": st.sampled_from((32, 64)),
+        "mults": st.lists(st.sampled_from((1, 2)), min_size=1, max_size=2),
+        "num_res_blocks": st.lists(st.integers(1, 2), min_size=3, max_size=3),
+        "attention": st.lists(st.booleans(), min_size=3, max_size=3),
+        "num_head_channels": st.sampled_from((16, 32)),
+        "context_dim": st.sampled_from((32, 64)),
+        "adm_in_channels": st.sampled_from((256, 768)),
+    })
+
+
+def unet_kwargs(c: Config) -> dict:
+    """``UNetModel`` overrides of SVD's arguments for a drawn configuration."""
+    mult = [m // c["model_channels"] for m in _cumulative(c["model_channels"], c["mults"])]
+    levels = len(mult)
+    blocks = c["num_res_blocks"][:levels]
+    depth = [int(a) for a, n in zip(c["attention"], blocks) for _ in range(n)]
+    depth_out = [int(a) for a, n in zip(c["attention"], blocks) for _ in range(n + 1)]
+    return dict(model_channels=c["model_channels"], channel_mult=mult, num_res_blocks=blocks, transformer_depth=depth,
+                transformer_depth_output=list(reversed(depth_out)), num_head_channels=c["num_head_channels"],
+                context_dim=c["context_dim"], adm_in_channels=c["adm_in_channels"])
+
+
+def build_unet(c: Config, weights: str = "fp32") -> torch.nn.Module:
+    """The drawn SVD ``UNetModel``, seeded; ``weights``: fp32, or fp16 / fp8 storage cast per call to fp32."""
+    import comfy.ops
+
+    if weights == "fp32":
+        return configs.seed_weights_scaled(configs.build_comfy_svd("cpu", torch.float32, **unet_kwargs(c)))
+    storage = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}[weights]
+    model = configs.build_comfy_svd("cpu", torch.float32, **unet_kwargs(c), operations=comfy.ops.manual_cast)
+    configs.seed_weights_scaled(model)
+    for module in model.modules():  # the host's layers stored low, computed in fp32: cast per call
+        if hasattr(module, "comfy_cast_weights"):
+            module.to(storage)
+    return model
+
+
+def unet_subject(forward=None):
+    from ...engine.arch import comfy_unet
+
+    engine_forward = forward or comfy_unet.streamlined_forward
+
+    def subject(model: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> Subject:
+        b, t, h, w = shape
+        n = b * t
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(n, model.in_channels, h, w, generator=gen)
+        timesteps = torch.full((n,), 0.5)
+        context = torch.randn(n, 1, comfy_unet.context_dim(model), generator=gen)
+        y = torch.randn(n, comfy_unet.adm_dim(model), generator=gen)
+        x, context, y = _cast((x, context, y), dtype)
+        timesteps = timesteps.to(dtype)  # ComfyUI hands the U-Net its timesteps in the model's dtype
+
+        return Subject(lambda: model(x, timesteps, context, y, num_video_frames=t),
+                       lambda runner: engine_forward(model, runner, x, timesteps, context, y, None, {},
+                                                     num_video_frames=t),
+                       comfy_unet.cuts(model))
+
+    return subject
+
+
+def _vae_configs(st):
+    return st.fixed_dictionaries({
+        "ch": st.sampled_from((32, 64)),
+        "mults": st.lists(st.sampled_from((1, 2)), min_size=1, max_size=2),
+        "num_res_blocks": st.integers(1, 2),
+    })
+
+
+def build_vae(c: Config) -> torch.nn.Module:
+    from comfy.ldm.modules.temporal_ae import VideoDecoder
+
+    mult = [m // c["ch"] for m in _cumulative(c["ch"], c["mults"])]
+    decoder = VideoDecoder(ch=c["ch"], out_ch=3, ch_mult=mult, num_res_blocks=c["num_res_blocks"], attn_resolutions=[],
+                           in_channels=3, resolution=64, z_channels=4, dropout=0.0, video_kernel_size=[3, 1, 1],
+                           alpha=0.0).eval()
+    return configs.seed_weights_scaled(decoder)
+
+
+def vae_subject(decoder: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> Subject:
+    from ...engine.arch import comfy_vae
+
+    _, t, h, w = shape
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(t, 4, h, w, generator=gen).to(dtype)  # ComfyUI decodes a batch as one clip
+    return Subject(lambda: decoder(z), lambda runner: comfy_vae.streamlined_forward(decoder, runner, z))
+
+
+def unet_arch(weights: str = "fp32", forward=None, label: str = "ComfyUI SVD U-Net") -> Arch:
+    return Arch("comfyui-svd-unet", label, _unet_configs, _video_shapes, lambda c: build_unet(c, weights),
+                unet_subject(forward), host=True)
+
+
+VAE = Arch("comfyui-svd-vae", "ComfyUI SVD VAE decoder", _vae_configs,
+           lambda st, c: _video_shapes(st, c, frames=5, size=8, batch=1), build_vae, vae_subject, host=True)
+
+
+def partially_loaded(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+    """``model`` loaded by ComfyUI's ``ModelPatcher`` with half its weights' bytes as the low-VRAM budget: the
+    modules left out cast their weights per call. Returns the model and how many modules cast."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    size = comfy.model_management.module_size(model)
+    patcher.load(cpu, lowvram_model_memory=size // 2)
+    cast = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in model.modules())
+    return model, cast

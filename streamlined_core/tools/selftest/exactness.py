@@ -1,0 +1,326 @@
+"""``streamline selftest exactness``: property-based exactness, counted.
+
+For each category (an architecture under one attention backend or weight path), hypothesis draws
+tiny configurations, call shapes, per-group slice counts and modes, and fp32 or bf16, and each
+example holds the engine's sliced run to the host's own forward (:mod:`.contract`). The profile sets
+how many examples each category draws (a fixed seed per category: the same examples on every run). A failure is
+shrunk to its smallest example, reported, and the command exits 1; shrunk failures are kept as
+regular tests (``REGRESSIONS``). Each category also checks that ``streamline()`` leaves the model
+exactly as it was after a run that succeeds and one that raises.
+
+``STREAMLINE_SELFTEST_WRONG`` (set only by the tests) switches on a deliberately wrong variant so the
+counts are shown to be able to fail: ``norm-stats`` (per-slice norm statistics) fails every
+category's exactness, ``skip-restore`` (a handle that does not restore the model) its restore check.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from ..configs import quiet_diffusers
+from .archs import Arch, Shape
+from .contract import LOW_PRECISION_RATIO, LOW_PRECISION_TOL, TOL, Coverage, drawn, per_slice_statistics, rel
+
+WRONG_ENV = "STREAMLINE_SELFTEST_WRONG"
+WRONG_VARIANTS = ("norm-stats", "skip-restore")
+SLICES = (1, 2, 3, 4, 7, 10_000)  # per group, clamped to its axis: 10_000 is the most slicing
+MODES = ("keep", "recompute")
+CONDITIONED_RATIO = 2.0  # an ill-conditioned example: our error against fp64 at most 2x the host's own
+# Examples per category: (diffusers architecture, ComfyUI architecture under one backend or weight path).
+PROFILES = {"ci": (10, 3), "full": (200, 50)}
+# Shrunk failures, replayed before the drawn examples: (architecture key, configuration, shape, slices, modes, dtype).
+REGRESSIONS: list[tuple[str, dict, Shape, tuple[int, ...], tuple[str, ...], str]] = [
+    # a 1x1 latent sliced by frames: the host's GroupNorm refused one item alone (slicing.paired)
+    ("diffusers-svd-unet", {"block_out_channels": (32, 32), "attention": [False, False, False], "layers_per_block": 1,
+                            "num_attention_heads": 1, "cross_attention_dim": 16, "addition_time_embed_dim": 8},
+     (1, 2, 1, 1), (2,), ("keep",), "fp32"),
+    # the same in a VAE decoder's whole-frame tiles
+    ("diffusers-svd-vae", {"block_out_channels": (32, 32), "layers_per_block": 1}, (1, 2, 1, 1), (2,), ("keep",), "fp32"),
+    # a 1x2 latent: the host's own fp32 output is 1e-4 from the fp64 forward, and so is the sliced run's
+    ("diffusers-svd-unet", {"block_out_channels": (32, 32), "attention": [False, False, False], "layers_per_block": 1,
+                            "num_attention_heads": 1, "cross_attention_dim": 16, "addition_time_embed_dim": 8},
+     (1, 2, 1, 2), (2,), ("keep",), "fp32"),
+]
+
+
+@dataclass
+class Failure:
+    check: str  # "exactness" or "restore"
+    example: dict
+    message: str
+
+
+@dataclass
+class CategoryResult:
+    arch: str
+    path: str  # the attention backend or weight path ("default" where the host has no choice)
+    host: str  # "diffusers x.y" or "ComfyUI x.y"
+    examples: int = 0
+    rejected: int = 0  # drawn examples the host itself could not run
+    fp32: int = 0
+    bf16: int = 0
+    groups_sliced: int = 0
+    groups_seen: int = 0
+    never_sliced: list[str] = field(default_factory=list)
+    worst_fp32: float = 0.0
+    ill_conditioned: int = 0  # fp32 examples over 1e-5 where the host's own output is as far from fp64
+    restore_runs: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"failed": self.failed}
+
+
+def wrong_variant() -> str | None:
+    """The wrong variant the tests switched on, or None (the real engine)."""
+    value = os.environ.get(WRONG_ENV) or None
+    if value is not None and value not in WRONG_VARIANTS:
+        raise ValueError(f"{WRONG_ENV} must be one of {', '.join(WRONG_VARIANTS)}; got {value!r}")
+    return value
+
+
+class Models:
+    """The models a category's examples use, built once per configuration (and per dtype)."""
+
+    def __init__(self, arch: Arch, keep: int = 6) -> None:
+        self.arch, self.keep = arch, keep
+        self._cache: dict[tuple, torch.nn.Module] = {}
+
+    def get(self, config: dict, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        key = (repr(sorted(config.items())), dtype)
+        if key not in self._cache:
+            if len(self._cache) >= self.keep:
+                self._cache.pop(next(iter(self._cache)))
+            base = self.get(config) if dtype != torch.float32 else self.arch.build(config)
+            if dtype == torch.float32:
+                self._cache[key] = base
+            else:
+                with quiet_diffusers():
+                    self._cache[key] = copy.deepcopy(base).to(dtype)
+        return self._cache[key]
+
+
+def check_example(arch: Arch, models: Models, config: dict, shape: Shape, slices, modes, dtype: str,
+                  coverage: Coverage, ill_conditioned: list[float]) -> float:
+    """One example: the engine at the drawn slicing against the host's forward. Returns the fp32 error (or
+    the bf16 error's excess over the bound, negative when within it); raises AssertionError when it fails.
+    An fp32 example over 1e-5 whose output is as close to the fp64 forward as the host's own is (within
+    ``CONDITIONED_RATIO``) passes and is counted in ``ill_conditioned``."""
+    model = models.get(config)
+    record = Coverage()
+    with torch.no_grad():
+        subject = arch.subject(model, shape, torch.float32)
+        try:
+            reference = subject.reference()
+        except Exception as e:  # a shape the host itself cannot run (GroupNorm of one value, say): not ours
+            raise _Unusable(f"the host's own forward raised {type(e).__name__}: {e}") from None
+        if not (torch.isfinite(reference).all() and reference.std() > 0):
+            raise _Unusable("the host's output is not finite or constant: the comparison would prove nothing")
+        if dtype == "fp32":
+            out = subject.engine(drawn(slices, modes, [record.record]))
+            error = rel(out, reference)
+            coverage.merge(record)
+            assert out.shape == reference.shape, f"shape {tuple(out.shape)} != {tuple(reference.shape)}"
+            if error <= TOL:
+                return error
+            # Over 1e-5: the host's own fp32 output may be that far from the exact result where its norms see
+            # a handful of values (a 1x2 latent): both are then judged against the fp64 forward.
+            truth = arch.subject(models.get(config, torch.float64), shape, torch.float64).reference()
+            host, ours = rel(reference, truth), rel(out, truth)
+            assert ours <= CONDITIONED_RATIO * host + TOL, (
+                f"fp32: max error {error:.3g} of the output's magnitude > {TOL:g}; against the fp64 forward "
+                f"{ours:.3g}, the host's own fp32 output {host:.3g}")
+            ill_conditioned.append(error)
+            return ours - host
+        low = arch.subject(models.get(config, torch.bfloat16), shape, torch.bfloat16)
+        try:
+            low_reference = low.reference().float()
+        except Exception as e:  # an operator the host's bf16 path lacks on this device: not ours
+            raise _Unusable(f"the host's own bf16 forward raised {type(e).__name__}: {e}") from None
+        if not torch.isfinite(low_reference).all():
+            raise _Unusable("the host's own bf16 output is not finite")
+        unsliced = (low_reference - reference).abs().max().item()
+        out = low.engine(drawn(slices, modes, [record.record]))
+        coverage.merge(record)
+        sliced = (out.float() - reference).abs().max().item()
+        bound = LOW_PRECISION_RATIO * unsliced + LOW_PRECISION_TOL * reference.abs().max().item()
+        assert sliced <= bound, (f"bf16: sliced max error {sliced:.3g} > 1.5 x the unsliced run's {unsliced:.3g} + "
+                                 f"1e-3 of the output's magnitude ({bound:.3g})")
+        return sliced - bound
+
+
+class _Unusable(Exception):
+    """The drawn example cannot test anything (the host's own output is degenerate): rejected."""
+
+
+def check_restore(arch: Arch, model: torch.nn.Module, shape: Shape) -> int:
+    """``streamline()`` on the model, a run, removal; then a run that raises inside, removal: every module's
+    attributes and every weight as before, and the host's output bitwise as before. Returns the runs made."""
+    from ... import streamline
+    from ...engine.api import StreamlineHandle
+
+    before = _snapshot(model)
+    with torch.no_grad():
+        reference = arch.subject(model, shape, torch.float32).reference()
+    wrong = wrong_variant() == "skip-restore"
+    original_remove = StreamlineHandle._remove
+    if wrong:
+        StreamlineHandle._remove = lambda self, keep_rehash: None
+    try:
+        for fail in (False, True):
+            handle = streamline(model, slices=3)
+            hook = None
+            if fail:
+                target = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+                hook = target.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("interrupted")))
+            try:
+                assert _changes(before, _snapshot(model)), "streamline() patched nothing this check could see"
+                with torch.no_grad():
+                    arch.subject(model, shape, torch.float32).reference()
+            except RuntimeError as e:
+                if not (fail and "interrupted" in str(e)):
+                    raise
+            finally:
+                if hook is not None:
+                    hook.remove()
+                handle.remove()
+            changed = _changes(before, _snapshot(model))
+            assert not changed, f"after a {'failed' if fail else 'successful'} run and remove(): {changed[:3]}"
+            with torch.no_grad():
+                again = arch.subject(model, shape, torch.float32).reference()
+            assert torch.equal(again, reference), "the restored model's output differs from before"
+    finally:
+        StreamlineHandle._remove = original_remove
+    return 2
+
+
+def _snapshot(model: torch.nn.Module) -> dict:
+    out = {}
+    for name, module in model.named_modules():
+        out[name] = {k: (v if not isinstance(v, dict) else dict(v)) for k, v in module.__dict__.items()}
+    return out
+
+
+def _changes(before: dict, after: dict) -> list[str]:
+    changed = []
+    for name in set(before) | set(after):
+        a, b = before.get(name, {}), after.get(name, {})
+        for key in set(a) | set(b):
+            if key not in a or key not in b:
+                changed.append(f"{name or 'model'}.{key} {'added' if key in b else 'removed'}")
+            elif isinstance(a[key], dict):
+                if a[key].keys() != b[key].keys() or any(a[key][k] is not b[key][k] for k in a[key]):
+                    changed.append(f"{name or 'model'}.{key} changed")
+            elif a[key] is not b[key] and not _same_value(a[key], b[key]):
+                changed.append(f"{name or 'model'}.{key} changed")
+    return sorted(changed)
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def run_category(arch: Arch, path: str, host: str, examples: int, *, wrong: str | None = None,
+                 progress: Callable[[str], None] | None = None, regressions: Iterable | None = None) -> CategoryResult:
+    """Draw ``examples`` examples of ``arch`` (a fixed seed per category) and check each; then check restoration."""
+    from hypothesis import HealthCheck, Phase, given, reject, seed, settings
+    from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
+
+    result = CategoryResult(arch.key, path, host)
+    start = time.perf_counter()
+    models = Models(arch)
+    coverage = Coverage()
+    last: list[dict] = []
+    ill_conditioned: list[float] = []
+    rejections: list[str] = []
+
+    def one(config, shape, slices, modes, dtype):
+        example = {"config": config, "shape": list(shape), "slices": list(slices), "modes": list(modes), "dtype": dtype}
+        last[:] = [example]
+        try:
+            error = check_example(arch, models, config, shape, tuple(slices), tuple(modes), dtype, coverage,
+                                  ill_conditioned)
+        except _Unusable as e:
+            result.rejected += 1
+            if len(rejections) < 3:
+                rejections.append(f"{example['config']} {example['shape']}: {e}")
+            reject()
+        except AssertionError as e:
+            last[:] = [example | {"message": str(e)}]
+            raise
+        result.examples += 1
+        setattr(result, dtype, getattr(result, dtype) + 1)
+        if dtype == "fp32" and error <= TOL:
+            result.worst_fp32 = max(result.worst_fp32, error)
+        if progress and result.examples % 10 == 0:
+            progress(f"{arch.key} [{path}]: {result.examples}/{examples} examples")
+
+    for key, config, shape, slices, modes, dtype in (REGRESSIONS if regressions is None else regressions):
+        if key == arch.key:
+            try:
+                one(config, shape, slices, modes, dtype)
+            except AssertionError as e:
+                result.failures.append(Failure("exactness", last[0], str(e)))
+
+    phases = (Phase.explicit, Phase.generate) if wrong else (Phase.explicit, Phase.generate, Phase.shrink)
+
+    @seed(zlib.crc32(f"{arch.key}|{path}".encode()))  # fixed per category: every run draws the same examples
+    @settings(max_examples=examples, database=None, deadline=None, phases=phases,
+              suppress_health_check=list(HealthCheck), print_blob=False, report_multiple_bugs=False)
+    @given(st.data())
+    def prop(data):
+        config = data.draw(arch.configs(st), label="config")
+        shape = data.draw(arch.shapes(st, config), label="shape")
+        slices = data.draw(st.lists(st.sampled_from(SLICES), min_size=1, max_size=5), label="slices")
+        modes = data.draw(st.lists(st.sampled_from(MODES), min_size=1, max_size=3), label="modes")
+        dtype = data.draw(st.sampled_from(("fp32", "fp32", "bf16")), label="dtype")
+        one(config, shape, slices, modes, dtype)
+
+    context = per_slice_statistics() if wrong == "norm-stats" else _null()
+    with context:
+        try:
+            prop()
+        except AssertionError as e:
+            example = dict(last[0]) if last else {}
+            result.failures.append(Failure("exactness", example, example.pop("message", str(e))))
+        except Unsatisfiable:
+            result.failures.append(Failure("exactness", {}, "no drawn example could run on the host: "
+                                           + "; ".join(rejections)))
+    if result.rejected:
+        result.notes.append(f"{result.rejected} drawn examples the host itself cannot run, e.g. {rejections[0][:240]}")
+    result.ill_conditioned = len(ill_conditioned)
+    result.groups_seen, result.groups_sliced = len(coverage.seen), len(coverage.sliced)
+    result.never_sliced = coverage.never_sliced()
+    try:
+        config = last[0]["config"] if last else None
+        if config is not None:
+            result.restore_runs = check_restore(arch, models.get(config), (1, 2, 4, 4))
+    except AssertionError as e:
+        result.failures.append(Failure("restore", {"config": config, "shape": [1, 2, 4, 4]}, str(e)))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,115 @@
+"""One ComfyUI process of the exactness self-test: ``python -m streamlined_core.tools.selftest.worker
+COMFYUI_ROOT EXAMPLES [FLAG]``. ComfyUI picks its attention function once, at import, from its flags, so
+each backend runs in a process of its own started with the real flag; the default backend's process also
+runs the weight paths and the unrecognised forward. Prints one JSON line: the categories' results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from .exactness import Failure, run_category, wrong_variant
+
+
+def main(argv: list[str]) -> int:
+    root, examples, flags = argv[0], int(argv[1]), argv[2:]
+    sys.argv = ["main.py", "--cpu", *flags]
+    sys.path.insert(0, root)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401  (parses the flags as main.py does)
+    import comfy.ldm.modules.attention as attention
+    import comfyui_version
+    from comfy.ldm.modules.diffusionmodules import model as vae_model
+
+    from . import comfy as archs
+
+    wrong = wrong_variant()
+    host = f"ComfyUI {comfyui_version.__version__}"
+    backend = f"{' '.join(flags) or 'default'}: {attention.optimized_attention.__name__}"
+    vae_backend = f"{' '.join(flags) or 'default'}: {getattr(vae_model, 'vae_attention', lambda: None)().__name__}"
+    results = [run_category(archs.unet_arch(), backend, host, examples, wrong=wrong),
+               run_category(archs.VAE, vae_backend, host, examples, wrong=wrong)]
+    if not flags:
+        for weights in ("fp16", "fp8"):
+            arch = archs.unet_arch(weights, label=f"ComfyUI SVD U-Net, {weights} weights")
+            results.append(run_category(arch, f"{weights} weights cast per call", host, examples, wrong=wrong))
+        results.append(partial(archs, host, examples, wrong))
+        results.append(unrecognised(archs, host, examples, wrong))
+    print(json.dumps([r.as_dict() for r in results]))
+    return 0
+
+
+def partial(archs, host, examples, wrong):
+    casts = []
+
+    def build(c):
+        model, cast = archs.partially_loaded(archs.build_unet(c))
+        casts.append(cast)
+        return model
+
+    arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs._unet_configs,
+                      archs._video_shapes, build, archs.unet_subject(), host=True)
+    result = run_category(arch, "partially loaded (lowvram)", host, examples, wrong=wrong)
+    result.notes.append(f"modules casting per call: {min(casts, default=0)}-{max(casts, default=0)} per model")
+    if not casts or min(casts) == 0:
+        result.failures.append(archs_failure("partial load", "no module was left to cast per call"))
+    return result
+
+
+def unrecognised(archs, host, examples, wrong):
+    """A ``UNetModel._forward`` with the same computation and another source: the engine must take the
+    module-level path, say so in the log, and be exact."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    from ... import streamline
+    from ...engine.arch import comfy_unet
+
+    original = UNetModel._forward
+
+    def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        # a later release's forward: the same computation, another source
+        return original(self, x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    UNetModel._forward = _forward
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        arch = archs.unet_arch(forward=comfy_unet.module_level_forward, label="ComfyUI SVD U-Net, unrecognised _forward")
+        result = run_category(arch, "unrecognised _forward (module level)", host, examples, wrong=wrong)
+        model = archs.build_unet({"model_channels": 32, "mults": [2], "num_res_blocks": [1, 1, 1],
+                                  "attention": [True, True, True], "num_head_channels": 16, "context_dim": 32,
+                                  "adm_in_channels": 256})
+        with streamline(model, slices=2) as handle:
+            taken = handle.adapter.forward is comfy_unet.module_level_forward
+            import torch
+
+            with torch.no_grad():
+                archs.unet_subject()(model, (1, 2, 4, 4), torch.float32).reference()
+        said = [r for r in records if "(module level)" in r]
+        if not taken:
+            result.failures.append(archs_failure("module level", "streamline() did not take the module-level path"))
+        elif not said:
+            result.failures.append(archs_failure("module level", "the log does not say the module-level path was taken"))
+        else:
+            result.notes.append(f"log: {said[0][:160]}")
+    finally:
+        UNetModel._forward = original
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return result
+
+
+def archs_failure(check: str, message: str) -> Failure:
+    return Failure(check, {}, message)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

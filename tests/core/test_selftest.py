@@ -1,0 +1,80 @@
+"""``streamline selftest exactness`` on the diffusers architectures: the CI profile passes and counts what
+it ran, each shrunk failure it found is a regular test, and each wrong variant makes it exit 1 in its
+category (so the counts can fail)."""
+
+import json
+
+import pytest
+
+from streamlined_core.tools import cli
+from streamlined_core.tools.selftest import exactness
+from streamlined_core.tools.selftest.archs import DIFFUSERS
+from streamlined_core.tools.selftest.contract import Coverage
+
+ARCHS = {a.key: a for a in DIFFUSERS}
+
+
+@pytest.mark.parametrize("example", exactness.REGRESSIONS, ids=lambda e: f"{e[0]}-{'x'.join(map(str, e[2]))}")
+def test_each_shrunk_failure_holds(example):
+    key, config, shape, slices, modes, dtype = example
+    ill: list = []
+    coverage = Coverage()
+    exactness.check_example(ARCHS[key], exactness.Models(ARCHS[key]), config, shape, slices, modes, dtype, coverage, ill)
+    assert coverage.sliced, "the example ran sliced"
+
+
+def test_an_ill_conditioned_example_is_judged_against_fp64_and_counted():
+    """At a 1x2 latent the host's own fp32 output is 1e-4 from the fp64 forward: the sliced run, as far, passes
+    and is counted; the same run with per-slice norm statistics is far further and fails."""
+    key, config, shape, slices, modes, dtype = exactness.REGRESSIONS[2]
+    arch, ill = ARCHS[key], []
+    exactness.check_example(arch, exactness.Models(arch), config, shape, slices, modes, dtype, Coverage(), ill)
+    assert len(ill) == 1 and ill[0] > exactness.TOL
+
+
+def run_json(capsys, monkeypatch, *args, wrong=None):
+    if wrong:
+        monkeypatch.setenv(exactness.WRONG_ENV, wrong)
+    else:
+        monkeypatch.delenv(exactness.WRONG_ENV, raising=False)
+    code = cli.main(["selftest", "exactness", "--only", "diffusers", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_the_ci_profile_passes_and_counts_examples_groups_and_restores(capsys, monkeypatch):
+    code, report = run_json(capsys, monkeypatch)
+    rows = {r["arch"]: r for r in report["rows"]}
+    assert code == 0 and report["failed"] == 0, [r["failures"] for r in report["rows"]]
+    assert set(rows) == set(ARCHS)
+    for r in rows.values():
+        assert r["examples"] >= exactness.PROFILES["ci"][0] and r["fp32"] > 0
+        assert r["groups_sliced"] >= 10 and r["restore_runs"] == 2
+        assert r["worst_fp32"] <= exactness.TOL
+
+
+@pytest.mark.parametrize("wrong, check, examples", [("norm-stats", "exactness", 10), ("skip-restore", "restore", 3)])
+def test_each_wrong_variant_fails_its_category(capsys, monkeypatch, wrong, check, examples):
+    """Per-slice statistics fail at the first example that slices a norm's axis (the run stops there)."""
+    code, report = run_json(capsys, monkeypatch, "--examples", str(examples), wrong=wrong)
+    assert code == 1
+    for r in report["rows"]:
+        assert r["failed"] and {f["check"] for f in r["failures"]} == {check}, (r["arch"], r["failures"])
+
+
+def test_a_wrong_variant_name_is_refused():
+    import os
+
+    os.environ[exactness.WRONG_ENV] = "nonsense"
+    try:
+        with pytest.raises(ValueError, match="STREAMLINE_SELFTEST_WRONG must be one of norm-stats, skip-restore"):
+            exactness.wrong_variant()
+    finally:
+        del os.environ[exactness.WRONG_ENV]
+
+
+def test_the_drawn_runner_gives_groups_different_slicing():
+    from streamlined_core.tools.selftest.contract import drawn
+
+    runner = drawn((2, 7), ("keep", "recompute", "keep"))
+    assert [runner.decide("g", "frames", 9) for _ in range(4)] == [(2, "keep"), (7, "recompute"), (2, "keep"),
+                                                                   (7, "keep")]

@@ -1,7 +1,8 @@
 """``streamline selftest exactness`` on this ComfyUI host: its SVD U-Net and VAE decoder under every attention
-backend its flags select on a CPU, with fp16 and fp8 weights cast per call, partially loaded, and with a
-``_forward`` the engine does not recognise (module level, said in the log); the CI profile passes and counts,
-and per-slice norm statistics fail every category."""
+backend its flags select on a CPU, AnimateDiff-Evolved's U-Net (under the default backend in the CI profile),
+the U-Net with fp16 and fp8 weights cast per call, partially loaded, and with a ``_forward`` the engine does
+not recognise (module level, said in the log); the CI profile passes and counts, and per-slice norm
+statistics fail every category."""
 
 import json
 import os
@@ -32,6 +33,7 @@ def test_the_ci_profile_passes_under_every_backend_and_weight_path(comfyui):
     assert {"attention_pytorch", "attention_split", "attention_sub_quad"} <= backends, paths
     assert {"fp16 weights cast per call", "fp8 weights cast per call", "partially loaded (lowvram)",
             "unrecognised _forward (module level)"} <= paths
+    assert {r["arch"] for r in rows} == {"comfyui-svd-unet", "comfyui-svd-vae", "comfyui-ade-unet"}
     for r in rows:
         assert r["examples"] >= 3 and r["groups_sliced"] >= 10 and r["restore_runs"] == 2, r
     fallback = next(r for r in rows if r["path"].startswith("unrecognised"))

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         for root in hosts(args):
             for flag in (BACKEND_FLAGS[b] for b in (args.backend or BACKEND_FLAGS)):
                 _say(f"ComfyUI at {root}, {flag or 'default flags'}: {comfy_n} examples per category")
-                rows.extend(_worker(root, comfy_n, flag))
+                rows.extend(_worker(root, comfy_n, args.profile, flag))
     failed = [r for r in rows if r["failed"]]
     if args.json:
         print(json.dumps({"profile": args.profile, "rows": rows, "notes": notes, "failed": len(failed),
@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _worker(root: str, examples: int, flag: str) -> list[dict]:
-    command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples)]
+def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
+    command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples),
+               profile]
     done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3])))
     lines = done.stdout.strip().splitlines()

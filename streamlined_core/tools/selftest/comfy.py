@@ -124,3 +124,38 @@ def partially_loaded(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     patcher.load(cpu, lowvram_model_memory=size // 2)
     cast = sum(bool(getattr(m, "comfy_cast_weights", False)) for m in model.modules())
     return model, cast
+
+
+def build_animatediff(_c: Config) -> torch.nn.Module:
+    """SD1.5's ``UNetModel`` with AnimateDiff-Evolved's v2 motion modules injected, seeded (full width: the
+    motion modules fit SD1.5's channels). Needs ADE loaded by ComfyUI."""
+    return configs.seed_weights_scaled(configs.build_comfy_animatediff("cpu", torch.float32))
+
+
+def animatediff_subject(model: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> Subject:
+    from ...engine.arch import comfy_unet
+    from ...host.comfyui import animatediff_evolved
+
+    b, t, h, w = shape
+    n = b * t
+    injection = animatediff_evolved("animatediff.model_injection")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, model.in_channels, h, w, generator=gen).to(dtype)
+    timesteps = torch.full((n,), 500.0).to(dtype)
+    context = torch.randn(n, 77, comfy_unet.context_dim(model), generator=gen).to(dtype)
+
+    def options():
+        for module in comfy_unet.comfy_ade.motion_modules(model):
+            module.set_video_length(t, t)  # ADE's sampling sets this per call
+        return {"patches": {"forward_timestep_embed_patch": [injection.create_forward_timestep_embed_patch()]}}
+
+    return Subject(lambda: model(x, timesteps, context, transformer_options=options()),
+                   lambda runner: comfy_unet.streamlined_forward(model, runner, x, timesteps, context, None, None,
+                                                                 options()),
+                   comfy_unet.cuts(model))
+
+
+ANIMATEDIFF = Arch("comfyui-ade-unet", "ComfyUI SD1.5 U-Net with AnimateDiff-Evolved v2 motion modules",
+                   lambda st: st.just({"motion_model": "v2"}),
+                   lambda st, c: _video_shapes(st, c, frames=4, size=6), build_animatediff, animatediff_subject,
+                   host=True)

@@ -1,10 +1,13 @@
 """One ComfyUI process of the exactness self-test: ``python -m streamlined_core.tools.selftest.worker
-COMFYUI_ROOT EXAMPLES [FLAG]``. ComfyUI picks its attention function once, at import, from its flags, so
+COMFYUI_ROOT EXAMPLES PROFILE [FLAG]``. ComfyUI picks its attention function once, at import, from its flags, so
 each backend runs in a process of its own started with the real flag; the default backend's process also
-runs the weight paths and the unrecognised forward. Prints one JSON line: the categories' results."""
+runs the weight paths and the unrecognised forward. AnimateDiff-Evolved's U-Net (full-width SD1.5, the
+slowest by far) runs under every backend in the full profile, under the default one in the CI profile (its
+attention is the host function the SVD U-Net's rows already run under each backend). Prints one JSON line: the categories' results."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -13,7 +16,7 @@ from .exactness import Failure, run_category, wrong_variant
 
 
 def main(argv: list[str]) -> int:
-    root, examples, flags = argv[0], int(argv[1]), argv[2:]
+    root, examples, profile, flags = argv[0], int(argv[1]), argv[2], argv[3:]
     sys.argv = ["main.py", "--cpu", *flags]
     sys.path.insert(0, root)
     import comfy.options
@@ -32,6 +35,12 @@ def main(argv: list[str]) -> int:
     vae_backend = f"{' '.join(flags) or 'default'}: {getattr(vae_model, 'vae_attention', lambda: None)().__name__}"
     results = [run_category(archs.unet_arch(), backend, host, examples, wrong=wrong),
                run_category(archs.VAE, vae_backend, host, examples, wrong=wrong)]
+    if profile == "ci" and flags:
+        pass  # AnimateDiff-Evolved: under the default backend only
+    elif animatediff_evolved(root):
+        results.append(run_category(archs.ANIMATEDIFF, backend, host, examples, wrong=wrong))
+    else:
+        results[0].notes.append("AnimateDiff-Evolved is not in this checkout's custom_nodes: its rows did not run")
     if not flags:
         for weights in ("fp16", "fp8"):
             arch = archs.unet_arch(weights, label=f"ComfyUI SVD U-Net, {weights} weights")
@@ -40,6 +49,19 @@ def main(argv: list[str]) -> int:
         results.append(unrecognised(archs, host, examples, wrong))
     print(json.dumps([r.as_dict() for r in results]))
     return 0
+
+
+def animatediff_evolved(root: str) -> bool:
+    """Load AnimateDiff-Evolved from the checkout's custom_nodes with ComfyUI's own loader; whether it is there."""
+    from pathlib import Path
+
+    from ...host.comfyui import load_custom_node
+
+    found = [p for p in (Path(root) / "custom_nodes").glob("*AnimateDiff-Evolved*") if (p / "__init__.py").exists()]
+    if not found:
+        return False
+    with contextlib.redirect_stdout(sys.stderr):  # ADE logs to stdout; this process's stdout is its JSON
+        return load_custom_node(found[0])
 
 
 def partial(archs, host, examples, wrong):

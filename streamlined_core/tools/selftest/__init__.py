@@ -1,0 +1,1 @@
+"""The exactness self-test: ``streamline selftest exactness`` (a development command; needs hypothesis)."""

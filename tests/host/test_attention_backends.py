@@ -5,9 +5,16 @@ its command-line flags; this test process already imported it with PyTorch atten
 backend runs in a fresh process started with the real flag, parsed by ComfyUI's own parser as
 ``main.py`` parses it. Planning runs the U-Net on ``meta``, where sub-quadratic and split attention
 would ask the device's free memory (and fail); the plan must be the same whatever the backend.
+
+Each backend also runs the exactness property profile (``streamline selftest exactness``, one ComfyUI
+process per flag): drawn tiny SVD U-Nets and VAE decoders, AnimateDiff-Evolved's U-Net (under the default
+backend in the CI profile), the U-Net with fp16 and fp8 weights cast per call, partially loaded, and with
+a ``_forward`` the engine does not recognise (module level, said in the log); per-slice norm statistics
+fail every category.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +127,42 @@ def test_in_the_region_meta_queries_run_sdpa_and_real_ones_the_hosts_own_functio
         assert attention.attention_sub_quad(query=meta[0], key=meta[1], value=meta[2], heads=2).shape == (2, 16, 64)
     assert all(getattr(attention, name) is f for name, f in before.items())
     assert holder.actual_attention is before["attention_sub_quad"]
+
+
+# -- the exactness property profile under every backend and weight path ------------------------------
+
+
+def selftest(comfyui, *args, wrong=None):
+    env = {k: v for k, v in os.environ.items() if k != "STREAMLINE_SELFTEST_WRONG"}
+    if wrong:
+        env["STREAMLINE_SELFTEST_WRONG"] = wrong
+    done = subprocess.run([sys.executable, "-m", "streamlined_core.tools.cli", "selftest", "exactness", "--only",
+                           "comfyui", "--comfyui", str(comfyui), "--json", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.stdout, done.stderr[-3000:]
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_the_ci_profile_passes_under_every_backend_and_weight_path(comfyui):
+    code, report = selftest(comfyui)
+    rows = report["rows"]
+    assert code == 0 and report["failed"] == 0, [(r["arch"], r["path"], r["failures"]) for r in rows if r["failed"]]
+    paths = {r["path"] for r in rows}
+    backends = {p.split(": ")[1] for p in paths if ": " in p}
+    assert {"attention_pytorch", "attention_split", "attention_sub_quad"} <= backends, paths
+    assert {"fp16 weights cast per call", "fp8 weights cast per call", "partially loaded (lowvram)",
+            "unrecognised _forward (module level)"} <= paths
+    assert {r["arch"] for r in rows} == {"comfyui-svd-unet", "comfyui-svd-vae", "comfyui-ade-unet"}
+    for r in rows:
+        assert r["examples"] >= 3 and r["groups_sliced"] >= 10 and r["restore_runs"] == 2, r
+    fallback = next(r for r in rows if r["path"].startswith("unrecognised"))
+    assert any("(module level)" in n for n in fallback["notes"]), fallback["notes"]
+    partial = next(r for r in rows if r["path"].startswith("partially"))
+    assert any(n.startswith("modules casting per call") for n in partial["notes"])
+
+
+def test_per_slice_norm_statistics_fail_every_category(comfyui):
+    code, report = selftest(comfyui, "--examples", "10", "--backend", "default", wrong="norm-stats")  # stops at the first failure
+    assert code == 1
+    for r in report["rows"]:
+        assert r["failed"] and {f["check"] for f in r["failures"]} == {"exactness"}, (r["arch"], r["path"], r["failures"])

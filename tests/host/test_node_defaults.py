@@ -1,8 +1,8 @@
-"""Every node at its defaults on models of every shape it accepts: drawn tiny SVD U-Nets (channels, levels,
-ResBlocks and attention per level, heads, context width) and SVD VAE decoders, built the way ComfyUI builds
-them, through Streamline Model, the Step Rehash Sampler and Streamline VAE Decode with every widget at its
-default. Each runs, equals the host's own result (the sampler: runs and says which cut it took), and where
-a default does not fit the model the node says what it took instead."""
+"""Every node at its defaults on models of the shapes it accepts: drawn tiny SVD U-Nets (levels, ResBlocks
+and attention per level, context width), built the way ComfyUI builds them, through Streamline Model, the
+VRAM Profiler and the Step Rehash Sampler, and drawn latent shapes through Streamline VAE Decode on SVD's
+VAE, every widget at its default. Each runs and equals the host's own result; the sampler says which cut it
+took (the default, auto, takes the nearest cut that fits a U-Net where the usual one does not)."""
 
 import logging
 
@@ -87,10 +87,12 @@ def nodes_of(pack):
     return pack.NODE_CLASS_MAPPINGS
 
 
+@pytest.mark.parametrize("name", ["StreamlineModel", "VRAMProfiler"])
 @seed(29)
 @settings(**SETTINGS)
 @given(c=unet_configs(), shape=SHAPES)
-def test_streamline_model_at_its_defaults_samples_as_the_host_does(nodes_of, c, shape):
+def test_the_model_nodes_at_their_defaults_sample_as_the_host_does(nodes_of, name, c, shape):
+    """Streamline Model (auto slicing, the budget the host leaves) and the VRAM Profiler, each on its own."""
     import nodes
 
     patcher = svd_patcher(c)
@@ -101,7 +103,7 @@ def test_streamline_model_at_its_defaults_samples_as_the_host_does(nodes_of, c, 
         return out["samples"]
 
     reference = sample(patcher)
-    node = nodes_of["StreamlineModel"]
+    node = nodes_of[name]
     (patched,) = node().patch(patcher, **defaults(node, {"model"}))
     assert rel(sample(patched), reference) <= LATENT_TOL
 

@@ -404,8 +404,7 @@ def paired(a: int, b: int, n: int, single: bool) -> tuple[int, int]:
     whose row is dropped (the modules are per item, so the item's row is what it would be alone)."""
     if not single or b - a != 1:
         return a, b
-    lo = a - 1 if a > 0 else a
-    return lo, lo + 2
+    return (a, a + 2) if a + 1 < n else (a - 1, a + 1)  # the next item where there is one: not yet written over
 
 
 def frames_group(

@@ -78,3 +78,15 @@ def test_the_drawn_runner_gives_groups_different_slicing():
     runner = drawn((2, 7), ("keep", "recompute", "keep"))
     assert [runner.decide("g", "frames", 9) for _ in range(4)] == [(2, "keep"), (7, "recompute"), (2, "keep"),
                                                                    (7, "keep")]
+
+
+def test_an_engine_that_raises_is_a_failure_with_its_example_not_a_crash(monkeypatch):
+    from streamlined_core.engine.arch import diffusers_sd_vae
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(diffusers_sd_vae, "streamlined_forward", broken)
+    result = exactness.run_category(ARCHS["diffusers-sd-vae"], "default", "diffusers", 2, shrink=False)
+    (failure,) = [f for f in result.failures if f.check == "exactness"]
+    assert "the engine raised RuntimeError: broken on purpose" in failure.message and failure.example["config"]

@@ -16,6 +16,7 @@ from .common import positive
 
 # ComfyUI's attention flags: one process each (the host picks its attention function at import); the
 # default process also runs the weight paths and the unrecognised forward
+WORKER_TIMEOUT = 4 * 3600  # one ComfyUI process (the full profile's default backend: about an hour here)
 BACKEND_FLAGS = {"default": "", "pytorch": "--use-pytorch-cross-attention", "split": "--use-split-cross-attention",
                  "sub-quadratic": "--use-quad-cross-attention"}
 
@@ -104,14 +105,25 @@ def run(args: argparse.Namespace) -> int:
 def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
     command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples),
                profile]
-    done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3])))
+    package = str(Path(__file__).resolve().parents[3])
+    path = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH")) if p)
+
+    def failed(why: str) -> list[dict]:
+        return [{"arch": "comfyui", "path": flag or "default", "host": root, "examples": 0, "failed": True,
+                 "failures": [{"check": "worker", "example": {}, "message": f"the ComfyUI process {why}"}]}]
+
+    try:
+        done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=path), timeout=WORKER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return failed(f"ran past {WORKER_TIMEOUT} s")
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
-        tail = (done.stderr or done.stdout)[-1500:]
-        return [{"arch": "comfyui", "path": flag or "default", "host": root, "examples": 0, "failed": True,
-                 "failures": [{"check": "worker", "example": {}, "message": f"the ComfyUI process failed: {tail}"}]}]
-    return json.loads(lines[-1])
+        return failed(f"failed: {(done.stderr or done.stdout)[-1500:]}")
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return failed(f"printed no result: {lines[-1][:300]}")
 
 
 def _say(text: str) -> None:

@@ -31,6 +31,7 @@ class Arch:
     build: Callable[[Config], torch.nn.Module]  # fp32, seeded
     subject: Callable[[torch.nn.Module, Shape, torch.dtype], Subject]  # the call, inputs drawn in fp32, cast
     host: bool = False  # needs ComfyUI
+    dtypes: tuple[str, ...] = ("fp32", "fp32", "bf16")  # drawn per example (fp32 twice as often)
 
 
 def _levels(st, bases, mults=(1, 2), most=3):

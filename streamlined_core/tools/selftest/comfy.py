@@ -104,8 +104,10 @@ def vae_subject(decoder: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> S
 
 
 def unet_arch(weights: str = "fp32", forward=None, label: str = "ComfyUI SVD U-Net") -> Arch:
+    # stored fp16 or fp8 weights are the point of those rows: their examples run fp32 compute only (a bf16
+    # copy would convert the stored weights)
     return Arch("comfyui-svd-unet", label, _unet_configs, _video_shapes, lambda c: build_unet(c, weights),
-                unet_subject(forward), host=True)
+                unet_subject(forward), host=True, dtypes=("fp32",) if weights != "fp32" else Arch.dtypes)
 
 
 VAE = Arch("comfyui-svd-vae", "ComfyUI SVD VAE decoder", _vae_configs,

@@ -32,7 +32,8 @@ def main(argv: list[str]) -> int:
     wrong = wrong_variant()
     host = f"ComfyUI {comfyui_version.__version__}"
     backend = f"{' '.join(flags) or 'default'}: {attention.optimized_attention.__name__}"
-    vae_backend = f"{' '.join(flags) or 'default'}: {getattr(vae_model, 'vae_attention', lambda: None)().__name__}"
+    chosen = getattr(vae_model, "vae_attention", None)
+    vae_backend = f"{' '.join(flags) or 'default'}: {getattr(chosen() if chosen else None, '__name__', 'unknown')}"
     results = [run_category(archs.unet_arch(), backend, host, examples, wrong=wrong),
                run_category(archs.VAE, vae_backend, host, examples, wrong=wrong)]
     if profile == "ci" and flags:
@@ -72,8 +73,9 @@ def partial(archs, host, examples, wrong):
         casts.append(cast)
         return model
 
+    # fp32 compute only: a bf16 copy would convert the weights the partial load leaves to cast per call
     arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs._unet_configs,
-                      archs._video_shapes, build, archs.unet_subject(), host=True)
+                      archs._video_shapes, build, archs.unet_subject(), host=True, dtypes=("fp32",))
     result = run_category(arch, "partially loaded (lowvram)", host, examples, wrong=wrong)
     result.notes.append(f"modules casting per call: {min(casts, default=0)}-{max(casts, default=0)} per model")
     if not casts or min(casts) == 0:

@@ -36,7 +36,7 @@ def defaults(cls, given_inputs):
 def unet_configs():
     # SVD's conditioning fixes the ADM width (three 256-wide embeddings), and its model config 64 channels per
     # attention head (so at least 64 channels): everything else is drawn
-    return drawn._unet_configs(st).map(lambda c: {**c, "adm_in_channels": 768, "model_channels": 64})
+    return drawn.unet_configs(st).map(lambda c: {**c, "adm_in_channels": 768, "model_channels": 64})
 
 
 def svd_patcher(c):

@@ -37,24 +37,24 @@ class Arch:
 def _levels(st, bases, mults=(1, 2), most=3):
     """Channels per level, non-decreasing: a base and a multiplier per level after the first."""
     return st.tuples(st.sampled_from(bases), st.lists(st.sampled_from(mults), min_size=1, max_size=most - 1)).map(
-        lambda t: tuple(_cumulative(t[0], t[1])))
+        lambda t: tuple(cumulative(t[0], t[1])))
 
 
-def _cumulative(base: int, mults: list[int]) -> list[int]:
+def cumulative(base: int, mults: list[int]) -> list[int]:
     out = [base]
     for m in mults:
         out.append(out[-1] * m)
     return out
 
 
-def _cast(value: Any, dtype: torch.dtype) -> Any:
+def cast_inputs(value: Any, dtype: torch.dtype) -> Any:
     """Inputs drawn in fp32, cast for a low-precision run (timesteps, 1-D, stay as they are)."""
     if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() >= 2:
         return value.to(dtype)
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        return {k: cast_inputs(v, dtype) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
+        return type(value)(cast_inputs(v, dtype) for v in value)
     return value
 
 
@@ -89,7 +89,7 @@ def _svd_build(c: Config) -> torch.nn.Module:
         sample_size=32))
 
 
-def _video_shapes(st, _c, frames=5, size=9, batch=2):
+def video_shapes(st, _c, frames=5, size=9, batch=2):
     return st.tuples(st.integers(1, batch), st.integers(1, frames), st.integers(1, size), st.integers(1, size))
 
 
@@ -104,7 +104,7 @@ def _diffusers_unet_subject(fam: str):
         b, t, h, w = shape
         torch.manual_seed(1)
         args, kwargs = inputs(model, b, t, 8 * h, 8 * w)  # the model is fp32 here: inputs drawn in fp32
-        args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+        args, kwargs = cast_inputs(args, dtype), cast_inputs(kwargs, dtype)
 
         def engine(runner):
             out = forward.streamlined_forward(model, runner, *args, **kwargs)
@@ -132,7 +132,7 @@ def _animatediff_configs(st):
 
 def _animatediff_build(c: Config) -> torch.nn.Module:
     unit = 8 * c["base"]  # a multiple of every drawn group count and head count
-    channels = tuple(_cumulative(unit, c["mults"]))
+    channels = tuple(cumulative(unit, c["mults"]))
     attention = c["attention"][:len(channels)]
     unet = dict(configs.TINY_SD_KWARGS, block_out_channels=channels, layers_per_block=c["layers_per_block"],
                 norm_num_groups=c["groups"], attention_head_dim=c["heads"], cross_attention_dim=c["cross_attention_dim"],
@@ -144,7 +144,7 @@ def _animatediff_build(c: Config) -> torch.nn.Module:
     return _seeded(configs.build_diffusers_animatediff("cpu", torch.float32, unet, adapter))
 
 
-def _svd_vae_configs(st):
+def _svdvae_configs(st):
     return st.fixed_dictionaries({"block_out_channels": _levels(st, (32, 64)), "layers_per_block": st.integers(1, 2)})
 
 
@@ -166,7 +166,7 @@ def _svd_vae_subject(decoder: torch.nn.Module, shape: Shape, dtype: torch.dtype)
                    lambda runner: diffusers_vae.streamlined_forward(decoder, runner, z, ioi, num_frames=t))
 
 
-def _sd_vae_configs(st):
+def _sdvae_configs(st):
     return st.fixed_dictionaries({
         "groups": st.sampled_from((1, 2, 4, 8, 16, 32)),
         "block_out_channels": _levels(st, (32, 64)),
@@ -192,12 +192,12 @@ def _sd_vae_subject(decoder: torch.nn.Module, shape: Shape, dtype: torch.dtype) 
 
 
 DIFFUSERS = (
-    Arch("diffusers-svd-unet", "diffusers SVD U-Net", _svd_configs, _video_shapes, _svd_build,
+    Arch("diffusers-svd-unet", "diffusers SVD U-Net", _svd_configs, video_shapes, _svd_build,
          _diffusers_unet_subject("svd")),
-    Arch("diffusers-animatediff-unet", "diffusers AnimateDiff U-Net", _animatediff_configs, _video_shapes,
+    Arch("diffusers-animatediff-unet", "diffusers AnimateDiff U-Net", _animatediff_configs, video_shapes,
          _animatediff_build, _diffusers_unet_subject("animatediff")),
-    Arch("diffusers-svd-vae", "diffusers SVD VAE decoder", _svd_vae_configs,
-         lambda st, c: _video_shapes(st, c, frames=5, size=8), _svd_vae_build, _svd_vae_subject),
-    Arch("diffusers-sd-vae", "diffusers SD VAE decoder", _sd_vae_configs,
-         lambda st, c: _video_shapes(st, c, frames=4, size=8, batch=1), _sd_vae_build, _sd_vae_subject),
+    Arch("diffusers-svd-vae", "diffusers SVD VAE decoder", _svdvae_configs,
+         lambda st, c: video_shapes(st, c, frames=5, size=8), _svd_vae_build, _svd_vae_subject),
+    Arch("diffusers-sd-vae", "diffusers SD VAE decoder", _sdvae_configs,
+         lambda st, c: video_shapes(st, c, frames=4, size=8, batch=1), _sd_vae_build, _sd_vae_subject),
 )

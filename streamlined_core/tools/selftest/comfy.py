@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 from .. import configs
-from .archs import Arch, Config, Shape, _cast, _cumulative, _video_shapes  # noqa: F401  (Arch: the worker)
+from .archs import Arch, Config, Shape, cast_inputs, cumulative, video_shapes  # noqa: F401  (Arch: the worker)
 from .contract import Subject
 
 
-def _unet_configs(st):
+def unet_configs(st):
     return st.fixed_dictionaries({
         "model_channels": st.sampled_from((32, 64)),
         "mults": st.lists(st.sampled_from((1, 2)), min_size=1, max_size=2),
@@ -27,7 +27,7 @@ def _unet_configs(st):
 
 def unet_kwargs(c: Config) -> dict:
     """``UNetModel`` overrides of SVD's arguments for a drawn configuration."""
-    mult = [m // c["model_channels"] for m in _cumulative(c["model_channels"], c["mults"])]
+    mult = [m // c["model_channels"] for m in cumulative(c["model_channels"], c["mults"])]
     levels = len(mult)
     blocks = c["num_res_blocks"][:levels]
     depth = [int(a) for a, n in zip(c["attention"], blocks) for _ in range(n)]
@@ -65,7 +65,7 @@ def unet_subject(forward=None):
         timesteps = torch.full((n,), 0.5)
         context = torch.randn(n, 1, comfy_unet.context_dim(model), generator=gen)
         y = torch.randn(n, comfy_unet.adm_dim(model), generator=gen)
-        x, context, y = _cast((x, context, y), dtype)
+        x, context, y = cast_inputs((x, context, y), dtype)
         timesteps = timesteps.to(dtype)  # ComfyUI hands the U-Net its timesteps in the model's dtype
 
         return Subject(lambda: model(x, timesteps, context, y, num_video_frames=t),
@@ -76,7 +76,7 @@ def unet_subject(forward=None):
     return subject
 
 
-def _vae_configs(st):
+def vae_configs(st):
     return st.fixed_dictionaries({
         "ch": st.sampled_from((32, 64)),
         "mults": st.lists(st.sampled_from((1, 2)), min_size=1, max_size=2),
@@ -87,7 +87,7 @@ def _vae_configs(st):
 def build_vae(c: Config) -> torch.nn.Module:
     from comfy.ldm.modules.temporal_ae import VideoDecoder
 
-    mult = [m // c["ch"] for m in _cumulative(c["ch"], c["mults"])]
+    mult = [m // c["ch"] for m in cumulative(c["ch"], c["mults"])]
     decoder = VideoDecoder(ch=c["ch"], out_ch=3, ch_mult=mult, num_res_blocks=c["num_res_blocks"], attn_resolutions=[],
                            in_channels=3, resolution=64, z_channels=4, dropout=0.0, video_kernel_size=[3, 1, 1],
                            alpha=0.0).eval()
@@ -106,12 +106,12 @@ def vae_subject(decoder: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> S
 def unet_arch(weights: str = "fp32", forward=None, label: str = "ComfyUI SVD U-Net") -> Arch:
     # stored fp16 or fp8 weights are the point of those rows: their examples run fp32 compute only (a bf16
     # copy would convert the stored weights)
-    return Arch("comfyui-svd-unet", label, _unet_configs, _video_shapes, lambda c: build_unet(c, weights),
+    return Arch("comfyui-svd-unet", label, unet_configs, video_shapes, lambda c: build_unet(c, weights),
                 unet_subject(forward), host=True, dtypes=("fp32",) if weights != "fp32" else Arch.dtypes)
 
 
-VAE = Arch("comfyui-svd-vae", "ComfyUI SVD VAE decoder", _vae_configs,
-           lambda st, c: _video_shapes(st, c, frames=5, size=8, batch=1), build_vae, vae_subject, host=True)
+VAE = Arch("comfyui-svd-vae", "ComfyUI SVD VAE decoder", vae_configs,
+           lambda st, c: video_shapes(st, c, frames=5, size=8, batch=1), build_vae, vae_subject, host=True)
 
 
 def partially_loaded(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
@@ -159,5 +159,5 @@ def animatediff_subject(model: torch.nn.Module, shape: Shape, dtype: torch.dtype
 
 ANIMATEDIFF = Arch("comfyui-ade-unet", "ComfyUI SD1.5 U-Net with AnimateDiff-Evolved v2 motion modules",
                    lambda st: st.just({"motion_model": "v2"}),
-                   lambda st, c: _video_shapes(st, c, frames=4, size=6), build_animatediff, animatediff_subject,
+                   lambda st, c: video_shapes(st, c, frames=4, size=6), build_animatediff, animatediff_subject,
                    host=True)

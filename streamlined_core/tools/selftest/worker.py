@@ -74,8 +74,8 @@ def partial(archs, host, examples, wrong):
         return model
 
     # fp32 compute only: a bf16 copy would convert the weights the partial load leaves to cast per call
-    arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs._unet_configs,
-                      archs._video_shapes, build, archs.unet_subject(), host=True, dtypes=("fp32",))
+    arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs.unet_configs,
+                      archs.video_shapes, build, archs.unet_subject(), host=True, dtypes=("fp32",))
     result = run_category(arch, "partially loaded (lowvram)", host, examples, wrong=wrong)
     result.notes.append(f"modules casting per call: {min(casts, default=0)}-{max(casts, default=0)} per model")
     if not casts or min(casts) == 0:

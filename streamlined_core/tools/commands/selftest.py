@@ -86,13 +86,16 @@ def run(args: argparse.Namespace) -> int:
             _say(f"{arch.label}: {diffusers_n} examples")
             rows.append(run_category(arch, "default", f"diffusers {diffusers.__version__}", diffusers_n,
                                      wrong=wrong_variant()).as_dict())
+            _said(rows[-1])
     if args.only != "diffusers":
         if not hosts(args):
             notes.append("no ComfyUI host: set --comfyui PATH (or $COMFYUI_PATH) for its rows")
         for root in hosts(args):
             for flag in (BACKEND_FLAGS[b] for b in (args.backend or BACKEND_FLAGS)):
                 _say(f"ComfyUI at {root}, {flag or 'default flags'}: {comfy_n} examples per category")
-                rows.extend(_worker(root, comfy_n, args.profile, flag))
+                for row in _worker(root, comfy_n, args.profile, flag):
+                    rows.append(row)
+                    _said(row)
     failed = [r for r in rows if r["failed"]]
     if args.json:
         print(json.dumps({"profile": args.profile, "rows": rows, "notes": notes, "failed": len(failed),
@@ -124,6 +127,14 @@ def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
         return json.loads(lines[-1])
     except json.JSONDecodeError:
         return failed(f"printed no result: {lines[-1][:300]}")
+
+
+def _said(row: dict) -> None:
+    """One category's result as it ends (on stderr: a long run that is stopped keeps what it did)."""
+    failures = ", ".join(f"{f['check']}: {f['message'][:160]}" for f in row.get("failures", []))
+    _say(f"{row['arch']} [{row.get('path', '')}] {row.get('host', '')}: {row.get('examples', 0)} examples, "
+         f"groups sliced {row.get('groups_sliced', 0)}/{row.get('groups_seen', 0)}, "
+         f"{'FAILED ' + failures if failures else 'passed'} ({row.get('seconds', 0):.0f} s)")
 
 
 def _say(text: str) -> None:

@@ -147,6 +147,15 @@ def _raised(method: str, setting: str, error: str) -> Row:
     return Row(method, setting, 0, None, None, None, None, split=SPLIT, error=error)
 
 
+def _cut_taken(lines: Sequence[str], widget: str) -> str:
+    """The cut a Step Rehash run took: the widget's, or where its report says auto took it."""
+    for line in lines:
+        found = re.search(r"cut (\S+) \(auto", line)
+        if found:
+            return found[1]
+    return widget
+
+
 def _saved_calibration(report: str) -> str:
     """What the Step Rehash Sampler's report of its calibrating run says about the file."""
     saved = re.search(r"and saved (\S+\.json) in ", report)
@@ -258,9 +267,9 @@ def _in_comfyui(comfyui, clips: int, steps: int, frames: int, threads: int, shar
             say("the Step Rehash Sampler calibrates on its first run (calibration clip 0)")
             step_rehash()(0, "calibration")
             calibration = _saved_calibration(reports.lines[-1] if reports.lines else "")
+            cut = _cut_taken(reports.lines, defaults["cut"])  # the default, auto: the cut the node says it took
             del reports.lines[:]
-            row = run("rehash", f"Step Rehash Sampler defaults ({defaults['cut']}, target key steps)", step_rehash(),
-                      shares[defaults["cut"]])
+            row = run("rehash", f"Step Rehash Sampler defaults ({cut}, target key steps)", step_rehash(), shares[cut])
             keys = [m for line in reports.lines if (m := KEYS.search(line))]
             if keys:  # the first held-out clip's key steps, as the node reported them
                 row.setting += f": {keys[0][1]} key steps ({keys[0][2]})"

@@ -272,7 +272,8 @@ class Pixels(Merge):
         self.batch, self.frames, self.height, self.width = batch, frames, height, width
 
     def whole(self, part: torch.Tensor) -> torch.Tensor:
-        b, t, c, _ = part.shape
+        # (B, T, C, P), or (B, T, C, H, W) as the host's own rearrangement leaves a whole video
+        b, t, c = part.shape[:3]
         return part.reshape(b * t, c, self.height, self.width)
 
     def allocate(self, part: torch.Tensor) -> torch.Tensor:
@@ -356,6 +357,8 @@ class InPlace(Merge):
     def whole(self, part: torch.Tensor) -> torch.Tensor:
         # One slice: the host's module ran whole; its output goes over the input like a slice's would,
         # so after the group only one tensor of its size is alive whatever the slice count.
+        if self.pixels and part.dim() == 5:  # a whole video in the host's (B, T, C, H, W) layout
+            part = part.flatten(3)
         self.write(self.allocate(part), 0, part.shape[-1] if self.pixels else part.shape[0], part)
         return self.target
 
@@ -441,6 +444,12 @@ def to_video(xs: torch.Tensor) -> torch.Tensor:
     return xs.permute(0, 2, 1, 3).unsqueeze(-1)
 
 
+def host_video(x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """(B*T, C, H, W) as the hosts' temporal layers view it, ``(b t) c h w -> b c t h w``: the same strides as
+    theirs, so the kernels the host's own modules pick (a GroupNorm's channels-last path) are the same."""
+    return x.reshape(batch, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
 def from_video(v: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_video`: (B, C, T, P, 1) -> (B, T, C, P)."""
     return v.squeeze(-1).permute(0, 2, 1, 3)
@@ -507,16 +516,15 @@ def temporal_resblock(
             kept["h"][..., a:b].copy_(h.squeeze(-1))
 
     def body(a: int, b: int) -> torch.Tensor:
+        if b - a == pixels:  # one slice: the host's module, whole, on the host's own view of the video
+            v = host_video(x, batch, frames)
+            return mix(v, block.whole(v)).permute(0, 2, 1, 3, 4)
         v = to_video(xv[..., a:b])
-        if b - a == pixels:
-            out = block.whole(v)  # one slice: the host's module, whole
-        else:
-            h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first(v)
-            if b == pixels:
-                kept.clear()  # the last slice: the kept intermediate goes before the group ends
-            h = block.second(group_norm(h, stats2, block.norm2.eps, affine(block.norm2, h)))
-            out = block.shortcut(v) + h
-        return from_video(mix(v, out))
+        h = kept["h"][..., a:b].unsqueeze(-1) if "h" in kept else first(v)
+        if b == pixels:
+            kept.clear()  # the last slice: the kept intermediate goes before the group ends
+        h = block.second(group_norm(h, stats2, block.norm2.eps, affine(block.norm2, h)))
+        return from_video(mix(v, block.shortcut(v) + h))
 
     merge = InPlace(x, (batch, frames)) if in_place else Pixels(batch, frames, height, width)
     return runner.run(
@@ -668,7 +676,6 @@ def ceil_div(a: int, b: int) -> int:
 __all__ = [
     "Axis", "GroupEvent", "GroupNormStats", "InPlace", "Merge", "Mode", "Pixels", "Rows", "Runner", "SpatialResBlock",
     "Tiles", "TilesInPlace", "Tokens", "TemporalResBlock", "ceil_div", "conv_halo", "spatial_head", "spatial_resblock",
-    "tile_bounds", "time_conv", "frames_group", "temporal_resblock", "from_video", "group_norm", "module_affine", "pixel_view",
-    "rows_of", "slice_bounds",
-    "to_video", "unsliced",
+    "tile_bounds", "time_conv", "frames_group", "temporal_resblock", "from_video", "host_video", "group_norm",
+    "module_affine", "pixel_view", "rows_of", "slice_bounds", "to_video", "unsliced",
 ]

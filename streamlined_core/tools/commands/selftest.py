@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
                     _said(row)
     failed = [r for r in rows if r["failed"]]
     if args.json:
-        print(json.dumps({"profile": args.profile, "rows": rows, "notes": notes, "failed": len(failed),
+        architectures = [{"arch": arch, "host": host, **t} for (arch, host), t in architecture_totals(rows).items()]
+        print(json.dumps({"profile": args.profile, "rows": rows, "architectures": architectures, "notes": notes,
+                          "failed": len(failed),
                           "seconds": time.perf_counter() - start}, indent=1, default=str))
     else:
         print(_table(rows, args.profile, notes, time.perf_counter() - start))
@@ -141,6 +143,17 @@ def _say(text: str) -> None:
     print(f"selftest: {text}", file=sys.stderr, flush=True)
 
 
+def architecture_totals(rows: list[dict]) -> dict[tuple[str, str], dict[str, int]]:
+    """Examples per architecture and host, summed over its backends and weight paths."""
+    totals: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        t = totals.setdefault((r["arch"], r.get("host", "")), {"examples": 0, "paths": 0, "failed": 0})
+        t["examples"] += r.get("examples", 0)
+        t["paths"] += 1
+        t["failed"] += bool(r.get("failed"))
+    return totals
+
+
 def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> str:
     head = ("architecture", "host", "backend or weights", "examples", "fp32/bf16", "ill-cond.", "groups sliced",
             "restore", "failures", "s")
@@ -155,6 +168,9 @@ def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> 
     lines = [f"Exactness self-test, profile {profile}: {sum(int(b[3]) for b in body)} examples in {seconds:.0f} s",
              "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    lines.append("per architecture: " + "; ".join(
+        f"{arch} {host}: {t['examples']} examples over {t['paths']} backends or weight paths, {t['failed']} failed"
+        for (arch, host), t in architecture_totals(rows).items()))
     for r in rows:
         for f in r.get("failures", []):
             lines.append(f"FAILED {r['arch']} [{r.get('path', '')}] {f['check']}: {f['message'][:400]}")
@@ -163,7 +179,8 @@ def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> 
         for n in r.get("notes", []):
             lines.append(f"note {r['arch']} [{r.get('path', '')}]: {n[:300]}")
     lines += [f"note: {n}" for n in notes]
-    lines.append("ill-cond.: fp32 examples over 1e-5 whose output is as close to the fp64 forward as the host's own "
-                 "(tiny latents, where a norm sees a handful of values); groups sliced: groups run with two or more "
-                 "slices / groups with an axis of two or more")
+    lines.append("ill-cond.: fp32 examples over 1e-5 (tiny latents, where a norm sees a handful of values) whose "
+                 "distance from the fp64 forward is within 2x the host's own rounding (its own distance, or how far "
+                 "one-ulp noise on its layers moves it); groups sliced: groups run with two or more slices / groups "
+                 "with an axis of two or more")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from .context import Controller, ControllerCall, RunContext, current, run_contex
 from .memory import GIB, size_text, suspend_tracking, weights_bytes
 from .plan import Plan, Planner, allowed, fresh_containers, meta_replica, to_meta
 from .plan_store import PLANS, shape_key, structure_key
+from .recovery import streamlined_call
 from .slicing import Runner
 from .stages import StageRequest
 
@@ -98,8 +99,7 @@ class Streamliner:
                 return self._original_forward()(*args, **kwargs)
             arguments = self._arguments(args, kwargs)
             if controller is None:
-                return self.adapter.forward(self.unet, Runner(self._decide(arguments, None, ctx), ctx.listeners,
-                                                              ctx.request), **arguments)
+                return streamlined_call(self, arguments, self._decide(arguments, None, ctx), ctx.listeners, ctx.request)
             if ctx.request is not None:
                 raise ValueError("a stage_request() block around a U-Net under Step Rehash (or its calibration): the two "
                                  "would both decide what the call captures; remove one")
@@ -109,12 +109,11 @@ class Streamliner:
             try:
                 # a pass-through engine is not Streamline's slicing: its groups are not reported (a profiler
                 # observes the host's blocks instead), only what Step Rehash did
-                runner = Runner(self._decide(arguments, controller, ctx), [] if self.passthrough else ctx.listeners)
-                runner.request = request
+                decide = self._decide(arguments, controller, ctx)
                 if self.passthrough and request.start is None and not self._upsample_at(request.capture):
                     out = self._own_forward_capturing(args, kwargs, request)
                 else:
-                    out = self.adapter.forward(self.unet, runner, **arguments)
+                    out = streamlined_call(self, arguments, decide, [] if self.passthrough else ctx.listeners, request)
             except BaseException:
                 controller.after(request, token, False)
                 raise

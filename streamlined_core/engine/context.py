@@ -80,6 +80,7 @@ class RunContext:
     rehash: Controller | None = None  # a host's Step Rehash for this run, when one runs
     warned: set[str] = field(default_factory=set)  # what this run was already warned about (once per run)
     said: set = field(default_factory=set)  # log lines this run already wrote, by what they said (once per run)
+    recovered: list[str] = field(default_factory=list)  # calls retried at the least-memory plan after running out
 
 
 def current() -> RunContext | None:

@@ -94,8 +94,17 @@ CASES = {
     "v2_5_frames_freeu": ("v2", 5, None, "after", False, True, False),
     "v1_cross_frame_3_frames": ("v1", 3, None, "before", False, False, True),
     "v2_7_frames_context_windows_of_4_scale_and_effect_masks": ("v2", 7, 4, "after", True, False, False),
-    "v2_2_frames_freeu": ("v2", 2, None, "after", False, True, True),
+    "v2_2_frames_freeu_node_defaults": ("v2", 2, None, "after", False, True, True),
 }
+UPPER_BOUND = ("upper bound", 3, 0.0, "all")
+
+
+def settings(pack, case):
+    """The node's widgets: every one at its default in the defaults case, else every group at 3 slices."""
+    if not case.endswith("node_defaults"):
+        return UPPER_BOUND
+    spec = pack.NODE_CLASS_MAPPINGS["StreamlineModel"].INPUT_TYPES()["required"]
+    return tuple(spec[name][1]["default"] for name in ("slicing", "max_slices", "vram_budget_gb", "groups"))
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +115,9 @@ def runs(pack, ade, motion_models, sd15_patcher):
         base = free_u(sd15_patcher) if freeu else sd15_patcher
         reference = ksample(evolved(ade, base, motion_models[version], context, multivals), frames)
         if order == "after":
-            (patched,) = node(pack).patch(evolved(ade, base, motion_models[version], context, multivals), "upper bound", 3, 0.0, "all")
+            (patched,) = node(pack).patch(evolved(ade, base, motion_models[version], context, multivals), *settings(pack, case))
         else:
-            (streamlined,) = node(pack).patch(base, "upper bound", 3, 0.0, "all")
+            (streamlined,) = node(pack).patch(base, *settings(pack, case))
             patched = evolved(ade, streamlined, motion_models[version], context, multivals)
         check = probe(patched, coverage, cuts=cuts)
         out = ksample(patched, frames)

@@ -127,7 +127,7 @@ run_tests() {
     t0=$SECONDS
     echo "== suite core (tests/core)"
     # $COMFYUI_PATH (the first host) lets the core suite's ComfyUI rows run, in a process of their own
-    if "$py" -m pytest tests/core -q; then r=passed; else r=FAILED; status=1; fi
+    if "$py" -m pytest tests/core -q --durations=12; then r=passed; else r=FAILED; status=1; fi
     summary+=("core: $r in $((SECONDS - t0)) s")
   fi
 
@@ -169,7 +169,7 @@ run_tests() {
       report=build/test-output/host-$n-$version.xml
       echo "== suite host (tests/host) against ComfyUI $version at $c"
       code=0
-      COMFYUI_PATH=$c "$py" -m pytest tests/host -q -rs --ignore=tests/host/test_browser.py \
+      COMFYUI_PATH=$c "$py" -m pytest tests/host -q -rs --durations=15 --ignore=tests/host/test_browser.py \
         --junitxml="$report" -o junit_family=xunit1 || code=$?
       r=$(suite_result "$report" $code)
       [[ $r == FAILED* ]] && status=1

@@ -50,6 +50,7 @@ def test_the_ci_profile_passes_and_counts_examples_groups_and_restores(capsys, m
     for r in rows.values():
         assert r["examples"] >= exactness.PROFILES["ci"][0] and r["fp32"] > 0
         assert r["groups_sliced"] >= 10 and r["restore_runs"] == 2
+        assert r["groups_sliced"] == r["groups_seen"] and not r["never_sliced"], r  # every group sliced somewhere
         assert r["worst_fp32"] <= exactness.TOL
 
 

@@ -155,6 +155,7 @@ def test_the_ci_profile_passes_under_every_backend_and_weight_path(comfyui):
     assert {r["arch"] for r in rows} == {"comfyui-svd-unet", "comfyui-svd-vae", "comfyui-ade-unet"}
     for r in rows:
         assert r["examples"] >= 3 and r["groups_sliced"] >= 10 and r["restore_runs"] == 2, r
+        assert r["groups_sliced"] == r["groups_seen"], (r["arch"], r["path"], r["never_sliced"])
     fallback = next(r for r in rows if r["path"].startswith("unrecognised"))
     assert any("(module level)" in n for n in fallback["notes"]), fallback["notes"]
     partial = next(r for r in rows if r["path"].startswith("partially"))

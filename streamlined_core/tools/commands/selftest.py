@@ -159,18 +159,19 @@ def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> 
             "restore", "failures", "s")
     body = []
     for r in rows:
-        body.append((r["arch"], r.get("host", ""), r.get("path", ""), str(r.get("examples", 0)),
+        completions = f"+{r['completions']}" if r.get("completions") else ""
+        body.append((r["arch"], r.get("host", ""), r.get("path", ""), f"{r.get('examples', 0)}{completions}",
                      f"{r.get('fp32', 0)}/{r.get('bf16', 0)}", str(r.get("ill_conditioned", 0)),
                      f"{r.get('groups_sliced', 0)}/{r.get('groups_seen', 0)}", str(r.get("restore_runs", 0)),
                      ", ".join(sorted({f["check"] for f in r.get("failures", [])})) or "0",
                      f"{r.get('seconds', 0):.0f}"))
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    lines = [f"Exactness self-test, profile {profile}: {sum(int(b[3]) for b in body)} examples in {seconds:.0f} s",
+    lines = [f"Exactness self-test, profile {profile}: {sum(r.get('examples', 0) for r in rows)} examples in {seconds:.0f} s",
              "  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
-    lines.append("per architecture: " + "; ".join(
-        f"{arch} {host}: {t['examples']} examples over {t['paths']} backends or weight paths, {t['failed']} failed"
-        for (arch, host), t in architecture_totals(rows).items()))
+    lines.append("per architecture, over its backends and weight paths:")
+    lines += [f"  {arch:<27} {host:<17} {t['examples']:>5} examples, {t['paths']} path{'s' * (t['paths'] != 1)}, "
+              f"{t['failed']} failed" for (arch, host), t in architecture_totals(rows).items()]
     for r in rows:
         for f in r.get("failures", []):
             lines.append(f"FAILED {r['arch']} [{r.get('path', '')}] {f['check']}: {f['message'][:400]}")
@@ -182,5 +183,6 @@ def _table(rows: list[dict], profile: str, notes: list[str], seconds: float) -> 
     lines.append("ill-cond.: fp32 examples over 1e-5 (tiny latents, where a norm sees a handful of values) whose "
                  "distance from the fp64 forward is within 2x the host's own rounding (its own distance, or how far "
                  "one-ulp noise on its layers moves it); groups sliced: groups run with two or more slices / groups "
-                 "with an axis of two or more")
+                 "with an axis of two or more; examples +N: N drawn examples run again with every group at two "
+                 "slices, for the groups the draws never sliced")
     return "\n".join(lines)

@@ -77,6 +77,7 @@ class CategoryResult:
     host: str  # "diffusers x.y" or "ComfyUI x.y"
     examples: int = 0  # drawn examples that ran (not the kept failures replayed first, nor shrinking's re-runs)
     regressions: int = 0  # kept failures replayed first
+    completions: int = 0  # examples run again with every group at two slices, for groups the draws never sliced
     rejected: int = 0  # drawn examples the host itself could not run
     fp32: int = 0
     bf16: int = 0
@@ -345,11 +346,13 @@ def run_category(arch: Arch, path: str, host: str, examples: int, *, wrong: str 
     failing: list[bool] = []  # set at the first failure: later runs are hypothesis shrinking it
     ill_conditioned: list[float] = []
     rejections: list[str] = []
+    first_seen: dict[str, tuple] = {}  # group -> the first passing example that ran it with an axis of two or more
 
     def one(config, shape, slices, modes, dtype, counted=True):
         """One example; raises _Unusable (the host cannot run it) or AssertionError (with the example kept)."""
         example = {"config": config, "shape": list(shape), "slices": list(slices), "modes": list(modes), "dtype": dtype}
         last[:] = [example]
+        seen = set(coverage.seen)
         try:
             error = check_example(arch, models, config, shape, tuple(slices), tuple(modes), dtype, coverage,
                                   ill_conditioned)
@@ -366,6 +369,8 @@ def run_category(arch: Arch, path: str, host: str, examples: int, *, wrong: str 
             failing.append(True)
             last[:] = [example | {"message": f"the engine raised {type(e).__name__}: {e}"}]
             raise AssertionError(last[0]["message"]) from e
+        for name in coverage.seen - seen:
+            first_seen.setdefault(name, (config, tuple(shape)))
         if not counted or failing:  # a regression replay, or a re-run while shrinking: not a drawn example
             return
         result.examples += 1
@@ -420,6 +425,8 @@ def run_category(arch: Arch, path: str, host: str, examples: int, *, wrong: str 
                                            + "; ".join(rejections)))
         except Exception as e:  # hypothesis itself (a flaky example): reported, not raised
             result.failures.append(Failure("exactness", dict(last[0]) if last else {}, f"{type(e).__name__}: {e}"))
+        if not result.failures:
+            complete_coverage(one, coverage, first_seen, result)
     if result.rejected:
         result.notes.append(f"{result.rejected} drawn examples the host itself cannot run, e.g. {rejections[0][:240]}")
     result.ill_conditioned = len(ill_conditioned)
@@ -434,6 +441,24 @@ def run_category(arch: Arch, path: str, host: str, examples: int, *, wrong: str 
         result.failures.append(Failure("restore", {"config": config, "shape": [1, 2, 4, 4]}, message))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def complete_coverage(one: Callable, coverage: Coverage, first_seen: dict[str, tuple], result: CategoryResult) -> None:
+    """Every group sliced in at least one example: a group the drawn examples ran but never sliced (its draws
+    gave it one slice) gets the first example that ran it again, every group at two slices, in fp32."""
+    for name in coverage.never_sliced():
+        if name in coverage.sliced or name not in first_seen:  # sliced by an earlier completion
+            continue
+        config, shape = first_seen[name]
+        try:
+            one(config, shape, (2,), ("keep",), "fp32", counted=False)
+        except _Unusable:
+            continue
+        except AssertionError as e:
+            example = {"config": config, "shape": list(shape), "slices": [2], "modes": ["keep"], "dtype": "fp32"}
+            result.failures.append(Failure("exactness", example, f"completing coverage of {name}: {e}"))
+            return
+        result.completions += 1
 
 
 class _null:

@@ -460,6 +460,10 @@ def meta_replica(model: nn.Module) -> nn.Module:
     for name in ("_hf_hook", "_old_forward", "forward"):  # offload hooks hold other models
         if name in model.__dict__:
             memo[id(model.__dict__[name])] = None
+    for module in model.modules():  # other libraries' hooks are shared, as plain functions are, not copied: a
+        for attr, hooks in vars(module).items():  # copied method would copy its object (locks, modules, models)
+            if attr.endswith("hooks") and isinstance(hooks, dict):
+                memo.update((id(hook), hook) for hook in hooks.values() if callable(hook))
     replica = copy.deepcopy(model, memo)
     for name in ("_hf_hook", "_old_forward", "forward"):
         replica.__dict__.pop(name, None)

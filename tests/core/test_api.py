@@ -282,3 +282,29 @@ def test_an_exception_inside_a_run_leaves_the_model_usable(svd_call):
         assert close(model(*args, **kwargs)[0], reference)
     handle.remove()
     assert "forward" not in model.__dict__
+
+
+def test_another_librarys_hook_holding_state_that_cannot_be_copied_is_shared_with_the_plans_replica(svd_call):
+    """Planning copies the U-Net's structure onto ``meta``; a forward hook that is a method of an object holding a
+    lock (or a module, a model) cannot be deep-copied. Such hooks are shared with the replica, as plain functions
+    are, and run on its calls too."""
+    import threading
+
+    model, args, kwargs, reference = svd_call
+
+    class Counter:
+        def __init__(self):
+            self.lock, self.calls = threading.Lock(), 0
+
+        def hook(self, _module, _inputs, _output):
+            with self.lock:
+                self.calls += 1
+
+    counter = Counter()
+    removable = model.down_blocks[0].resnets[0].spatial_res_block.conv1.register_forward_hook(counter.hook)
+    try:
+        with streamline(model), torch.no_grad():
+            out = model(*args, **kwargs)[0]
+    finally:
+        removable.remove()
+    assert close(out, reference) and counter.calls >= 2  # the plan's meta runs and the real call

@@ -28,12 +28,17 @@ def svd_patcher(comfyui):
     return build_svd()
 
 
+@pytest.fixture(scope="module")
+def reference(svd_patcher):
+    return ksample(svd_patcher)
+
+
 def retried(caplog):
     return [r.getMessage() for r in caplog.records if "retrying once at the least-memory plan" in r.getMessage()]
 
 
-def test_streamline_model_retries_a_call_that_ran_out_of_memory_and_samples_the_same(pack, svd_patcher, caplog):
-    reference = ksample(svd_patcher)
+def test_streamline_model_retries_a_call_that_ran_out_of_memory_and_samples_the_same(pack, svd_patcher, reference,
+                                                                                      caplog):
     (patched,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(svd_patcher, "auto", 8, 0.0, "all")
     unet = svd_patcher.get_model_object("diffusion_model")
     hook, count = out_of_memory(unet.input_blocks[1][0].in_layers[2], 1)
@@ -47,8 +52,8 @@ def test_streamline_model_retries_a_call_that_ran_out_of_memory_and_samples_the_
     assert "UNetModel for input" in said and "predicted activation peak" in said
 
 
-def test_streamline_model_raises_the_devices_error_naming_the_budget_when_the_retry_runs_out_too(pack, svd_patcher):
-    reference = ksample(svd_patcher)
+def test_streamline_model_raises_the_devices_error_naming_the_budget_when_the_retry_runs_out_too(pack, svd_patcher,
+                                                                                                 reference):
     (patched,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(svd_patcher, "auto", 8, 0.0, "all")
     unet = svd_patcher.get_model_object("diffusion_model")
     hook, count = out_of_memory(unet.input_blocks[1][0].in_layers[2], 2)

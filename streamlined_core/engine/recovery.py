@@ -2,9 +2,10 @@
 
 When the device runs out of memory inside a call the engine slices (Streamline Model's U-Net calls,
 Streamline VAE Decode's bands), the call runs again, once, at the least-memory plan, after what the
-failed attempt held is freed; the log says so, and so does the run's context (``RunContext.recovered``,
-read by the profiler's timeline and the self-test). The output is the same: every plan computes the
-same result. A second out-of-memory error is raised as the device's own error type, with a message that
+failed attempt held is freed, with the call's arguments as they came (an attempt pops the host's control
+residuals and writes its options); the log says so, and so does the run's context
+(``RunContext.recovered``: Streamline VAE Decode's text reports it). The output is the same: every plan
+computes the same result. A second out-of-memory error is raised as the device's own error type, with a message that
 names the budget input the user sees.
 """
 
@@ -18,6 +19,7 @@ import torch
 
 from .context import current
 from .memory import size_text
+from .plan import fresh_containers
 from .slicing import Runner
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,14 @@ def streamlined_call(engine: Any, arguments: dict[str, Any], decide: Callable, l
         plan = engine.plan_within(arguments, 0, "out of memory: the least-memory plan")
         return plan.decide, f"{plan.describe()}, predicted activation peak {size_text(plan.predicted_peak_bytes)}"
 
+    # the call's containers as they came (new dicts and lists, the same tensors): an attempt pops the host's
+    # control residuals and writes its options, and a retry must start from what the first attempt got
+    pristine = fresh_containers(arguments)
+    attempts = [arguments]
+
+    def attempt(d: Callable) -> Any:
+        given = attempts.pop() if attempts else fresh_containers(pristine)
+        return engine.adapter.forward(engine.unet, Runner(d, listeners, request), **given)
+
     what = f"{type(engine.unet).__name__} for input {tuple(arguments[engine.adapter.sample].shape)}"
-    return run_recovering(lambda d: engine.adapter.forward(engine.unet, Runner(d, listeners, request), **arguments),
-                          decide, least, what, engine.budget_name)
+    return run_recovering(attempt, decide, least, what, engine.budget_name)

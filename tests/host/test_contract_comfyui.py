@@ -334,3 +334,29 @@ def test_one_slice_is_the_hosts_own_output_bitwise(comfyui, shape):
     one = selftest_comfy.unet_subject()(model, shape, torch.float32)
     with torch.no_grad():
         assert torch.equal(one.engine(forced(1)), one.reference())
+
+
+def test_a_call_retried_after_running_out_of_memory_gets_the_control_and_options_it_came_with(model):
+    """The first attempt pops control residuals and writes options before it runs out of memory (at the output
+    head, after every block): the retry at the least-memory plan must see them as the call had them."""
+    make, _seen = hooks(6)
+    args, kwargs = configs.comfy_svd_inputs(model, 2, 3, 64, 64)
+    failures = [1]
+
+    def out_of_memory(_module, inputs):
+        if inputs[0].device.type != "meta" and failures[0]:
+            failures[0] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with torch.no_grad():
+        options, control = make()
+        reference = model(*args, control=control, transformer_options=options, **kwargs)
+        hook = model.out[2].register_forward_pre_hook(out_of_memory)
+        try:
+            with streamline(model, slices=2):
+                options, control = make()
+                out = model(*args, control=control, transformer_options=options, **kwargs)
+        finally:
+            hook.remove()
+    assert failures == [0]
+    assert ((out - reference).abs().max() / reference.abs().max()).item() <= TOL

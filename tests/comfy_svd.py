@@ -70,8 +70,9 @@ def calibration_folder(path):
     return model_folder("streamline_rehash", path, {".json"})
 
 
-def build_svd_vae():
-    """ComfyUI's own VAE object for SVD's VAE (comfy/sd.py picks VideoDecoder from the keys), seeded weights."""
+def build_svd_vae(seed_weights=None):
+    """ComfyUI's own VAE object for SVD's VAE (comfy/sd.py picks VideoDecoder from the keys), its weights seeded by
+    ``seed_weights`` (default: ``configs.seed_weights`` at std 0.02)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencodingEngine
 
@@ -84,5 +85,5 @@ def build_svd_vae():
         decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
                         "params": {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}},
     )
-    configs.seed_weights(engine, std=0.02)
+    (seed_weights or (lambda module: configs.seed_weights(module, std=0.02)))(engine)
     return comfy.sd.VAE(sd=engine.state_dict())

@@ -192,3 +192,29 @@ class ComfyProbe:
             out = self.engine(x, timesteps, context, y, control, transformer_options, **kwargs)
         self.errors.append(rel(out, reference))
         return out
+
+
+def out_of_memory(module: torch.nn.Module, failures: int):
+    """The device's own out-of-memory error (``torch.OutOfMemoryError``) on ``module``'s first ``failures`` real
+    calls; plans run on ``meta`` and are left alone. Returns the hook's handle and its count of failures."""
+    count = [0]
+
+    def hook(_module, inputs):
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type != "meta" and count[0] < failures:
+            count[0] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    return module.register_forward_pre_hook(hook), count
+
+
+def diffusers_svd_call(shape: tuple[int, int, int, int], std: float = 0.1):
+    """A seeded tiny diffusers SVD U-Net, inputs of ``shape`` (batch, frames, height, width in pixels) and its own
+    output on them: ``(model, args, kwargs, reference)``."""
+    from streamlined_core.tools import configs
+
+    model = configs.seed_weights(configs.build_tiny_diffusers_svd(), std=std)
+    torch.manual_seed(0)
+    args, kwargs = configs.diffusers_svd_inputs(model, *shape)
+    with torch.no_grad():
+        reference = model(*args, **kwargs)[0]
+    return model, args, kwargs, reference

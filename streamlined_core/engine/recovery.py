@@ -74,10 +74,9 @@ def streamlined_call(engine: Any, arguments: dict[str, Any], decide: Callable, l
     # the call's containers as they came (new dicts and lists, the same tensors): an attempt pops the host's
     # control residuals and writes its options, and a retry must start from what the first attempt got
     pristine = fresh_containers(arguments)
-    attempts = [arguments]
 
     def attempt(d: Callable) -> Any:
-        given = attempts.pop() if attempts else fresh_containers(pristine)
+        given = arguments if d is decide else pristine  # the retry is the only call given the least plan
         return engine.adapter.forward(engine.unet, Runner(d, listeners, request), **given)
 
     what = f"{type(engine.unet).__name__} for input {tuple(arguments[engine.adapter.sample].shape)}"

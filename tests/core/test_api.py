@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from contract import diffusers_svd_call
 
 from streamlined_core import MemoryTracker, listen, stage_request, streamline
 from streamlined_core.engine.arch import diffusers_svd
@@ -21,12 +22,8 @@ def svd():
 
 
 @pytest.fixture
-def svd_call(svd):
-    torch.manual_seed(0)
-    args, kwargs = configs.diffusers_svd_inputs(svd, *SHAPE)
-    with torch.no_grad():
-        reference = svd(*args, **kwargs)[0]
-    return svd, args, kwargs, reference
+def svd_call():
+    return diffusers_svd_call(SHAPE)
 
 
 def close(a, b):

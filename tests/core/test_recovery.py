@@ -6,40 +6,18 @@ import logging
 
 import pytest
 import torch
+from contract import diffusers_svd_call, out_of_memory, rel
 
 from streamlined_core import listen, streamline
 from streamlined_core.engine.context import run_context
 from streamlined_core.engine.slicing import GroupEvent
-from streamlined_core.tools import configs
 
 SHAPE = (1, 5, 64, 96)
 
 
 @pytest.fixture
 def svd_call():
-    model = configs.seed_weights(configs.build_tiny_diffusers_svd(), std=0.1)
-    torch.manual_seed(0)
-    args, kwargs = configs.diffusers_svd_inputs(model, *SHAPE)
-    with torch.no_grad():
-        reference = model(*args, **kwargs)[0]
-    return model, args, kwargs, reference
-
-
-def out_of_memory(module, failures):
-    """Raise the device's out-of-memory error on the module's first ``failures`` real calls (planning runs on
-    ``meta`` and is left alone)."""
-    count = [0]
-
-    def hook(_module, inputs):
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type != "meta" and count[0] < failures:
-            count[0] += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-
-    return module.register_forward_pre_hook(hook), count
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return diffusers_svd_call(SHAPE)
 
 
 def test_one_out_of_memory_error_is_retried_at_the_least_memory_plan_with_the_same_output(svd_call, caplog):

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from comfy_svd import LATENT_TOL, rel
+from comfy_svd import LATENT_TOL, build_svd_vae, rel
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -68,18 +68,7 @@ SETTINGS = dict(max_examples=EXAMPLES, database=None, deadline=None, suppress_he
 @pytest.fixture(scope="module")
 def svd_vae(comfyui):
     """ComfyUI's VAE object for SVD's VAE, seeded (ComfyUI picks SVD's VAE by its keys, with SVD's widths)."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
-
-    config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
-    engine = AutoencodingEngine(
-        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
-        decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
-                        "params": {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}},
-    )
-    return comfy.sd.VAE(sd=configs.seed_weights_scaled(engine).state_dict())
+    return build_svd_vae(configs.seed_weights_scaled)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,7 @@ import logging
 import pytest
 import torch
 from comfy_svd import LATENT_TOL, build_svd, build_svd_vae, ksample, rel
-
-
-def out_of_memory(module, failures):
-    """The device's out-of-memory error on the module's first ``failures`` real calls (plans run on ``meta``)."""
-    count = [0]
-
-    def hook(_module, inputs):
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type != "meta" and count[0] < failures:
-            count[0] += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-
-    return module.register_forward_pre_hook(hook), count
+from contract import out_of_memory
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from comfy_svd import build_svd_vae
 from contract import (
     TOL,
     Coverage,
@@ -102,21 +103,7 @@ def test_bad_timesteps_are_named(decoder):
 
 @pytest.fixture(scope="module")
 def svd_vae(comfyui):
-    """ComfyUI's own VAE object for SVD's VAE (comfy/sd.py picks VideoDecoder from the keys), seeded weights."""
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencodingEngine
-
-    config = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
-              'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
-    torch.manual_seed(0)
-    engine = AutoencodingEngine(
-        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
-        decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
-                        "params": {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}},
-    )
-    configs.seed_weights(engine, std=0.02)
-    vae = comfy.sd.VAE(sd=engine.state_dict())
+    vae = build_svd_vae()
     assert type(vae.first_stage_model.decoder).__name__ == "VideoDecoder"
     return vae
 

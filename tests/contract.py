@@ -194,19 +194,6 @@ class ComfyProbe:
         return out
 
 
-def out_of_memory(module: torch.nn.Module, failures: int):
-    """The device's own out-of-memory error (``torch.OutOfMemoryError``) on ``module``'s first ``failures`` real
-    calls; plans run on ``meta`` and are left alone. Returns the hook's handle and its count of failures."""
-    count = [0]
-
-    def hook(_module, inputs):
-        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type != "meta" and count[0] < failures:
-            count[0] += 1
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-
-    return module.register_forward_pre_hook(hook), count
-
-
 def diffusers_svd_call(shape: tuple[int, int, int, int], std: float = 0.1):
     """A seeded tiny diffusers SVD U-Net, inputs of ``shape`` (batch, frames, height, width in pixels) and its own
     output on them: ``(model, args, kwargs, reference)``."""
@@ -218,3 +205,6 @@ def diffusers_svd_call(shape: tuple[int, int, int, int], std: float = 0.1):
     with torch.no_grad():
         reference = model(*args, **kwargs)[0]
     return model, args, kwargs, reference
+
+
+from streamlined_core.tools.selftest.comfy_graph import out_of_memory  # noqa: E402,F401  (the tests' injector too)

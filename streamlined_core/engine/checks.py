@@ -44,6 +44,11 @@ def resolve_unet(target: Any) -> tuple[nn.Module, Adapter]:
     unet = target if isinstance(target, nn.Module) else getattr(target, "unet", None)
     if type(unet).__name__ in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
         unet = unet.decoder  # pipe.vae: the decoder is what runs by groups
+    if hasattr(unet, "_orig_mod") and type(unet).__name__ == "OptimizedModule":
+        name = "target" if unet is target else "target.unet"
+        raise TypeError(f"{name} is already compiled by torch.compile ({type(unet._orig_mod).__name__} inside "
+                        f"an OptimizedModule): its compiled graphs would not see the slicing. Apply streamline() to "
+                        f"the model first, then compile it: streamline(model); model = torch.compile(model)")
     if not isinstance(unet, nn.Module):
         raise TypeError(f"target must be a video U-Net or a pipeline holding one as .unet, or SVD's VAE ({SUPPORTED}), "
                         f"got {type(target).__name__}")

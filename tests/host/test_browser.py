@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 from streamlined_core.host.comfyui import find_comfyui
+from streamlined_core.tools.selftest.server import Server, start  # the self-test's own server
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "Streamline"
@@ -118,51 +119,12 @@ def frontend(checkout, tmp_path_factory):
     return version, static
 
 
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
-        self.url, self.process, self.log = url, process, log
-
-    def get(self, path: str):
-        return _get(self.url + path)
-
-
 @pytest.fixture(scope="module")
 def server(checkout, frontend, tmp_path_factory):
-    """A real ComfyUI on the CPU with the pack loaded from outside and the test-only tiny model nodes."""
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "streamline_test_nodes").symlink_to(Path(__file__).parent / "server_nodes")
-    outside = tmp_path_factory.mktemp("outside")
-    (outside / "custom_nodes").mkdir()
-    (outside / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    config = outside / "extra_model_paths.yaml"
-    config.write_text(f"streamline:\n  base_path: {outside}\n  custom_nodes: custom_nodes\n")
-    port = _free_port()
-    log = base / "server.log"
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-               str(base), "--extra-model-paths-config", str(config), "--disable-auto-launch"]
-    if frontend[1] is not None:
-        command += ["--front-end-root", str(frontend[1])]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=checkout, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert process.poll() is None, log.read_text()[-4000:]
-                assert time.time() < deadline, "the server did not start in 180 s:\n" + log.read_text()[-4000:]
-                time.sleep(0.5)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """A real ComfyUI on the CPU with the pack loaded from outside and the self-test's tiny model nodes."""
+    args = ["--front-end-root", str(frontend[1])] if frontend[1] is not None else []
+    with start(checkout, tmp_path_factory.mktemp("comfy_base"), args=args) as running:
+        yield running
 
 
 def profiled(streamline: bool, label: str, frames: int = 3) -> dict:

@@ -2,98 +2,22 @@
 Streamline Model, and the example workflows served from the template route and checked by the server."""
 
 import json
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from workflow import api_prompt
 
+from streamlined_core.tools.selftest.server import start  # the self-test's own server
+
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "Streamline"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, process: subprocess.Popen, log: Path) -> None:
-        self.url, self.process, self.log = url, process, log
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            body = r.read()
-        return json.loads(body) if body[:1] in (b"{", b"[") else body
-
-    def post(self, path: str, payload) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        status, answer = self.post("/prompt", {"prompt": prompt, "client_id": "streamline-test"})
-        assert status == 200, answer
-        prompt_id = answer["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                return history[prompt_id]
-            assert self.process.poll() is None, self.log.read_text()[-4000:]
-            time.sleep(0.5)
-        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(comfyui, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / "streamline_test_nodes").symlink_to(Path(__file__).parent / "server_nodes")
-    ade = Path(comfyui) / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved"
-    if ade.is_dir():
-        (base / "custom_nodes" / ade.name).symlink_to(ade)
-    outside = tmp_path_factory.mktemp("outside")
-    (outside / "custom_nodes").mkdir()
-    (outside / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    config = outside / "extra_model_paths.yaml"
-    config.write_text(f"streamline:\n  base_path: {outside}\n  custom_nodes: custom_nodes\n")
-    port = _free_port()
-    log = base / "server.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-             "--extra-model-paths-config", str(config), "--disable-auto-launch"],
-            cwd=comfyui, stdout=out, stderr=subprocess.STDOUT,
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                server.get("/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert process.poll() is None, log.read_text()[-4000:]
-                assert time.time() < deadline, "the server did not start in 180 s:\n" + log.read_text()[-4000:]
-                time.sleep(0.5)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with start(comfyui, tmp_path_factory.mktemp("comfy_base")) as running:
+        yield running
 
 
 def test_object_info_shows_the_node_and_its_inputs(server):
@@ -190,13 +114,6 @@ def profiled_graph(label: str) -> dict:
     return prompt
 
 
-def get_status(server, path: str) -> tuple[int, object]:
-    try:
-        return 200, server.get(path)
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_the_vram_profiler_keeps_each_runs_timeline_behind_its_routes(server):
     status, answer = server.post("/prompt", {"prompt": profiled_graph("server"), "client_id": "streamline-test"})
     assert status == 200, answer
@@ -220,6 +137,6 @@ def test_the_vram_profiler_keeps_each_runs_timeline_behind_its_routes(server):
     ("/streamline/timelines/" + "x" * 200, 400), ("/streamline/timelines/no-such-prompt", 404),
 ])
 def test_malformed_route_parameters_get_a_clear_error_and_the_server_keeps_serving(server, path, code):
-    status, answer = get_status(server, path)
+    status, answer = server.get_status(path)
     assert status == code and answer["error"], answer
     assert server.get("/system_stats")["system"]

@@ -6,6 +6,8 @@ import pytest
 import torch
 from comfy_svd import LATENT_TOL, build_svd, calibration_folder, conditioning, ksample, rehash_options, rehash_report, rel
 
+from streamlined_core.tools.selftest.comfy_graph import controlnet
+
 STEPS = 5
 
 
@@ -327,30 +329,6 @@ def test_the_model_is_unpatched_once_comfyui_unloads_it(pack, svd):
 
 
 # -- a reuse step fed its own step's capture equals the full step, with what users put around it --------
-
-
-def controlnet(conds):
-    """A ControlNet built from ComfyUI's own classes for the tiny SVD (seeded), applied to both conds."""
-    import comfy.cldm.cldm
-    import comfy.controlnet
-    import comfy.ops
-
-    import nodes
-    from streamlined_core.tools import configs
-
-    cpu = torch.device("cpu")
-    net = comfy.cldm.cldm.ControlNet(
-        image_size=32, in_channels=4, model_channels=64, hint_channels=3, num_res_blocks=[1, 1], channel_mult=[1, 2],
-        num_head_channels=32, use_spatial_transformer=True, transformer_depth=[1, 1], context_dim=64,
-        use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential", transformer_depth_middle=1,
-        operations=comfy.ops.disable_weight_init, device=cpu, dtype=torch.float32)
-    configs.seed_weights(net, std=0.05)
-    calls = []
-    net.register_forward_hook(lambda *_: calls.append(1))
-    control = comfy.controlnet.ControlNet(net, load_device=cpu, manual_cast_dtype=None)
-    hint = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(3))
-    positive, negative = conds
-    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0), calls
 
 
 def same_step_reuse(pack, model, errors):

@@ -1,0 +1,112 @@
+"""A tiny SVD built the way ComfyUI builds one, its conditioning, KSampler on it and SVD's VAE as ComfyUI's own
+``VAE`` object: what the reliability self-test (and the host tests) run graphs on. Needs ComfyUI importable."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import configs
+
+SVD_CONFIG = configs.TINY_COMFY_SVD_CONFIG  # ComfyUI's unet_config of a tiny SVD_img2vid
+# Sampling from sigma 700 (EDM) scales each call's rounding by up to ~700 in the latent, so final
+# latents are compared at 2e-3 while every U-Net call is held to 1e-5 (docs/benchmarks.md).
+LATENT_TOL = 2e-3
+
+
+def build_svd(weight_dtype=torch.float32, manual_cast=None):
+    """A tiny SVD built the way ComfyUI builds one, seeded (ComfyUI leaves weights uninitialised)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SVD_img2vid(dict(SVD_CONFIG))
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    configs.seed_weights(model, std=0.05)  # ComfyUI leaves weights uninitialised
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def conditioning(frames, h, w):
+    gen = torch.Generator().manual_seed(1)
+    extra = {"motion_bucket_id": 127, "fps": 6, "augmentation_level": 0.0,
+             "concat_latent_image": torch.randn(1, 4, h, w, generator=gen)}
+    positive = [[torch.randn(1, 1, 64, generator=gen), dict(extra)]]
+    negative = [[torch.zeros(1, 1, 64), dict(extra, concat_latent_image=torch.zeros(1, 4, h, w))]]
+    return positive, negative, {"samples": torch.zeros(frames, 4, h, w)}
+
+
+def ksample(model, frames=3, h=8, w=12, steps=2, sampler="euler"):
+    """KSampler (karras, cfg 2.5), as SVD workflows run it."""
+    import nodes
+
+    positive, negative, latent = conditioning(frames, h, w)
+    (out,) = nodes.KSampler().sample(model, 7, steps, 2.5, sampler, "karras", positive, negative, latent, denoise=1.0)
+    return out["samples"]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def build_svd_vae(seed_weights=None):
+    """ComfyUI's own VAE object for SVD's VAE (comfy/sd.py picks VideoDecoder from the keys), its weights seeded by
+    ``seed_weights`` (default: ``configs.seed_weights`` at std 0.02)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    config = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+              "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    torch.manual_seed(0)
+    engine = AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": config},
+        decoder_config={"target": "comfy.ldm.modules.temporal_ae.VideoDecoder",
+                        "params": {**config, "video_kernel_size": [3, 1, 1], "alpha": 0.0}},
+    )
+    (seed_weights or (lambda module: configs.seed_weights(module, std=0.02)))(engine)
+    return comfy.sd.VAE(sd=engine.state_dict())
+
+
+def out_of_memory(module: torch.nn.Module, failures: int):
+    """The device's own out-of-memory error (``torch.OutOfMemoryError``) on ``module``'s first ``failures`` real
+    calls; plans run on ``meta`` and are left alone. Returns the hook's handle and its count of failures."""
+    count = [0]
+
+    def hook(_module, inputs):
+        if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].device.type != "meta" and count[0] < failures:
+            count[0] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    return module.register_forward_pre_hook(hook), count
+
+
+def controlnet(conds):
+    """A ControlNet built from ComfyUI's own classes for the tiny SVD (seeded), applied to both conds by ComfyUI's
+    Apply ControlNet node; the conds and a list the network's calls are counted in."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    import nodes
+
+    cpu = torch.device("cpu")
+    net = comfy.cldm.cldm.ControlNet(
+        image_size=32, in_channels=4, model_channels=64, hint_channels=3, num_res_blocks=[1, 1], channel_mult=[1, 2],
+        num_head_channels=32, use_spatial_transformer=True, transformer_depth=[1, 1], context_dim=64,
+        use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential", transformer_depth_middle=1,
+        operations=comfy.ops.disable_weight_init, device=cpu, dtype=torch.float32)
+    configs.seed_weights(net, std=0.05)
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+    control = comfy.controlnet.ControlNet(net, load_device=cpu, manual_cast_dtype=None)
+    hint = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(3))
+    positive, negative = conds
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hint, 1.0, 0.0, 1.0), calls
+
+
+def rehash_options(**kw):
+    """The Step Rehash nodes' inputs: a uniform interval of 2 at up0.0.attn unless ``kw`` says otherwise (the
+    tiny U-Net's last up block has two layers: up0.1.attn, the default, only replays there)."""
+    base = dict(schedule="uniform interval", key_steps=0, gamma=0.95, interval=2, cut="up0.0.attn",
+                calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
+                override_calibration=False)
+    return base | kw

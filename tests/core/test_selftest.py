@@ -92,3 +92,34 @@ def test_an_engine_that_raises_is_a_failure_with_its_example_not_a_crash(monkeyp
     result = exactness.run_category(ARCHS["diffusers-sd-vae"], "default", "diffusers", 2, shrink=False)
     (failure,) = [f for f in result.failures if f.check == "exactness"]
     assert "the engine raised RuntimeError: broken on purpose" in failure.message and failure.example["config"]
+
+
+def test_streamline_under_torch_compile_is_counted_among_the_compositions(capsys, monkeypatch):
+    """Compiled over a streamlined U-Net (aot_eager in the ci profile) it is exact; fullgraph=True is refused by
+    torch; a U-Net compiled first is refused by streamline() naming the order that works."""
+    monkeypatch.delenv("STREAMLINE_SELFTEST_BROKEN", raising=False)
+    code = cli.main(["selftest", "compositions", "--only", "diffusers", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["categories"]
+    assert code == 0 and row["category"] == "compositions" and row["host"].startswith("diffusers"), row
+    assert row["tried"] == 3 and row["failed"] == 0, row["failures"]
+    assert any("fullgraph=True: torch refuses" in n for n in row["notes"]), row["notes"]
+
+
+def test_an_unknown_check_and_cases_that_match_nothing_are_refused(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["selftest", "exactnes"])
+    assert raised.value.code == 2 and "CHECK 'exactnes': expected any of exactness, faults" in capsys.readouterr().err
+    assert cli.main(["selftest", "compositions", "--only", "diffusers", "--cases", "no such case"]) == 2
+    assert "no case's name contains --cases 'no such case'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["selftest", "repeats", "--runs", "3"])
+    assert "--runs 3: growth is judged from the third run on" in capsys.readouterr().err
+
+
+def test_a_broken_variant_name_is_refused(monkeypatch):
+    from streamlined_core.tools.selftest import tally
+
+    monkeypatch.setenv(tally.BROKEN_ENV, "nonsense")
+    with pytest.raises(ValueError, match="STREAMLINE_SELFTEST_BROKEN must be one of no-restore-after-interrupt"):
+        tally.broken_variant()

@@ -83,42 +83,14 @@ def motion_models(ade, tmp_path_factory):
     ``v2`` (mid block, 32 positions) runs ADE's per-frame norms; ``v1`` (no mid block, 24 positions)
     switches ADE to its cross-frame GroupNorm mode.
     """
-    import sys
+    from streamlined_core.tools.selftest.comfy_graph import motion_model_files
 
-    import folder_paths
-    import torch
-    from safetensors.torch import save_file
-
-    from streamlined_core.tools import configs
-
-    ad = next(m for name, m in sys.modules.items() if name.endswith("animatediff.motion_module_ad"))
-    folder = tmp_path_factory.mktemp("animatediff_models")
-    names = {}
-    for version, mid, positions in (("v2", True, 32), ("v1", False, 24)):
-        pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"
-        shape = {pe: torch.zeros(1, positions, 320), "up_blocks.3.motion_modules.0.temporal_transformer.x": torch.zeros(1)}
-        if mid:
-            shape["mid_block.motion_modules.0.temporal_transformer.x"] = torch.zeros(1)
-        info = ad.AnimateDiffInfo("SD1.5", ad.AnimateDiffFormat.ANIMATEDIFF, version, version)
-        model = configs.seed_weights_scaled(ad.AnimateDiffModel(shape, info), seed=1)
-        names[version] = f"streamline_test_{version}.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / names[version]))
-        del model
-    folder_paths.add_model_folder_path("animatediff_models", str(folder))
-    return names
+    return motion_model_files(tmp_path_factory.mktemp("animatediff_models"))
 
 
 @pytest.fixture(scope="session")
 def sd15_patcher(comfyui):
     """A full-width SD1.5 UNetModel (what AnimateDiff motion modules fit), seeded, run at tiny latent sizes."""
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
+    from streamlined_core.tools.selftest.comfy_graph import sd15_patcher
 
-    from streamlined_core.tools import configs
-
-    model_config = comfy.supported_models.SD15(dict(configs.COMFY_SD15_UNET))
-    model_config.set_inference_dtype(torch.float32, None)
-    model = configs.seed_weights_scaled(model_config.get_model({}, "", device=torch.device("cpu")))
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return sd15_patcher()

@@ -74,7 +74,7 @@ def test_the_ci_profile_runs_exactness_under_every_backend_and_weight_path(ci):
 SHOWN_BY = {"no-restore-after-interrupt": ("--cases", "Streamline Model: ComfyUI's interrupt"),
             "no-retry-after-oom": ("--cases", "Streamline Model: out of memory once"),
             "leak-per-run": ("--runs", "4"),
-            "unchecked-input": ("--cases", "StreamlineModel.max_slices below"),
+            "unchecked-input": ("--cases", "StreamlineModel.max_slices"),
             "shared-patch": ("--cases", "Streamline Model -> Streamline Model")}
 
 

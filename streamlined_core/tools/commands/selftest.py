@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         from ..selftest.compose import diffusers_compositions
 
         _say("diffusers: streamline() under torch.compile")
-        categories.append(diffusers_compositions(args.profile).as_dict())
+        categories.append(diffusers_compositions(args.profile, args.cases).as_dict())
     if args.only != "diffusers":
         if not hosts(args):
             notes.append("no ComfyUI host: set --comfyui PATH (or $COMFYUI_PATH) for its rows"
@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
                     _say(f"{tally['category']} on {tally['host']}: {tally['tried']} tried, {tally['failed']} failed "
                          f"({tally['seconds']:.0f} s)")
     failed = [r for r in rows if r["failed"]] + [c for c in categories if c["failed"]]
+    if args.cases and categories and not sum(c["tried"] for c in categories):
+        print(f"streamline selftest: no case's name contains --cases {args.cases!r}", file=sys.stderr)
+        return 2
     if args.json:
         architectures = [{"arch": arch, "host": host, **t} for (arch, host), t in architecture_totals(rows).items()]
         print(json.dumps({"profile": args.profile, "rows": rows, "architectures": architectures,

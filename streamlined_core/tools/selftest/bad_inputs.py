@@ -68,6 +68,9 @@ def bad_inputs(server: Any, tally: Tally) -> None:
             if isinstance(typ, list):
                 cases["not one of its choices"] = "no such choice"
             elif typ in ("INT", "FLOAT"):
+                if name not in HOST_INPUTS and tally.wants(f"{kind}.{name} declares its minimum and maximum"):
+                    with tally.case(f"{kind}.{name} declares its minimum and maximum"):  # what the page enforces
+                        check("min" in options and "max" in options, f"{name}: {typ} without limits: {options}")
                 cases["of the wrong type"] = "abc"
                 step = options.get("step", 1) if typ == "FLOAT" else 1
                 if "min" in options:
@@ -102,6 +105,9 @@ def bad_inputs(server: Any, tally: Tally) -> None:
     _routes(server, tally, base)
 
 
+CORRUPT = ("corrupt", "truncated", "mismatched", "of the wrong shape")
+
+
 def _calibrations(server: Any, tally: Tally, base: dict) -> None:
     """Calibration files that are corrupt, truncated or made for another model, chosen in the calibration widget."""
     from .server import failure_of
@@ -109,9 +115,11 @@ def _calibrations(server: Any, tally: Tally, base: dict) -> None:
     folder = Path(server.base) / "models" / "streamline_rehash"
     prompt = copy.deepcopy(base)
     prompt["4"]["inputs"].update(schedule="gamma", calibration="auto (find or make one)")
-    if not tally.wants("calibration"):
+    names = ("a calibration made by the node", *(f"a {n} calibration file" for n in CORRUPT))
+    if not tally.wants(*names):
         return
-    with tally.case("a calibration made by the node"):
+    made: list[Path] = []
+    with tally.case("a calibration made by the node"):  # (what the other files are made from: run when any is)
         failure = failure_of(server.run(prompt))
         check(failure is None, f"calibrating failed: {failure}")
         made = sorted(folder.glob("*.json"))
@@ -121,8 +129,12 @@ def _calibrations(server: Any, tally: Tally, base: dict) -> None:
     good = made[0].read_text()
     doc = json.loads(good)
     other = dict(doc, made_for=dict(doc.get("made_for", {}), model="another model"))
-    for name, text in (("corrupt", "\x00\x17 not json {"), ("truncated", good[: len(good) // 2]),
-                       ("mismatched", json.dumps(other)), ("of the wrong shape", json.dumps({"steps": "many"}))):
+    texts = {"corrupt": "\x00\x17 not json {", "truncated": good[: len(good) // 2], "mismatched": json.dumps(other),
+             "of the wrong shape": json.dumps({"steps": "many"})}
+    for name in CORRUPT:
+        if not tally.wants(f"a {name} calibration file"):
+            continue
+        text = texts[name]
         with tally.case(f"a {name} calibration file"):
             file = folder / f"selftest-{name.replace(' ', '-')}.json"
             file.write_text(text)

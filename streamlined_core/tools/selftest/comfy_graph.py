@@ -110,3 +110,68 @@ def rehash_options(**kw):
                 calibration="auto (find or make one)", start_percent=0.0, end_percent=1.0, max_consecutive_reuses=0,
                 override_calibration=False)
     return base | kw
+
+
+def sd15_patcher():
+    """A full-width SD1.5 ``UNetModel`` (what AnimateDiff motion modules fit), seeded, in a ``ModelPatcher``."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.SD15(dict(configs.COMFY_SD15_UNET))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = configs.seed_weights_scaled(model_config.get_model({}, "", device=torch.device("cpu")))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def motion_model_files(folder) -> dict[str, str]:
+    """Motion model files written to ``folder`` with AnimateDiff-Evolved's own classes and seeded weights, and the
+    folder added to its model paths: ``v2`` (mid block, 32 positions: per-frame norms) and ``v1`` (no mid block, 24
+    positions: ADE's cross-frame GroupNorm mode). Needs ADE loaded by ComfyUI."""
+    import sys
+    from pathlib import Path
+
+    import folder_paths
+    from safetensors.torch import save_file
+
+    ad = next(m for name, m in sys.modules.items() if name.endswith("animatediff.motion_module_ad"))
+    names = {}
+    for version, mid, positions in (("v2", True, 32), ("v1", False, 24)):
+        pe = "down_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe"
+        shape = {pe: torch.zeros(1, positions, 320), "up_blocks.3.motion_modules.0.temporal_transformer.x": torch.zeros(1)}
+        if mid:
+            shape["mid_block.motion_modules.0.temporal_transformer.x"] = torch.zeros(1)
+        info = ad.AnimateDiffInfo("SD1.5", ad.AnimateDiffFormat.ANIMATEDIFF, version, version)
+        model = configs.seed_weights_scaled(ad.AnimateDiffModel(shape, info), seed=1)
+        names[version] = f"streamline_test_{version}.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(folder) / names[version]))
+        del model
+    folder_paths.add_model_folder_path("animatediff_models", str(folder))
+    return names
+
+
+def evolved(model, motion_model: str, context_length: int | None = None):
+    """Load AnimateDiff Model -> Apply AnimateDiff Model -> (Context Options) -> Use Evolved Sampling, with
+    AnimateDiff-Evolved's own nodes."""
+    import nodes
+
+    ade = nodes.NODE_CLASS_MAPPINGS
+    (loaded,) = ade["ADE_LoadAnimateDiffModel"]().load_motion_model(motion_model)
+    (m_models,) = ade["ADE_ApplyAnimateDiffModelSimple"]().apply_motion_model(loaded)
+    context = None
+    if context_length:
+        (context,) = ade["ADE_StandardStaticContextOptions"]().create_options(context_length, 2)
+    (out,) = ade["ADE_UseEvolvedSampling"]().use_evolved_sampling(model, "autoselect", m_models, context)
+    return out
+
+
+def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8):
+    """KSampler (euler, normal, cfg 7) over ``frames`` latents, as AnimateDiff workflows run it."""
+    import nodes
+
+    gen = torch.Generator().manual_seed(1)
+    positive = [[torch.randn(1, 2, 768, generator=gen), {}]]
+    negative = [[torch.zeros(1, 2, 768), {}]]
+    latent = {"samples": torch.zeros(frames, 4, h, w)}
+    (out,) = nodes.KSampler().sample(model, 7, steps, 7.0, "euler", "normal", positive, negative, latent, denoise=1.0)
+    return out["samples"]

@@ -43,10 +43,12 @@ def _freeu(model: Any) -> Any:
     return FreeU_V2().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
 
 
-def compositions(pack: Any, host: str) -> Tally:
+def compositions(pack: Any, host: str, root: str = "", profile: str = "ci") -> Tally:
     tally = Tally("compositions", host)
+    if profile == "full":
+        animatediff(pack, tally, root)
     svd = g.build_svd()
-    kept = options_of(svd)
+    kept, patches = options_of(svd), dict(svd.object_patches)
     plain = g.ksample(svd)
     rehashed = rehash_sample(pack, svd)
 
@@ -59,6 +61,7 @@ def compositions(pack: Any, host: str) -> Tally:
         with tally.case(name):
             same(name, sample(build()), reference)
             check(options_of(svd) == kept, "the MODEL that came in now carries other options")
+            check(svd.object_patches == patches, f"the MODEL that came in now carries object patches: {list(svd.object_patches)}")
             check(torch.equal(g.ksample(svd), plain), "the MODEL that came in, used elsewhere, samples differently")
 
     for order in itertools.permutations(PATCHING):
@@ -77,7 +80,7 @@ def compositions(pack: Any, host: str) -> Tally:
     case("a weight patch (LoRA) -> Streamline Model", lambda: _through(pack, lora, "Streamline Model"), with_lora)
     case("Streamline Model -> a weight patch (LoRA)", lambda: _weight_patch(_through(pack, svd, "Streamline Model")),
          with_lora)
-    if tally.wants("ControlNet -> Streamline Model"):
+    if tally.wants("ControlNet -> Streamline Model -> KSampler"):
         import nodes
 
         def controlled(model):
@@ -95,7 +98,50 @@ def compositions(pack: Any, host: str) -> Tally:
     return tally
 
 
-def diffusers_compositions(profile: str) -> Tally:
+def animatediff(pack: Any, tally: Tally, root: str) -> None:
+    """Streamline Model with AnimateDiff-Evolved's context windows, before and after its Use Evolved Sampling, and
+    with ComfyUI's EasyCache on SD1.5 with AnimateDiff-Evolved (where EasyCache runs: on SVD it raises by itself),
+    at full width (what the motion modules fit), 6 frames of 8x8 latents."""
+    import tempfile
+
+    from .worker import animatediff_evolved
+
+    if not animatediff_evolved(root):
+        tally.notes.append("AnimateDiff-Evolved is not in this checkout's custom_nodes: its compositions did not run")
+        return
+    frames, sd15 = 6, g.sd15_patcher()
+    with tempfile.TemporaryDirectory(prefix="streamline-motion-") as folder:
+        v2 = g.motion_model_files(folder)["v2"]
+        windows = g.ksample_sd15(g.evolved(sd15, v2, 4), frames)
+        for name, build in (("AnimateDiff-Evolved context windows of 4 -> Streamline Model",
+                             lambda: _through(pack, g.evolved(sd15, v2, 4), "Streamline Model")),
+                            ("Streamline Model -> AnimateDiff-Evolved context windows of 4",
+                             lambda: g.evolved(_through(pack, sd15, "Streamline Model"), v2, 4))):
+            if tally.wants(name):
+                with tally.case(name):
+                    out = g.ksample_sd15(build(), frames)
+                    check(g.rel(out, windows) <= g.LATENT_TOL, f"off by {g.rel(out, windows):.2e} of the latent")
+        name = "AnimateDiff-Evolved -> Streamline Model -> EasyCache"
+        if not tally.wants(name):
+            return
+        try:
+            from comfy_extras.nodes_easycache import EasyCacheNode
+        except ImportError:
+            tally.notes.append("this ComfyUI has no EasyCache node: its composition did not run")
+            return
+
+        def easycache(model):
+            out = EasyCacheNode.execute(model, reuse_threshold=0.2, start_percent=0.15, end_percent=0.95,
+                                        verbose=False)
+            return out[0] if isinstance(out, tuple) else out.result[0]
+
+        with tally.case(name):
+            reference = g.ksample_sd15(easycache(g.evolved(sd15, v2)), frames, steps=6)
+            out = g.ksample_sd15(easycache(_through(pack, g.evolved(sd15, v2), "Streamline Model")), frames, steps=6)
+            check(g.rel(out, reference) <= g.LATENT_TOL, f"off by {g.rel(out, reference):.2e} of the latent")
+
+
+def diffusers_compositions(profile: str, cases: str = "") -> Tally:
     """``streamline()`` under ``torch.compile`` in diffusers: compiled over a streamlined U-Net it equals the U-Net's
     own output (``aot_eager`` at two slices per group in the ci profile; the inductor backend at the planned slicing
     in the full one); ``fullgraph=True``, which cannot hold the run's context, is refused by torch, never wrong
@@ -106,7 +152,7 @@ def diffusers_compositions(profile: str) -> Tally:
     from ... import streamline
     from .. import configs
 
-    tally = Tally("compositions", f"diffusers {diffusers.__version__}")
+    tally = Tally("compositions", f"diffusers {diffusers.__version__}", only=cases)
     backend, slices = ("aot_eager", 2) if profile == "ci" else ("inductor", "auto")
     model = configs.seed_weights(configs.build_tiny_diffusers_svd(), std=0.1)
     torch.manual_seed(0)

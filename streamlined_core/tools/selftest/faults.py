@@ -115,9 +115,6 @@ def faults(pack: Any, host: str) -> Tally:
     from ...engine.memory import MemoryTracker
 
     tally = Tally("faults", host)
-    if not tally.wants("Streamline Model:") and not tally.wants("Step Rehash Sampler:") and not tally.wants("VRAM Profiler:"):
-        _decode_faults(pack, tally)
-        return tally
     svd = g.build_svd()
     reference = g.ksample(svd)
     base = svd.model
@@ -160,7 +157,7 @@ def faults(pack: Any, host: str) -> Tally:
 def _decode_faults(pack: Any, tally: Tally) -> None:
     import comfy.model_management as mm
 
-    if not tally.wants("Streamline VAE Decode:"):
+    if not tally.wants("Streamline VAE Decode: an error in a band", "Streamline VAE Decode: ComfyUI's interrupt in a band"):
         return
     from ...engine.memory import MemoryTracker
 
@@ -220,9 +217,9 @@ def recoveries(pack: Any, host: str) -> Tally:
     root.addHandler(log)
     root.setLevel(logging.INFO)
     try:
-        if tally.wants("Streamline Model: out of memory"):
+        if tally.wants("Streamline Model: out of memory once", "Streamline Model: out of memory twice"):
             _recover_unet(pack, tally, log)
-        if tally.wants("Streamline VAE Decode: out of memory"):
+        if tally.wants("Streamline VAE Decode: out of memory once", "Streamline VAE Decode: out of memory twice"):
             _recover_decode(pack, tally, log)
         if tally.wants("streamline() in diffusers: out of memory once"):
             _recover_diffusers(tally, log)
@@ -244,32 +241,34 @@ def _recover_unet(pack: Any, tally: Tally, log: _Log) -> None:
     unet = svd.get_model_object("diffusion_model")
     (patched,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(svd, "auto", 8, 0.0, "all")
     _said(log)
-    with tally.case("Streamline Model: out of memory once"):
-        hook, count = g.out_of_memory(unet.input_blocks[1][0].in_layers[2], 1)
-        try:
-            out = g.ksample(patched)
-        finally:
-            hook.remove()
-        said = _said(log)
-        check(count[0] == 1, "the injected error was not raised")
-        check(g.rel(out, reference) <= g.LATENT_TOL, f"the run is off by {g.rel(out, reference):.2e} of the latent")
-        check(len(said) == 1 and "UNetModel for input" in said[0], f"the log does not say it retried: {said}")
-    with tally.case("Streamline Model: out of memory twice"):
-        _said(log)
-        hook, count = g.out_of_memory(unet.input_blocks[1][0].in_layers[2], 2)
-        raised: BaseException | None = None
-        try:
-            g.ksample(patched)
-        except torch.OutOfMemoryError as e:
-            raised = e
-        finally:
-            hook.remove()
-        check(raised is not None and "vram_budget_gb" in str(raised),
-              f"the second failure did not raise the device's error naming vram_budget_gb: {raised!r}")
-        del raised
-        check(torch.equal(g.ksample(svd), reference), "the MODEL that came in samples differently")
-        check(getattr(unet._forward, "__func__", None) is type(unet)._forward, "the U-Net's _forward is still replaced")
-        check(g.rel(g.ksample(patched), reference) <= g.LATENT_TOL, "the streamlined MODEL's next run is wrong")
+    if tally.wants("Streamline Model: out of memory once"):
+        with tally.case("Streamline Model: out of memory once"):
+            hook, count = g.out_of_memory(unet.input_blocks[1][0].in_layers[2], 1)
+            try:
+                out = g.ksample(patched)
+            finally:
+                hook.remove()
+            said = _said(log)
+            check(count[0] == 1, "the injected error was not raised")
+            check(g.rel(out, reference) <= g.LATENT_TOL, f"the run is off by {g.rel(out, reference):.2e} of the latent")
+            check(len(said) == 1 and "UNetModel for input" in said[0], f"the log does not say it retried: {said}")
+    if tally.wants("Streamline Model: out of memory twice"):
+        with tally.case("Streamline Model: out of memory twice"):
+            _said(log)
+            hook, count = g.out_of_memory(unet.input_blocks[1][0].in_layers[2], 2)
+            raised: BaseException | None = None
+            try:
+                g.ksample(patched)
+            except torch.OutOfMemoryError as e:
+                raised = e
+            finally:
+                hook.remove()
+            check(raised is not None and "vram_budget_gb" in str(raised),
+                  f"the second failure did not raise the device's error naming vram_budget_gb: {raised!r}")
+            del raised
+            check(torch.equal(g.ksample(svd), reference), "the MODEL that came in samples differently")
+            check(getattr(unet._forward, "__func__", None) is type(unet)._forward, "the U-Net's _forward is still replaced")
+            check(g.rel(g.ksample(patched), reference) <= g.LATENT_TOL, "the streamlined MODEL's next run is wrong")
 
 
 def _recover_decode(pack: Any, tally: Tally, log: _Log) -> None:
@@ -280,31 +279,33 @@ def _recover_decode(pack: Any, tally: Tally, log: _Log) -> None:
     latent = {"samples": torch.randn(3, 4, 3, 2)}
     (reference,) = node.decode(latent, vae, 0.0)["result"]
     _said(log)
-    with tally.case("Streamline VAE Decode: out of memory once"):
-        hook, count = g.out_of_memory(decoder.mid.block_1.conv1, 1)
-        try:
-            out = node.decode(latent, vae, 0.0)
-        finally:
-            hook.remove()
-        said = _said(log)
-        check(count[0] == 1 and (out["result"][0] - reference).abs().max() <= 1e-5, "the decode after the retry differs")
-        check("decoded again at the least-memory plan" in out["ui"]["text"][0], "the node's text does not say it retried")
-        check(len(said) == 1 and "VideoDecoder for input" in said[0], f"the log does not say it retried: {said}")
-    with tally.case("Streamline VAE Decode: out of memory twice"):
-        _said(log)
-        hook, count = g.out_of_memory(decoder.mid.block_1.conv1, 2)
-        raised: BaseException | None = None
-        try:
-            node.decode(latent, vae, 0.0)
-        except torch.OutOfMemoryError as e:
-            raised = e
-        finally:
-            hook.remove()
-        check(raised is not None and "vram_budget_gb" in str(raised),
-              f"the second failure did not raise the device's error naming vram_budget_gb: {raised!r}")
-        del raised
-        check("forward" not in decoder.__dict__, "the VAE's decoder is still replaced")
-        check((node.decode(latent, vae, 0.0)["result"][0] - reference).abs().max() <= 1e-5, "the next decode differs")
+    if tally.wants("Streamline VAE Decode: out of memory once"):
+        with tally.case("Streamline VAE Decode: out of memory once"):
+            hook, count = g.out_of_memory(decoder.mid.block_1.conv1, 1)
+            try:
+                out = node.decode(latent, vae, 0.0)
+            finally:
+                hook.remove()
+            said = _said(log)
+            check(count[0] == 1 and (out["result"][0] - reference).abs().max() <= 1e-5, "the decode after the retry differs")
+            check("decoded again at the least-memory plan" in out["ui"]["text"][0], "the node's text does not say it retried")
+            check(len(said) == 1 and "VideoDecoder for input" in said[0], f"the log does not say it retried: {said}")
+    if tally.wants("Streamline VAE Decode: out of memory twice"):
+        with tally.case("Streamline VAE Decode: out of memory twice"):
+            _said(log)
+            hook, count = g.out_of_memory(decoder.mid.block_1.conv1, 2)
+            raised: BaseException | None = None
+            try:
+                node.decode(latent, vae, 0.0)
+            except torch.OutOfMemoryError as e:
+                raised = e
+            finally:
+                hook.remove()
+            check(raised is not None and "vram_budget_gb" in str(raised),
+                  f"the second failure did not raise the device's error naming vram_budget_gb: {raised!r}")
+            del raised
+            check("forward" not in decoder.__dict__, "the VAE's decoder is still replaced")
+            check((node.decode(latent, vae, 0.0)["result"][0] - reference).abs().max() <= 1e-5, "the next decode differs")
 
 
 def _recover_diffusers(tally: Tally, log: _Log) -> None:

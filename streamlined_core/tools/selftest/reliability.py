@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
         broken = broken_variant()
         if broken:
             break_pack(pack, broken)
-        results = [run(category, pack, host).finish() for category in wanted if category not in SERVED]
+        results = [run(category, pack, host, root, profile).finish() for category in wanted if category not in SERVED]
         served = [c for c in wanted if c in SERVED]
         if served:
             results += _served(served, host, root, profile)
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
 SERVED = ("repeats", "bad inputs")  # through a real server
 
 
-def run(category: str, pack: Any, host: str) -> Tally:
+def run(category: str, pack: Any, host: str, root: str, profile: str) -> Tally:
     from . import compose, faults
 
     try:
@@ -59,7 +59,7 @@ def run(category: str, pack: Any, host: str) -> Tally:
             return faults.faults(pack, host)
         if category == "recoveries":
             return faults.recoveries(pack, host)
-        return compose.compositions(pack, host)
+        return compose.compositions(pack, host, root, profile)
     except Exception as e:  # noqa: BLE001  a category that cannot run is its own failure
         return _failed(category, host, e)
 
@@ -112,7 +112,8 @@ def break_pack(pack: Any, variant: str) -> None:
 
         def patch(self, model, *args, **kwargs):
             (out,) = original_patch(self, model, *args, **kwargs)
-            model.model_options = out.model_options  # the MODEL that came in carries our wrappers
+            # the MODEL that came in carries our patch and wrappers
+            model.object_patches, model.model_options = out.object_patches, out.model_options
             return (out,)
 
         node.patch = patch

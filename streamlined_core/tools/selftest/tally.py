@@ -53,9 +53,9 @@ class Tally:
     only: str = field(default_factory=lambda: os.environ.get(CASES_ENV, ""))
     _start: float = field(default_factory=time.perf_counter, repr=False)
 
-    def wants(self, name: str) -> bool:
-        """Whether the case called ``name`` is to run (``--cases``)."""
-        return self.only.lower() in name.lower()
+    def wants(self, *names: str) -> bool:
+        """Whether the case called ``name`` (any of ``names``) is to run (``--cases``)."""
+        return any(self.only.lower() in name.lower() for name in names)
 
     @contextmanager
     def case(self, name: str) -> Iterator[None]:

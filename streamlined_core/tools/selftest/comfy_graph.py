@@ -165,7 +165,7 @@ def evolved(model, motion_model: str, context_length: int | None = None):
     return out
 
 
-def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8):
+def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8, cfg: float = 7.0):
     """KSampler (euler, normal, cfg 7) over ``frames`` latents, as AnimateDiff workflows run it."""
     import nodes
 
@@ -173,5 +173,5 @@ def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8):
     positive = [[torch.randn(1, 2, 768, generator=gen), {}]]
     negative = [[torch.zeros(1, 2, 768), {}]]
     latent = {"samples": torch.zeros(frames, 4, h, w)}
-    (out,) = nodes.KSampler().sample(model, 7, steps, 7.0, "euler", "normal", positive, negative, latent, denoise=1.0)
+    (out,) = nodes.KSampler().sample(model, 7, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0)
     return out["samples"]

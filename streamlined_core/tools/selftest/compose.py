@@ -100,8 +100,8 @@ def compositions(pack: Any, host: str, root: str = "", profile: str = "ci") -> T
 
 def animatediff(pack: Any, tally: Tally, root: str) -> None:
     """Streamline Model with AnimateDiff-Evolved's context windows, before and after its Use Evolved Sampling, and
-    with ComfyUI's EasyCache on SD1.5 with AnimateDiff-Evolved (where EasyCache runs: on SVD it raises by itself),
-    at full width (what the motion modules fit), 6 frames of 8x8 latents."""
+    with ComfyUI's EasyCache on SD1.5 with AnimateDiff-Evolved (where EasyCache runs: on SVD it raises by itself; on
+    ADE with one cond per call), at full width (what the motion modules fit), 6 frames of 8x8 latents."""
     import tempfile
 
     from .worker import animatediff_evolved
@@ -136,9 +136,22 @@ def animatediff(pack: Any, tally: Tally, root: str) -> None:
             return out[0] if isinstance(out, tuple) else out.result[0]
 
         with tally.case(name):
-            reference = g.ksample_sd15(easycache(g.evolved(sd15, v2)), frames, steps=6)
-            out = g.ksample_sd15(easycache(_through(pack, g.evolved(sd15, v2), "Streamline Model")), frames, steps=6)
+            # one cond (cfg 1): with cond and uncond batched, EasyCache raises on ADE's sampling by itself
+            unet, calls = sd15.get_model_object("diffusion_model"), []
+            hook = unet.time_embed.register_forward_hook(  # once per U-Net call (plans run on meta)
+                lambda _m, _i, out: calls.append(1) if out.device.type != "meta" else None)
+            try:
+                reference = g.ksample_sd15(easycache(g.evolved(sd15, v2)), frames, steps=6, cfg=1.0)
+                plain = len(calls)
+                out = g.ksample_sd15(easycache(_through(pack, g.evolved(sd15, v2), "Streamline Model")), frames,
+                                     steps=6, cfg=1.0)
+            finally:
+                hook.remove()
+            check(0 < plain < 6, f"EasyCache skipped no step, or all ({plain} U-Net calls in 6 steps)")
+            check(len(calls) - plain == plain, f"EasyCache skipped other steps: {plain} calls, then {len(calls) - plain}")
             check(g.rel(out, reference) <= g.LATENT_TOL, f"off by {g.rel(out, reference):.2e} of the latent")
+            tally.notes.append(f"EasyCache on AnimateDiff-Evolved ran the U-Net {plain} times in 6 steps, with "
+                               "Streamline Model as without")
 
 
 def diffusers_compositions(profile: str, cases: str = "") -> Tally:

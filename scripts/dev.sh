@@ -169,8 +169,14 @@ run_tests() {
       report=build/test-output/host-$n-$version.xml
       echo "== suite host (tests/host) against ComfyUI $version at $c"
       code=0
+      rm -f "build/test-output/selftest-ci-$version.txt"
       COMFYUI_PATH=$c "$py" -m pytest tests/host -q -rs --durations=15 --ignore=tests/host/test_browser.py \
         --junitxml="$report" -o junit_family=xunit1 || code=$?
+      if [ -f "build/test-output/selftest-ci-$version.txt" ]; then
+        # the report of the self-test's ci profile, which tests/host/test_selftest_comfyui.py ran on this host
+        echo "== streamline selftest --profile ci --only comfyui --comfyui $c"
+        cat "build/test-output/selftest-ci-$version.txt"
+      fi
       r=$(suite_result "$report" $code)
       [[ $r == FAILED* ]] && status=1
       summary+=("host (ComfyUI $version, $c): $r in $((SECONDS - t0)) s")

@@ -245,6 +245,7 @@ class Streamliner:
         decides what to load."""
         return self.plan_within(arguments, activation_budget, source).predicted_peak_bytes
 
+    @torch.compiler.disable  # under torch.compile: planned eagerly (meta replicas, hooks), the groups traced
     def _plan(self, arguments: dict[str, Any], controller: Controller | None = None) -> Plan:
         sample = arguments[self.adapter.sample]
         reserved = self.reserved_bytes(arguments, controller) if controller is not None else 0

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -64,12 +63,6 @@ pytestmark = [
                                                 "installs it when run as root)"),
     pytest.mark.skipif(NO_PLAYWRIGHT is not None, reason=NO_PLAYWRIGHT or ""),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):

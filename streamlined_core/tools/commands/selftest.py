@@ -155,11 +155,8 @@ def _reliability(root: str, profile: str, categories: list[str], cases: str, run
     """The reliability categories on one ComfyUI host, in a process of their own (.selftest.reliability)."""
     command = [sys.executable, "-m", "streamlined_core.tools.selftest.reliability", str(Path(root).resolve()), profile,
                ",".join(categories)]
-    package = str(Path(__file__).resolve().parents[3])
-    path = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH")) if p)
     try:
-        env = dict(os.environ, PYTHONPATH=path, STREAMLINE_SELFTEST_CASES=cases,
-                   STREAMLINE_SELFTEST_RUNS=str(runs or ""))
+        env = dict(_worker_env(), STREAMLINE_SELFTEST_CASES=cases, STREAMLINE_SELFTEST_RUNS=str(runs or ""))
         done = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT)
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines:
@@ -190,8 +187,6 @@ def _categories_table(categories: list[dict]) -> str:
 def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
     command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples),
                profile]
-    package = str(Path(__file__).resolve().parents[3])
-    path = os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH")) if p)
 
     def failed(why: str) -> list[dict]:
         return [{"arch": "comfyui", "path": flag or "default", "host": root, "examples": 0, "failed": True,
@@ -199,7 +194,7 @@ def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
 
     try:
         done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=path), timeout=WORKER_TIMEOUT)
+                              env=_worker_env(), timeout=WORKER_TIMEOUT)
     except subprocess.TimeoutExpired:
         return failed(f"ran past {WORKER_TIMEOUT} s")
     lines = done.stdout.strip().splitlines()
@@ -209,6 +204,12 @@ def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
         return json.loads(lines[-1])
     except json.JSONDecodeError:
         return failed(f"printed no result: {lines[-1][:300]}")
+
+
+def _worker_env() -> dict[str, str]:
+    """A worker process's environment: this one, with this package importable ahead of $PYTHONPATH."""
+    package = str(Path(__file__).resolve().parents[3])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package, os.environ.get("PYTHONPATH")) if p))
 
 
 def _said(row: dict) -> None:

@@ -18,10 +18,6 @@ WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 HOST_INPUTS = {"seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"}
 
 
-def _names(error: dict) -> str:
-    return json.dumps(error)
-
-
 def refused(server: Any, prompt: dict, node_id: str, name: str) -> None:
     """``prompt`` is refused naming ``name`` (400 with the node's errors), or, where the server's validation lets it
     through, its run fails with a message naming ``name``; then the server still serves."""
@@ -31,7 +27,7 @@ def refused(server: Any, prompt: dict, node_id: str, name: str) -> None:
     errors = (answer.get("node_errors") or {}).get(node_id, {}).get("errors", [])
     if status == 200 and errors:  # the graph's other outputs run; this node's branch is refused
         server.wait(answer["prompt_id"])
-        check(any(name in _names(e) for e in errors), f"{name}: refused without naming it: {json.dumps(errors)[:600]}")
+        check(any(name in json.dumps(e) for e in errors), f"{name}: refused without naming it: {json.dumps(errors)[:600]}")
     elif status == 200:
         failure = failure_of(server.wait(answer["prompt_id"]))
         check(failure is not None, f"{name}: accepted and run without an error")
@@ -39,12 +35,12 @@ def refused(server: Any, prompt: dict, node_id: str, name: str) -> None:
               f"{name}: the run failed without naming it: {failure}")
     else:
         check(status == 400, f"{name}: answered {status}: {answer}")
-        check(errors and any(name in _names(e) for e in errors),
+        check(errors and any(name in json.dumps(e) for e in errors),
               f"{name}: refused without naming it: {json.dumps(answer)[:600]}")
     check(server.get("/system_stats").get("system"), "the server stopped serving")
 
 
-def _wrong_link(prompt: dict, kind: str) -> list:
+def _wrong_link(kind: str) -> list:
     return ["1", 3] if kind != "LATENT" else ["1", 0]  # the tiny SVD's LATENT, else its MODEL
 
 
@@ -80,7 +76,7 @@ def bad_inputs(server: Any, tally: Tally) -> None:
                 if name not in HOST_INPUTS:
                     edges["min"][name], edges["max"][name] = options.get("min"), options.get("max")
             elif typ not in WIDGETS:
-                cases["linked to another type"] = _wrong_link(base, typ)
+                cases["linked to another type"] = _wrong_link(typ)
             for what, value in cases.items():
                 if not tally.wants(f"{kind}.{name} {what}"):
                     continue

@@ -19,6 +19,7 @@ equal to the same graph without our node (with Step Rehash: the same Step Rehash
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
@@ -109,6 +110,16 @@ class Fault:
             self.utils.set_progress_bar_global_hook(self.previous_hook)
 
 
+def _raised(run: Callable[[], Any], types: tuple, within: Any = None) -> BaseException | None:
+    """The exception of one of ``types`` that ``run()`` raised (inside ``within``, a tracker), or None."""
+    try:
+        with within or contextlib.nullcontext():
+            run()
+    except types as e:
+        return e
+    return None
+
+
 def faults(pack: Any, host: str) -> Tally:
     import comfy.model_management as mm
 
@@ -126,12 +137,9 @@ def faults(pack: Any, host: str) -> Tally:
             options = options_of(model)
             injected = Fault(pack, model, fault)
             tracker = MemoryTracker(devices={"cpu"})
-            raised: BaseException | None = None
             try:
-                with tracker:
-                    sample(injected.model)
-            except (RuntimeError, mm.InterruptProcessingException) as e:
-                raised = e
+                raised = _raised(lambda: sample(injected.model), (RuntimeError, mm.InterruptProcessingException),
+                                 tracker)
             finally:
                 injected.close()
             expected = mm.InterruptProcessingException if fault == FAULTS[1] else RuntimeError
@@ -182,12 +190,9 @@ def _decode_faults(pack: Any, tally: Tally) -> None:
 
             handle = decoder.up[1].block[0].conv1.register_forward_pre_hook(hook)
             tracker = MemoryTracker(devices={"cpu"})
-            raised: BaseException | None = None
             try:
-                with tracker:
-                    node.decode(latent, vae, 0.0)
-            except (RuntimeError, mm.InterruptProcessingException) as e:
-                raised = e
+                raised = _raised(lambda: node.decode(latent, vae, 0.0), (RuntimeError, mm.InterruptProcessingException),
+                                 tracker)
             finally:
                 handle.remove()
             check(type(raised) is type(error()), f"the decode raised {raised!r}, not {type(error()).__name__}")
@@ -256,11 +261,8 @@ def _recover_unet(pack: Any, tally: Tally, log: _Log) -> None:
         with tally.case("Streamline Model: out of memory twice"):
             _said(log)
             hook, count = g.out_of_memory(unet.input_blocks[1][0].in_layers[2], 2)
-            raised: BaseException | None = None
             try:
-                g.ksample(patched)
-            except torch.OutOfMemoryError as e:
-                raised = e
+                raised = _raised(lambda: g.ksample(patched), (torch.OutOfMemoryError,))
             finally:
                 hook.remove()
             check(raised is not None and "vram_budget_gb" in str(raised),
@@ -294,11 +296,8 @@ def _recover_decode(pack: Any, tally: Tally, log: _Log) -> None:
         with tally.case("Streamline VAE Decode: out of memory twice"):
             _said(log)
             hook, count = g.out_of_memory(decoder.mid.block_1.conv1, 2)
-            raised: BaseException | None = None
             try:
-                node.decode(latent, vae, 0.0)
-            except torch.OutOfMemoryError as e:
-                raised = e
+                raised = _raised(lambda: node.decode(latent, vae, 0.0), (torch.OutOfMemoryError,))
             finally:
                 hook.remove()
             check(raised is not None and "vram_budget_gb" in str(raised),

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 
 from ..streamlined_core.engine.api import Streamliner
-from ..streamlined_core.engine.arch import comfy_unet, engine_adapter
+from ..streamlined_core.engine.arch import comfy_unet, comfy_wan, engine_adapter
 from ..streamlined_core.engine.context import current, run_context
 from ..streamlined_core.host.comfyui import free_for_activations, room_with_weights_resident
 
 KEY = "streamline"
 log = logging.getLogger(__name__)
 GIB = 1024**3
-AXES = {"all": frozenset({"frames", "pixels"}), "spatial": frozenset({"frames"}), "temporal": frozenset({"pixels"})}
+AXES = {"all": frozenset({"frames", "pixels", "tokens"}), "spatial": frozenset({"frames"}), "temporal": frozenset({"pixels"})}
 
 
 class StreamlineOuter:
@@ -53,13 +53,17 @@ class StreamlineOuter:
         such a budget instead, naming it the same way.
         """
         engine = self.engine
-        if engine.budget_bytes is None or latent is None or latent.dim() != 4 or getattr(patcher, "injections", None):
+        if engine.budget_bytes is None or latent is None or getattr(patcher, "injections", None):
             return
-        frames = latent.shape[0]
-        shape = (2 * frames, *latent.shape[1:])  # both conds batched: the most the U-Net sees at once
-        least = engine.least_total_bytes(comfy_unet.example_arguments(engine.unet, shape, frames=frames))
+        wan = comfy_wan.matches(engine.unet)
+        if latent.dim() != (5 if wan else 4):
+            return
+        frames = latent.shape[2] if wan else latent.shape[0]
+        # both conds batched: the most the model sees at once
+        shape = (2 * latent.shape[0], *latent.shape[1:]) if wan else (2 * frames, *latent.shape[1:])
+        least = engine.least_total_bytes(_arch(engine.unet).example_arguments(engine.unet, shape, frames=frames))
         if least > engine.budget_bytes:
-            frames, _, h, w = latent.shape
+            h, w = latent.shape[-2:]
             raise ValueError(
                 f"vram_budget_gb={engine.budget_bytes / GIB:g} cannot be met for this latent ({frames} frames at "
                 f"{h}x{w}, both conds batched): the least budget that works is {least / GIB:.2f} GiB (weights and "
@@ -79,7 +83,7 @@ class StreamlineOuter:
         engine = self.engine
         latent = args[1] if len(args) > 1 else kwargs.get("latent_image")
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-        frames = latent.shape[0] if latent is not None and latent.dim() == 4 else None
+        frames = latent.shape[0] if latent is not None and latent.dim() == 4 else None  # U-Nets: frames are the batch
         dtype = base_model.manual_cast_dtype or base_model.get_dtype()
         preparing = [False]  # inside the sampler's prepare_sampling (its estimate before loading)
 
@@ -138,8 +142,13 @@ class StreamlineOuter:
         if isinstance(sigmas, torch.Tensor) and sigmas.numel():
             options["sigmas"] = sigmas[:1].expand(n // videos)
         tokens = _context_tokens(cond_shapes, getattr(guider, "conds", None))
-        return comfy_unet.example_arguments(self.engine.unet, input_shape, frames=n // videos, tokens=tokens,
+        return _arch(self.engine.unet).example_arguments(self.engine.unet, input_shape, frames=n // videos, tokens=tokens,
                                             transformer_options=options, dtype=dtype)
+
+
+def _arch(model):
+    """The adapter module of the model Streamline Model patched: ComfyUI's U-Net, or Wan's transformer."""
+    return comfy_wan if comfy_wan.matches(model) else comfy_unet
 
 
 def _context_tokens(cond_shapes: dict, conds: dict | None) -> int:
@@ -212,15 +221,20 @@ class StreamlineModel:
         import comfy.patcher_extension as pe
 
         unet = model.get_model_object("diffusion_model")
-        if not comfy_unet.matches(unet):
+        wan = comfy_wan.matches(unet)
+        if not comfy_unet.matches(unet) and not wan:
             raise ValueError(
-                f"Streamline Model supports ComfyUI's UNetModel: SVD and SVD-XT, and SD1.5 / SDXL models animated by "
-                f"AnimateDiff-Evolved; this MODEL's diffusion model is {type(unet).__module__}.{type(unet).__name__}"
+                f"Streamline Model supports ComfyUI's UNetModel (SVD and SVD-XT, and SD1.5 / SDXL models animated by "
+                f"AnimateDiff-Evolved) and WanModel (Wan 2.1 and 2.2); this MODEL's diffusion model is "
+                f"{type(unet).__module__}.{type(unet).__name__}"
             )
         if slicing not in ("auto", "upper bound"):
             raise ValueError(f'slicing must be "auto" or "upper bound", got {slicing!r}')
         if groups not in AXES:
             raise ValueError(f"groups must be one of {', '.join(AXES)}, got {groups!r}")
+        if wan and groups != "all":
+            raise ValueError(f"groups={groups!r} chooses among a U-Net's spatial and temporal groups; Wan's blocks are "
+                             f"sliced along tokens: set groups to all")
         if max_slices < 1:
             raise ValueError(f"max_slices must be a positive integer, got {max_slices}")
         if vram_budget_gb < 0:
@@ -229,7 +243,7 @@ class StreamlineModel:
         budget = int(vram_budget_gb * GIB) if vram_budget_gb > 0 else None
         slices = max_slices if slicing == "upper bound" else "auto"
         adapter = engine_adapter(unet)
-        if adapter.forward is not comfy_unet.streamlined_forward:
+        if not wan and adapter.forward is not comfy_unet.streamlined_forward:
             log.warning("Streamline: this ComfyUI's UNetModel._forward is not one Streamline reproduces; slicing each "
                         "layer under the host's own loop instead (exact, with a higher peak)")
         device = model.load_device

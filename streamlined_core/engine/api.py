@@ -61,7 +61,7 @@ class Streamliner:
     """
 
     def __init__(self, unet: nn.Module, adapter: Adapter, slices: int | Literal["auto"], budget_bytes: int | None,
-                 axes: frozenset[str] = frozenset({"frames", "pixels"}),
+                 axes: frozenset[str] = frozenset({"frames", "pixels", "tokens"}),
                  device_budget_bytes: int | Callable[[], tuple[int, str] | None] | None = None,
                  budget_name: str = "budget_bytes", budget_unit: float = 1):
         self.unet, self.adapter = unet, adapter

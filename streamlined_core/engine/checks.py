@@ -36,7 +36,7 @@ def check_budget(budget_bytes: Any) -> int | None:
 
 
 SUPPORTED = ("diffusers' UNetSpatioTemporalConditionModel (SVD, SVD-XT) and UNetMotionModel (AnimateDiff), "
-             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved), SVD's VAE "
+             "ComfyUI's UNetModel (SVD, and SD1.5 / SDXL under AnimateDiff-Evolved) and WanModel (Wan 2.1, 2.2), SVD's VAE "
              "(AutoencoderKLTemporalDecoder: its temporal decoder) and the SD VAE (AutoencoderKL: its decoder)")
 
 

@@ -105,6 +105,7 @@ class Plan:
         frames = [g.slices for g in self.groups if g.axis == "frames" and g.slices > 1]
         frames += [min(g.slices, g.length // g.rows) for g in self.groups if g.axis == "tiles" and g.slices > 1]
         pixels = [g.slices for g in self.groups if g.axis == "pixels" and g.slices > 1]
+        tokens = [g.slices for g in self.groups if g.axis == "tokens" and g.slices > 1]
         bands = [g.bands for g in self.groups if g.axis == "tiles" and g.bands > 1]
         if frames:
             parts.append(f"k<={max(frames)} frames")
@@ -112,6 +113,8 @@ class Plan:
             parts.append(f"k<={max(pixels)} pixels")
         if bands:
             parts.append(f"<={max(bands)} bands per frame")
+        if tokens:
+            parts.append(f"k<={max(tokens)} tokens")
         return ", ".join(parts) or "unsliced"
 
     def table(self) -> str:
@@ -316,13 +319,13 @@ class Planner:
         k = k if allowed(m.axis, axes) else 1
         return min(self.predict(name, kk, mode) for kk in {1, k} for mode in m.modes)
 
-    def least_peak(self, max_slices: int | None = None, axes: Iterable[str] = ("frames", "pixels")) -> int:
+    def least_peak(self, max_slices: int | None = None, axes: Iterable[str] = ("frames", "pixels", "tokens")) -> int:
         """The least activation peak any plan reaches (every group at its most slicing)."""
         self._ensure(self._sliceable(max_slices, axes))
         return max([self.outside] + [self._least(name, max_slices, axes) for name in self.groups])
 
     def plan(self, activation_budget: int | None, max_slices: int | None = None,
-             axes: Iterable[str] = ("frames", "pixels")) -> Plan:
+             axes: Iterable[str] = ("frames", "pixels", "tokens")) -> Plan:
         """The least slicing per group whose predicted peak fits ``activation_budget``.
 
         Without a budget every group runs ``max_slices`` slices (clamped to its axis). Groups that

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Literal, Sequence
 import torch
 from torch import nn
 
-Axis = Literal["frames", "pixels", "tiles"]
+Axis = Literal["frames", "pixels", "tiles", "tokens"]
 Mode = Literal["keep", "recompute"]
 
 

@@ -308,3 +308,47 @@ TINY_COMFY_SVD_OVERRIDES = {k: TINY_COMFY_SVD_CONFIG[k] for k in (
 def build_tiny_comfy_svd(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A tiny ComfyUI SVD ``UNetModel`` (weights uninitialised: ComfyUI never initialises them)."""
     return build_comfy_svd(device, dtype, **TINY_COMFY_SVD_OVERRIDES)
+
+
+# -- Wan (ComfyUI's WanModel, comfy/ldm/wan/model.py) --------------------------------------------
+
+# What ComfyUI's model detection gives each checkpoint (comfy/model_detection.py, "Wan 2.1"): num_heads is
+# dim // 128; Wan 2.2 A14B's two experts are Wan 2.1 14B's shape. image_model wan2.1 for all three.
+WAN_COMMON = dict(patch_size=(1, 2, 2), text_len=512, freq_dim=256, text_dim=4096, window_size=(-1, -1),
+                  qk_norm=True, cross_attn_norm=True, eps=1e-6)
+WAN_CONFIGS: dict[str, dict[str, Any]] = {
+    "wan2.1-1.3b": dict(model_type="t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_dim=16, out_dim=16),
+    "wan2.1-14b": dict(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=16, out_dim=16),
+    "wan2.2-5b": dict(model_type="t2v", dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48),
+}
+# A tiny Wan of the same classes: two blocks, two heads of 16 (the rotary axes need a head of 6 or more).
+TINY_WAN_CONFIG = dict(model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=2, in_dim=4, out_dim=4,
+                       text_dim=24, text_len=8, freq_dim=16)
+
+
+def build_comfy_wan(config: dict[str, Any], device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16,
+                    compute_dtype: torch.dtype | None = None, **overrides: Any):
+    """ComfyUI's ``WanModel`` with ``config`` (one of ``WAN_CONFIGS``' or ``TINY_WAN_CONFIG``), built as ComfyUI
+    builds a checkpoint stored in ``dtype``: its operations cast weights per call when the compute dtype differs
+    (fp8 weights computed in bf16: ``comfy.ops.manual_cast``). The patch embedding stays fp32, as the host makes it."""
+    import comfy.ops
+    from comfy.ldm.wan.model import WanModel
+
+    compute = compute_dtype or dtype
+    ops = overrides.pop("operations", None) or (comfy.ops.disable_weight_init if compute == dtype else comfy.ops.manual_cast)
+    with torch.device(device):
+        model = WanModel(**{**WAN_COMMON, **config, **overrides}, device=device, dtype=dtype, operations=ops)
+    return model.eval()
+
+
+def comfy_wan_inputs(model, batch: int, frames: int, height: int, width: int, vae_scale: int = 8,
+                     dtype: torch.dtype = torch.bfloat16, context_tokens: int | None = None) -> tuple[tuple, dict]:
+    """Inputs of a Wan call for ``frames`` video frames at ``height`` x ``width`` pixels: the latent of the Wan VAE
+    (``vae_scale`` x spatial: 8 for Wan 2.1's, 16 for Wan 2.2's; 4x temporal, the first frame alone), timesteps in
+    fp32, the text context at ``model.text_len`` tokens (umt5's longest), in the compute ``dtype``."""
+    device = next(model.parameters()).device
+    t = (frames - 1) // 4 + 1
+    x = torch.randn(batch, model.in_dim, t, height // vae_scale, width // vae_scale, device=device, dtype=dtype)
+    timestep = torch.full((batch,), 500.0, device=device, dtype=torch.float32)
+    context = torch.randn(batch, context_tokens or model.text_len, model.text_dim, device=device, dtype=dtype)
+    return (x, timestep, context), {}

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..stages import CutPoint
-from . import comfy_unet, comfy_vae, diffusers_animatediff, diffusers_sd_vae, diffusers_svd, diffusers_vae
+from . import comfy_unet, comfy_vae, comfy_wan, diffusers_animatediff, diffusers_sd_vae, diffusers_svd, diffusers_vae
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,14 @@ def _decoder_adapter(name: str, module) -> Adapter:
                    target_x_floor=1.6)
 
 
+def _transformer_adapter(name: str, module) -> Adapter:
+    """A video transformer: its blocks run on token slices, planned against the transformer floor (the residual
+    stream and one self-attention's keys and values)."""
+    return Adapter(name=name, matches=module.matches, forward=module.streamlined_forward, call_shape=module.call_shape,
+                   slot=module.SLOT, sample=module.SAMPLE, floor=module.floor_bytes, floor_name=module.FLOOR_NAME,
+                   planning_arguments=module.planning_arguments, replayable=module.replayable)
+
+
 ADAPTERS: tuple[Adapter, ...] = (
     _module_adapter("diffusers-svd", diffusers_svd),
     _module_adapter("diffusers-animatediff", diffusers_animatediff),
@@ -104,6 +112,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     _decoder_adapter("diffusers-svd-vae-decoder", diffusers_vae),
     _decoder_adapter("comfyui-svd-vae-decoder", comfy_vae),
     _decoder_adapter("diffusers-sd-vae-decoder", diffusers_sd_vae),
+    _transformer_adapter("comfyui-wan", comfy_wan),
 )
 
 

@@ -19,6 +19,7 @@ from .common import (
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the command's parser to ``sub`` (the ``streamline`` subparsers)."""
     from ..sim.unet import IMPLEMENTATIONS, MODELS
+    from ..sim.wan import WAN_MODELS
 
     sim = sub.add_parser(
         "simulate",
@@ -27,8 +28,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "of each workload: weights, activation peak and skip floor, with the field's built-in options.",
     )
     sim.add_argument(
-        "--model", type=choices(tuple(MODELS)), default=list(MODELS), metavar="NAMES",
-        help=f"comma-separated models among {', '.join(MODELS)} (default: all)",
+        "--model", type=choices((*MODELS, *WAN_MODELS, "wan")), default=list(MODELS), metavar="NAMES",
+        help=f"comma-separated models among {', '.join(MODELS)} (the U-Nets, default: all three) and "
+             f"{', '.join(WAN_MODELS)} (ComfyUI's WanModel at its usual sizes, weights in bf16 and fp8, cond and uncond "
+             f"batched and separate; 'wan': all three)",
     )
     sim.add_argument(
         "--implementation", type=choices(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS), metavar="NAMES",
@@ -68,6 +71,17 @@ def run(args: argparse.Namespace) -> int:
     """``streamline simulate``: the U-Net table, or --decode's, or --pipeline's."""
     if not args.pipeline and (args.card is not None or args.system != "linux" or args.desktop_gb):
         args.parser.error("arguments --card, --system, --desktop-gb: they go with --pipeline")
+    wan = [m for m in dict.fromkeys(args.model) if m in WAN_NAMES or m == "wan"]
+    if wan:
+        if len(wan) != len(set(args.model)):
+            args.parser.error("argument --model: the Wan models and the U-Nets are separate tables: ask for one kind "
+                              "at a time")
+        if args.pipeline or args.decode:
+            args.parser.error("argument --model: --pipeline and --decode are the U-Net workflows; the Wan models have "
+                              "their own table (without them)")
+        if args.batch != 2:
+            args.parser.error("argument --batch: the Wan rows show cond and uncond batched (2) and separate (1) each")
+        return _wan(args, list(WAN_NAMES) if "wan" in wan else wan)
     if "diffusers" in (args.implementation or ()) and importlib.util.find_spec("diffusers") is None:
         print("streamline: this needs diffusers: pip install 'comfyui-streamline[diffusers]' (or, from a clone, "
               "pip install '.[diffusers]'); ComfyUI rows alone: --implementation comfyui", file=sys.stderr)
@@ -111,6 +125,27 @@ def run(args: argparse.Namespace) -> int:
             print(format_markdown(rows), end="")
         else:
             print(format_text(rows), end="")
+    return 0
+
+
+WAN_NAMES = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b")
+
+
+def _wan(args: argparse.Namespace, models: list[str]) -> int:
+    """The Wan table: each model at its usual sizes (or ``--resolution``, given as HEIGHTxWIDTH)."""
+    from ..sim.wan import format_markdown, format_text, wan_rows
+
+    sizes = [(w, h) for h, w in args.resolution] if args.resolution else None
+    try:
+        with stdout_to_stderr():
+            rows = wan_rows(models, sizes, args.frames, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except RuntimeError as e:
+        print(f"streamline: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(format_markdown(rows) if args.markdown else format_text(rows), end="")
     return 0
 
 

@@ -161,3 +161,70 @@ ANIMATEDIFF = Arch("comfyui-ade-unet", "ComfyUI SD1.5 U-Net with AnimateDiff-Evo
                    lambda st: st.just({"motion_model": "v2"}),
                    lambda st, c: video_shapes(st, c, frames=4, size=6), build_animatediff, animatediff_subject,
                    host=True)
+
+
+# -- Wan ---------------------------------------------------------------------------------------------------
+
+
+def wan_configs(st):
+    return st.fixed_dictionaries({
+        "dim": st.sampled_from((32, 64)),
+        "num_heads": st.sampled_from((1, 2)),
+        "ffn_dim": st.sampled_from((48, 96)),
+        "num_layers": st.integers(1, 3),
+        "model_type": st.sampled_from(("t2v", "i2v")),
+        "per_frame": st.booleans(),  # per-frame timesteps (Wan 2.2 with a denoise mask): one modulation row a frame
+    })
+
+
+def build_wan(c: Config, weights: str = "fp32") -> torch.nn.Module:
+    """The drawn ``WanModel`` (text or image to video, Wan 2.1's 16 latent channels), seeded by fan-in; ``weights``:
+    fp32, or fp16 / bf16 / fp8 storage cast per call to fp32."""
+    import comfy.ops
+
+    config = {**configs.TINY_WAN_CONFIG, **{k: c[k] for k in ("dim", "num_heads", "ffn_dim", "num_layers", "model_type")},
+              "in_dim": 36 if c["model_type"] == "i2v" else 16, "out_dim": 16}
+    ops = {} if weights == "fp32" else {"operations": comfy.ops.manual_cast}
+    model = configs.seed_weights_scaled(configs.build_comfy_wan(config, "cpu", torch.float32, **ops))
+    if weights != "fp32":
+        storage = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[weights]
+        for module in model.modules():  # the host's layers stored low, computed in fp32: cast per call
+            if hasattr(module, "comfy_cast_weights") and module is not model.patch_embedding:
+                module.to(storage)
+    return model
+
+
+def wan_subject(model: torch.nn.Module, shape: Shape, dtype: torch.dtype) -> Subject:
+    from ...engine.arch import comfy_wan
+
+    b, t, h, w = shape
+    if model.patch_embedding.weight.dtype != torch.float32:
+        model.patch_embedding.float()  # a low-precision copy: the host keeps the patch embedding in fp32
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(b, model.in_dim, t, h, w, generator=gen).to(dtype)
+    per_frame = getattr(model, "_selftest_per_frame", False)
+    timestep = (torch.rand(b, t, generator=gen) * 1000) if per_frame else torch.full((b,), 500.0)
+    context = torch.randn(b, 5, model.text_dim, generator=gen).to(dtype)
+    clip = torch.randn(b, 257, 1280, generator=gen).to(dtype) if model.model_type == "i2v" else None
+
+    def arguments():
+        return dict(x=x, timestep=timestep, context=context, clip_fea=clip, time_dim_concat=None,
+                    transformer_options={})
+
+    return Subject(lambda: model(**arguments()), lambda runner: comfy_wan.streamlined_forward(model, runner, **arguments()))
+
+
+def _wan_build(weights: str = "fp32"):
+    def build(c: Config) -> torch.nn.Module:
+        model = build_wan(c, weights)
+        model._selftest_per_frame = c["per_frame"]
+        return model
+
+    return build
+
+
+def wan_arch(weights: str = "fp32", build=None, label: str | None = None) -> Arch:
+    label = label or "ComfyUI Wan 2.1 / 2.2 transformer" + ("" if weights == "fp32" else f", {weights} weights")
+    return Arch("comfyui-wan", label, wan_configs, lambda st, c: video_shapes(st, c, frames=5, size=9),
+                build or _wan_build(weights), wan_subject, host=True,
+                dtypes=("fp32",) if weights != "fp32" or build is not None else Arch.dtypes)

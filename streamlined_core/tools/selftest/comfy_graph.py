@@ -175,3 +175,70 @@ def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8, cfg
     latent = {"samples": torch.zeros(frames, 4, h, w)}
     (out,) = nodes.KSampler().sample(model, 7, steps, cfg, "euler", "normal", positive, negative, latent, denoise=1.0)
     return out["samples"]
+
+
+# -- Wan ---------------------------------------------------------------------------------------------------
+
+# ComfyUI's unet_config of tiny Wan models (comfy/model_detection.py's keys; text_dim and text_len, which detection
+# leaves at umt5's 4096 and 512, small too): 2.1 text-to-video and image-to-video with Wan 2.1's 16-channel latents,
+# 2.2's 5B layout with its 48 channels
+WAN_TINY = {"image_model": "wan2.1", "dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "patch_size": (1, 2, 2),
+            "freq_dim": 16, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
+            "text_dim": 24, "text_len": 8}
+WAN_CONFIGS = {
+    "wan2.1-t2v": ("WAN21_T2V", {**WAN_TINY, "model_type": "t2v", "in_dim": 16, "out_dim": 16}),
+    "wan2.1-i2v": ("WAN21_I2V", {**WAN_TINY, "model_type": "i2v", "in_dim": 36, "out_dim": 16}),
+    "wan2.2-5b": ("WAN22_T2V", {**WAN_TINY, "model_type": "t2v", "in_dim": 48, "out_dim": 48}),
+}
+
+
+def build_wan(kind="wan2.1-t2v", weight_dtype=torch.float32, manual_cast=None, **overrides):
+    """A tiny Wan built the way ComfyUI builds one (its supported model class and model_base), weights seeded by fan-in."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    name, config = WAN_CONFIGS[kind]
+    model_config = getattr(comfy.supported_models, name)({**config, **overrides})
+    model_config.set_inference_dtype(weight_dtype, manual_cast)
+    model = model_config.get_model({}, "", device=torch.device("cpu"))
+    configs.seed_weights_scaled(model.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def wan_conditioning(model, frames=5, h=6, w=10, tokens=7):
+    """Positive and negative text conditioning (umt5-shaped, at the tiny text width) and an empty latent of
+    ``frames`` latent frames of the model's latent channels; an image-to-video model also gets CLIP vision's
+    output and the image latent it concatenates."""
+    wan = model.model.diffusion_model
+    gen = torch.Generator().manual_seed(1)
+    channels = wan.out_dim
+    extra, negative_extra = {}, {}
+    if wan.model_type == "i2v":
+        image = torch.randn(1, channels, frames, h, w, generator=gen)
+        mask = torch.zeros(1, 4, frames, h, w)
+        mask[:, :, :1] = 1.0
+        clip = torch.randn(1, 257, 1280, generator=gen)
+        extra = {"concat_latent_image": image, "concat_mask": mask, "clip_vision_output": _ClipOutput(clip)}
+        negative_extra = dict(extra)
+    positive = [[torch.randn(1, tokens, wan.text_dim, generator=gen), extra]]
+    negative = [[torch.randn(1, tokens, wan.text_dim, generator=gen), negative_extra]]
+    return positive, negative, {"samples": torch.zeros(1, channels, frames, h, w)}
+
+
+class _ClipOutput:
+    """CLIP vision's output as ComfyUI's WAN21 reads it (``penultimate_hidden_states``)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.penultimate_hidden_states = hidden
+
+
+def ksample_wan(model, frames=5, h=6, w=10, steps=2, cfg=5.0, noise_mask=None, sampler="euler", scheduler="simple"):
+    """KSampler as Wan workflows run it (ComfyUI's flow-matching model sampling, shift 8 from the model's own
+    sampling settings); ``noise_mask`` (B, 1, T, H, W) makes a denoise mask (Wan 2.2: per-frame timesteps)."""
+    import nodes
+
+    positive, negative, latent = wan_conditioning(model, frames, h, w)
+    if noise_mask is not None:
+        latent["noise_mask"] = noise_mask
+    (out,) = nodes.KSampler().sample(model, 7, steps, cfg, sampler, scheduler, positive, negative, latent, denoise=1.0)
+    return out["samples"]

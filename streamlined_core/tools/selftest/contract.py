@@ -102,10 +102,14 @@ def per_slice_group_norm(x, stats, eps, affine):
 
 @contextmanager
 def per_slice_statistics() -> Iterator[None]:
-    """Norm statistics per slice instead of over the whole axis, for the block (it must fail the checks)."""
-    original = slicing.group_norm
+    """Statistics per slice instead of over the whole axis, for the block (it must fail the checks): norm
+    statistics per slice, and Wan's per-frame modulation mapped to tokens by each slice's own length."""
+    from ...engine.arch import comfy_wan
+
+    original, modulation = slicing.group_norm, comfy_wan.modulation_of
     slicing.group_norm = per_slice_group_norm
+    comfy_wan.modulation_of = comfy_wan.modulation_of_the_slice
     try:
         yield
     finally:
-        slicing.group_norm = original
+        slicing.group_norm, comfy_wan.modulation_of = original, modulation

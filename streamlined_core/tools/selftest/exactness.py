@@ -9,8 +9,9 @@ regular tests (``REGRESSIONS``). Each category also checks that ``streamline()``
 exactly as it was after a run that succeeds and one that raises.
 
 ``STREAMLINE_SELFTEST_WRONG`` (set only by the tests) switches on a deliberately wrong variant so the
-counts are shown to be able to fail: ``norm-stats`` (per-slice norm statistics) fails every
-category's exactness, ``skip-restore`` (a handle that does not restore the model) its restore check.
+counts are shown to be able to fail: ``norm-stats`` (per-slice statistics: each slice's own norm statistics,
+and Wan's per-frame modulation mapped by each token slice's own length) fails every category's exactness,
+``skip-restore`` (a handle that does not restore the model) its restore check.
 """
 
 from __future__ import annotations

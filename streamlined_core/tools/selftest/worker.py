@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
     chosen = getattr(vae_model, "vae_attention", None)
     vae_backend = f"{' '.join(flags) or 'default'}: {getattr(chosen() if chosen else None, '__name__', 'unknown')}"
     results = [run_category(archs.unet_arch(), backend, host, examples, wrong=wrong),
-               run_category(archs.VAE, vae_backend, host, examples, wrong=wrong)]
+               run_category(archs.VAE, vae_backend, host, examples, wrong=wrong),
+               run_category(archs.wan_arch(), backend, host, examples, wrong=wrong)]
     if profile == "ci" and flags:
         pass  # AnimateDiff-Evolved: under the default backend only
     elif animatediff_evolved(root):
@@ -46,7 +47,11 @@ def main(argv: list[str]) -> int:
         for weights in ("fp16", "fp8"):
             arch = archs.unet_arch(weights, label=f"ComfyUI SVD U-Net, {weights} weights")
             results.append(run_category(arch, f"{weights} weights cast per call", host, examples, wrong=wrong))
+        for weights in ("fp16", "bf16", "fp8"):
+            results.append(run_category(archs.wan_arch(weights), f"{weights} weights cast per call", host, examples,
+                                        wrong=wrong))
         results.append(partial(archs, host, examples, wrong))
+        results.append(partial(archs, host, examples, wrong, wan=True))
         results.append(unrecognised(archs, host, examples, wrong))
     print(json.dumps([r.as_dict() for r in results]))
     return 0
@@ -65,17 +70,22 @@ def animatediff_evolved(root: str) -> bool:
         return load_custom_node(found[0])
 
 
-def partial(archs, host, examples, wrong):
+def partial(archs, host, examples, wrong, wan=False):
     casts = []
 
     def build(c):
-        model, cast = archs.partially_loaded(archs.build_unet(c))
+        model, cast = archs.partially_loaded(archs.build_wan(c) if wan else archs.build_unet(c))
+        if wan:
+            model._selftest_per_frame = c["per_frame"]
         casts.append(cast)
         return model
 
     # fp32 compute only: a bf16 copy would convert the weights the partial load leaves to cast per call
-    arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs.unet_configs,
-                      archs.video_shapes, build, archs.unet_subject(), host=True, dtypes=("fp32",))
+    if wan:
+        arch = archs.wan_arch(build=build, label="ComfyUI Wan 2.1 / 2.2 transformer, partially loaded")
+    else:
+        arch = archs.Arch("comfyui-svd-unet", "ComfyUI SVD U-Net, partially loaded", archs.unet_configs,
+                          archs.video_shapes, build, archs.unet_subject(), host=True, dtypes=("fp32",))
     result = run_category(arch, "partially loaded (lowvram)", host, examples, wrong=wrong)
     result.notes.append(f"modules casting per call: {min(casts, default=0)}-{max(casts, default=0)} per model")
     if not casts or min(casts) == 0:

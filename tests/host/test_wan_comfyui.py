@@ -1,0 +1,212 @@
+"""Wan 2.1 and 2.2 (ComfyUI's WanModel) through Streamline Model on a real ComfyUI: every call equal to the host's own
+``_forward`` in ComfyUI's own sampling (flow matching, shift 8), with per-frame timesteps, other packs' block
+patches, weights as users load them (stored low and cast per call, partially loaded, LoRA-patched); the transformer
+floor by hand; the simulator's Wan rows."""
+
+import logging
+
+import pytest
+import torch
+
+from streamlined_core.tools.selftest.comfy_graph import LATENT_TOL, build_wan, ksample_wan, rel
+
+
+def pack_module(pack, name):
+    """A module of the engine as the pack loaded it (ComfyUI imports the pack by path: one copy)."""
+    import sys
+
+    return sys.modules[f"{pack.__name__}.streamlined_core.{name}"]
+
+
+def streamline_model(pack, model, slicing="upper bound", max_slices=3, budget=0.0):
+    (patched,) = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]().patch(model, slicing, max_slices, budget, "all")
+    return patched
+
+
+class WanProbe:
+    """Sits where the engine sits (the ``_forward`` object patch, inside every wrapper): each call runs the host's
+    own ``_forward`` and the engine on the same inputs and records the error, the groups sliced and the timestep's
+    shape."""
+
+    def __init__(self, pack, patched):
+        self.engine = patched.object_patches["diffusion_model._forward"]
+        self.listen = pack_module(pack, "engine.context").listen
+        self.errors, self.sliced, self.timesteps = [], set(), []
+        patched.add_object_patch("diffusion_model._forward", self)
+
+    def __call__(self, x, timestep, context, clip_fea=None, time_dim_concat=None, transformer_options={}, **kwargs):
+        wan = self.engine.unet
+        with torch.no_grad():
+            reference = type(wan)._forward(wan, x, timestep, context, clip_fea, time_dim_concat,
+                                           dict(transformer_options), **kwargs)
+        events = []
+        with self.listen(events.append):
+            out = self.engine(x, timestep, context, clip_fea, time_dim_concat, transformer_options, **kwargs)
+        self.errors.append(rel(out, reference))
+        self.sliced |= {e.name for e in events if type(e).__name__ == "GroupEvent" and e.slices > 1}
+        self.timesteps.append(tuple(timestep.shape))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["wan2.1-t2v", "wan2.1-i2v", "wan2.2-5b"])
+def test_ksampler_through_streamline_model_equals_the_plain_model(pack, kind):
+    model = build_wan(kind)
+    reference = ksample_wan(model)
+    patched = streamline_model(pack, model)
+    probe = WanProbe(pack, patched)
+    out = ksample_wan(patched)
+    assert torch.isfinite(reference).all() and reference.std() > 0
+    assert len(probe.errors) >= 2 and max(probe.errors) <= 1e-5, probe.errors
+    assert {"blocks.0", "blocks.0.self_attn.kv", "blocks.1", "blocks.1.self_attn.kv"} <= probe.sliced
+    assert rel(out, reference) <= LATENT_TOL
+    assert torch.equal(ksample_wan(model), reference)  # the MODEL that came in is untouched
+    wan = model.get_model_object("diffusion_model")
+    assert getattr(wan._forward, "__func__", None) is type(wan)._forward  # ComfyUI restored the host's own
+
+
+def test_auto_slicing_plans_along_tokens_and_says_so(pack, caplog):
+    model = build_wan("wan2.1-t2v")
+    reference = ksample_wan(model, frames=3)
+    patched = streamline_model(pack, model, "auto")
+    probe = WanProbe(pack, patched)
+    with caplog.at_level(logging.INFO):
+        out = ksample_wan(patched, frames=3)
+    assert rel(out, reference) <= LATENT_TOL and max(probe.errors) <= 1e-5
+    assert probe.sliced, "auto planned nothing sliced at 1.5x the transformer floor"
+    assert any("tokens" in r.getMessage() and "predicted activation peak" in r.getMessage() for r in caplog.records)
+
+
+def test_per_frame_timesteps_slice_the_modulation_with_the_tokens(pack):
+    """Wan 2.2 5B with a denoise mask: one timestep per latent frame, so ``e`` has a row per frame and the host's
+    ``repeat_e`` maps tokens to rows by the sequence length. Three slices of 5 frames x 15 tokens cut frames apart."""
+    model = build_wan("wan2.2-5b")
+    mask = torch.ones(1, 1, 5, 6, 10)
+    mask[:, :, :2] = 0.25
+    reference = ksample_wan(model, noise_mask=mask)
+    patched = streamline_model(pack, model, max_slices=4)
+    probe = WanProbe(pack, patched)
+    out = ksample_wan(patched, noise_mask=mask)
+    assert all(len(shape) == 2 and shape[1] == 5 for shape in probe.timesteps), probe.timesteps  # per frame
+    assert max(probe.errors) <= 1e-5 and rel(out, reference) <= LATENT_TOL
+    assert {"blocks.0", "blocks.1"} <= probe.sliced
+
+
+def test_a_block_part_on_a_slice_with_the_whole_modulation_is_wrong(pack):
+    """The trap the modulation's slicing avoids: each slice mapping ``e``'s rows by its own length (the host's
+    ``repeat_e`` on the slice). It must fail the same comparison."""
+    wan_module = pack_module(pack, "engine.arch.comfy_wan")
+    model = build_wan("wan2.2-5b")
+    mask = torch.ones(1, 1, 5, 6, 10)
+    mask[:, :, :2] = 0.25
+    patched = streamline_model(pack, model, max_slices=4)
+    probe = WanProbe(pack, patched)
+    original = wan_module.modulation_of
+    wan_module.modulation_of = wan_module.modulation_of_the_slice
+    try:
+        ksample_wan(patched, noise_mask=mask, steps=1)
+    finally:
+        wan_module.modulation_of = original
+    assert max(probe.errors) > 1e-2, probe.errors
+
+
+def test_another_packs_block_patch_wraps_the_sliced_block(pack):
+    """A ``patches_replace["dit"]`` block patch (the hook other packs use) still runs around every block, and the
+    output equals the patched model without Streamline Model."""
+    model = build_wan("wan2.1-t2v")
+    calls = []
+
+    def patch(args, extra):
+        calls.append(args["img"].shape)
+        out = extra["original_block"](args)
+        return {"img": out["img"] * 0.9 + 0.1 * args["img"]}
+
+    with_patch = model.clone()
+    for i in range(2):
+        with_patch.set_model_patch_replace(patch, "dit", "double_block", i)
+    reference = ksample_wan(with_patch)
+    seen = len(calls)
+    patched = streamline_model(pack, with_patch)
+    probe = WanProbe(pack, patched)
+    out = ksample_wan(patched)
+    assert seen > 0 and len(calls) >= 3 * seen  # the plain run, and the probe's reference and engine runs
+    assert max(probe.errors) <= 1e-5 and rel(out, reference) <= LATENT_TOL
+    assert {"blocks.0", "blocks.1"} <= probe.sliced
+
+
+@pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16, torch.float8_e4m3fn], ids=["fp16", "bf16", "fp8"])
+def test_weights_stored_low_and_cast_per_call(pack, storage):
+    model = build_wan("wan2.1-t2v", weight_dtype=storage, manual_cast=torch.float32)
+    wan = model.get_model_object("diffusion_model")
+    assert wan.blocks[0].ffn[0].weight.dtype == storage and wan.blocks[0].ffn[0].comfy_cast_weights
+    reference = ksample_wan(model)
+    patched = streamline_model(pack, model)
+    probe = WanProbe(pack, patched)
+    out = ksample_wan(patched)
+    assert max(probe.errors) <= 1e-5 and rel(out, reference) <= LATENT_TOL and probe.sliced
+
+
+def test_a_lora_patch(pack):
+    """A LoRA (the 4-step distillation LoRAs users add are LoRAs) on the attention and feed-forward weights: ComfyUI
+    patches the weights; the sliced blocks call the same modules. (Partial loading, where modules cast their weights
+    per call, is a weight path of ``streamline selftest exactness``: tests/host/test_selftest_comfyui.py.)"""
+    model = build_wan("wan2.1-t2v")
+    wan = model.get_model_object("diffusion_model")
+    gen = torch.Generator().manual_seed(3)
+    lora = {f"diffusion_model.blocks.{i}.{name}.weight":
+            (0.5 * torch.randn(getattr_path(wan, f"blocks.{i}.{name}").weight.shape, generator=gen),)
+            for i in range(2) for name in ("self_attn.q", "cross_attn.k", "ffn.0")}
+    lora_model = model.clone()
+    assert len(lora_model.add_patches(lora, 1.0)) == len(lora)
+    reference = ksample_wan(lora_model)
+    assert rel(reference, ksample_wan(model)) > 1e-2  # the patch changes the output
+    patched = streamline_model(pack, lora_model)
+    probe = WanProbe(pack, patched)
+    assert rel(ksample_wan(patched), reference) <= LATENT_TOL and max(probe.errors) <= 1e-5 and probe.sliced
+
+
+def getattr_path(module, path):
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def test_groups_other_than_all_are_refused_on_wan(pack):
+    model = build_wan("wan2.1-t2v")
+    node = pack.NODE_CLASS_MAPPINGS["StreamlineModel"]()
+    with pytest.raises(ValueError, match="groups='spatial' .* Wan's blocks are sliced along tokens: set groups to all"):
+        node.patch(model, "auto", 8, 0.0, "spatial")
+
+
+# -- the transformer floor and the simulator's rows ---------------------------------------------------------
+
+
+def test_the_transformer_floor_is_the_hand_count(comfyui):
+    """3 x B x tokens x dim in the activation dtype; tokens = latent frames x (H/2) x (W/2) after padding, plus the
+    frames time_dim_concat adds and one frame of reference_latent tokens."""
+    from streamlined_core.engine.arch import comfy_wan
+    from streamlined_core.tools import configs
+
+    wan14 = configs.build_comfy_wan(configs.WAN_CONFIGS["wan2.1-14b"])
+    (x, _, _), _ = configs.comfy_wan_inputs(wan14, 2, 81, 480, 832)
+    assert tuple(x.shape) == (2, 16, 21, 60, 104)
+    assert comfy_wan.tokens(wan14, {"x": x}) == 21 * 30 * 52 == 32760
+    assert comfy_wan.floor_bytes(wan14, {"x": x}) == 3 * 2 * 32760 * 5120 * 2 == 2_012_774_400
+    wan5 = configs.build_comfy_wan(configs.WAN_CONFIGS["wan2.2-5b"])
+    (x, _, _), _ = configs.comfy_wan_inputs(wan5, 1, 121, 704, 1280, vae_scale=16)
+    assert tuple(x.shape) == (1, 48, 31, 44, 80)
+    assert comfy_wan.floor_bytes(wan5, {"x": x}) == 3 * 1 * (31 * 22 * 40) * 3072 * 2
+    odd = torch.empty(1, 16, 3, 7, 9, device="meta", dtype=torch.float32)  # padded to 8 x 10: 4 x 5 tokens a frame
+    assert comfy_wan.floor_bytes(wan14, {"x": odd}) == 3 * (3 * 4 * 5) * 5120 * 4
+    extra = torch.empty(1, 16, 2, 7, 9, device="meta")
+    assert comfy_wan.tokens(wan14, {"x": odd, "time_dim_concat": extra}) == (3 + 2) * 20
+
+
+def test_the_simulated_wan_rows_reach_1_5x_the_transformer_floor(comfyui):
+    from streamlined_core.tools.sim.wan import wan_rows
+
+    rows = wan_rows(["wan2.1-1.3b"], sizes=[(832, 480)])
+    assert [(r.storage, r.batch) for r in rows] == [("bf16", 2), ("bf16", 1), ("fp8", 2), ("fp8", 1)]
+    for r in rows:
+        assert r.tokens == 32760 and r.peak_bytes <= 1.5 * r.floor_bytes, r
+        assert r.original_peak_bytes > 4 * r.floor_bytes  # the unmodified model: its feed-forward's inner width
+    assert rows[2].weights_bytes < 0.55 * rows[0].weights_bytes  # fp8 storage

@@ -210,3 +210,84 @@ def test_the_simulated_wan_rows_reach_1_5x_the_transformer_floor(comfyui):
         assert r.tokens == 32760 and r.peak_bytes <= 1.5 * r.floor_bytes, r
         assert r.original_peak_bytes > 4 * r.floor_bytes  # the unmodified model: its feed-forward's inner width
     assert rows[2].weights_bytes < 0.55 * rows[0].weights_bytes  # fp8 storage
+
+
+# -- the variants: sliced exactly, or untouched and said ------------------------------------------------------
+
+
+def tiny_wan_kwargs(**overrides):
+    import comfy.ops
+
+    return dict(patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=32, ffn_dim=64, freq_dim=16, text_dim=24, out_dim=16,
+                num_heads=2, num_layers=2, operations=comfy.ops.disable_weight_init, dtype=torch.float32) | overrides
+
+
+def run_both(pack, model, *args, **kwargs):
+    """The model's own forward and the engine's (3 slices a group) on the same call: the error and the groups sliced."""
+    from streamlined_core.tools import configs
+
+    api = pack_module(pack, "engine.api")
+    arch = pack_module(pack, "engine.arch")
+    context = pack_module(pack, "engine.context")
+    configs.seed_weights_scaled(model)
+    events = []
+    with torch.no_grad():
+        reference = model(*args, **kwargs)
+        with context.listen(events.append):
+            out = api.Streamliner(model, arch.engine_adapter(model), 3, None)(*args, **kwargs)
+    sliced = {e.name for e in events if type(e).__name__ == "GroupEvent" and e.slices > 1}
+    return rel(out, reference), sliced
+
+
+VARIANT_INPUTS = {
+    "vace": lambda x: dict(vace_context=torch.randn(1, 1, 32, *x.shape[2:]), vace_strength=[0.7]),
+    "camera": lambda x: dict(camera_conditions=torch.randn(1, 24, x.shape[2], 8 * x.shape[3], 8 * x.shape[4])),
+    "reference_latent": lambda x: dict(reference_latent=torch.randn(1, 16, *x.shape[3:])),
+    "time_dim_concat": lambda x: dict(time_dim_concat=torch.randn(1, 16, 2, *x.shape[3:])),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_INPUTS))
+def test_vace_camera_and_token_layout_inputs_are_sliced_exactly(pack, variant):
+    """VACE (its VACE blocks keep the first block's input: the blocks' outputs are never written over it), camera
+    control, and the plain model's inputs that change the token layout: ``reference_latent`` through ``ref_conv`` (one
+    frame of tokens in front), ``time_dim_concat`` as Phantom uses it (frames appended)."""
+    import comfy.ldm.wan.model as wan
+
+    model = {"vace": lambda: wan.VaceWanModel(**tiny_wan_kwargs(vace_layers=1, vace_in_dim=32)),
+             "camera": lambda: wan.CameraWanModel(**tiny_wan_kwargs(model_type="camera_2.2", in_dim_control_adapter=24)),
+             "reference_latent": lambda: wan.WanModel(**tiny_wan_kwargs(in_dim_ref_conv=16)),
+             "time_dim_concat": lambda: wan.WanModel(**tiny_wan_kwargs())}[variant]()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 3, 6, 10, generator=gen)
+    error, sliced = run_both(pack, model, x, torch.tensor([500.0]), torch.randn(1, 8, 24, generator=gen),
+                             **VARIANT_INPUTS[variant](x))
+    assert error <= 1e-5
+    assert {"blocks.0", "blocks.0.self_attn.kv", "blocks.1", "blocks.1.self_attn.kv"} <= sliced
+
+
+def test_the_other_wan_models_run_untouched_and_say_so(pack, caplog):
+    """S2V, HuMo and Animate (audio and face inputs, blocks of their own) are not sliced: their calls run ComfyUI's
+    own code, and the log names the model. A host without them has no other WanModel class."""
+    import comfy.ldm.wan.model as wan
+
+    wan_module = pack_module(pack, "engine.arch.comfy_wan")
+    others = sorted({c.__name__ for c in all_subclasses(wan.WanModel)} - set(wan_module.SLICED_MODELS))
+    if not hasattr(wan, "HumoWanModel"):
+        assert others == [], others
+        return
+    assert {"HumoWanModel", "WanModel_S2V"} <= set(others)
+    model = wan.HumoWanModel(**tiny_wan_kwargs(dim=1536, num_heads=12))  # its audio projection is 1536 wide
+    with caplog.at_level(logging.INFO):
+        error, sliced = run_both(pack, model, torch.randn(1, 16, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 24))
+    assert error == 0.0 and not sliced
+    assert any("HumoWanModel is not a Wan model Streamline slices" in r.getMessage() for r in caplog.records)
+
+
+def all_subclasses(cls):
+    import comfy.ldm.wan.model  # noqa: F401 (and the modules built on it that ComfyUI loaded)
+
+    found = set()
+    for sub in cls.__subclasses__():
+        found |= {sub} | all_subclasses(sub)
+    return found

@@ -9,7 +9,12 @@ groups along ``"tokens"``:
   one (2, B, L, dim) tensor;
 - ``blocks.{i}``: per query slice, self-attention of the slice against those keys and values, its output
   projection and gated residual, cross-attention, the modulated feed-forward and its gated residual,
-  written into the block's output.
+  written over the block's input where the model's block loop drops that input once the block returns
+  (``DROPS_BLOCK_INPUT``: the plain model and camera control; VACE keeps the first block's input for its
+  VACE blocks, so there, and under another pack's block patch, the output is a new tensor).
+
+So a block's peak is the residual stream, the keys and values, and one slice's intermediates: the transformer
+floor (``floor_bytes``) plus a slice.
 
 The modulation is sliced with the tokens: with per-frame timesteps (Wan 2.2 5B image-to-video, a
 ``denoise_mask``) ``e`` has one row per latent frame and the host's ``repeat_e`` maps token ``j`` to a row by
@@ -20,8 +25,9 @@ The host's own ``_forward`` runs the call (patch embedding in fp32, rotary frequ
 embeddings, VACE hints, the head, unpatchify); the blocks are reached through its block hook,
 ``transformer_options["patches_replace"]["dit"][("double_block", i)]``, which every Wan forward of both
 reference hosts honours. A patch another pack set there wraps ours (its ``original_block`` runs the sliced
-block). A block of another class (S2V's and HuMo's audio blocks) or of a forward this module does not
-reproduce runs whole through the host's own code, and the run's log says so once.
+block). A block of another class or of a forward this module does not reproduce runs whole through the host's
+own code, and a model this module does not slice (S2V, HuMo, Animate: ``SLICED_MODELS``) runs untouched; the
+run's log says so once.
 
 Nothing here imports ComfyUI: the host's helpers come from the module the block class lives in.
 """
@@ -47,6 +53,20 @@ log = logging.getLogger(__name__)
 SLOT = "_forward"  # WanModel.forward runs the DIFFUSION_MODEL wrappers, then this
 SAMPLE = "x"
 FLOOR_NAME = "transformer floor"
+
+# The models whose blocks are sliced: the plain WanModel (text and image to video, Wan 2.1 and 2.2, with
+# time_dim_concat and reference_latent), VACE (its VACE blocks run whole between the main blocks) and camera
+# control. The others built on WanModel (S2V, HuMo, Animate: audio and face inputs, blocks of their own) run
+# untouched, said in the log.
+SLICED_MODELS = ("WanModel", "VaceWanModel", "CameraWanModel")
+# sha256 of the forward_orig sources whose block loop drops a block's input once the block returns, so the block's
+# output may be written over its input (VACE keeps the first block's input for its VACE blocks: not there)
+DROPS_BLOCK_INPUT = {
+    "e7d86ed3001d5c350dd2134fed71186fb87b580ace4b04f168be6bdfa2a1f662": "WanModel, ComfyUI 0.3.52",
+    "9192f6af9af1a8083353dc2ef191d59e2b8b7df5d9b9783209651eb52787e761": "CameraWanModel, ComfyUI 0.3.52",
+    "35f0483e79718453d7c82c38faa49054d40dced5eba15c230fd40bff09299dae": "WanModel, ComfyUI 0.3.64",
+    "d40dc792813df7655a58ec33c669bb1400dbff55c16aed72953b0c1e941f86a9": "CameraWanModel, ComfyUI 0.3.64",
+}
 
 # sha256 of WanAttentionBlock.forward, WanSelfAttention.forward and repeat_e: the host versions reproduced
 KNOWN_BLOCK_SHAS: dict[str, str] = {
@@ -103,6 +123,22 @@ def _fingerprint(block_cls: type, attn_cls: type, module: str) -> str:
     parts = [inspect.getsource(block_cls.forward), inspect.getsource(attn_cls.forward),
              inspect.getsource(sys.modules[module].repeat_e)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def drops_block_input(cls: type) -> bool:
+    """Whether the class's ``forward_orig`` is one whose block loop drops each block's input after the block."""
+    try:
+        source = inspect.getsource(cls.forward_orig)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return hashlib.sha256(source.encode()).hexdigest() in DROPS_BLOCK_INPUT
+
+
+def sliced_model(model: nn.Module) -> bool:
+    """Whether the model is one whose blocks are sliced (``SLICED_MODELS``, ComfyUI's own classes)."""
+    cls = type(model)
+    return cls.__name__ in SLICED_MODELS and cls.__module__.startswith("comfy.")
 
 
 def sliceable(block: nn.Module) -> str | None:
@@ -250,14 +286,15 @@ class _BlockPatch:
     """The ``("double_block", i)`` patch of one call: the block on token slices, under another pack's patch
     for the same block when there is one (its ``original_block`` is ours)."""
 
-    def __init__(self, runner: Runner, index: int, block: nn.Module, context_img_len: Any, previous) -> None:
+    def __init__(self, runner: Runner, index: int, block: nn.Module, context_img_len: Any, previous,
+                 drops_input: bool) -> None:
         self.runner, self.index, self.block = runner, index, block
-        self.context_img_len, self.previous = context_img_len, previous
+        self.context_img_len, self.previous, self.drops_input = context_img_len, previous, drops_input
 
     def run(self, args: dict) -> dict:
         out = sliced_block(self.runner, f"blocks.{self.index}", self.block, args["img"], args["vec"], args["pe"],
                            args["txt"], self.context_img_len, args.get("transformer_options"),
-                           own_input=self.previous is None)
+                           own_input=self.drops_input and self.previous is None)
         return {"img": out}
 
     def __call__(self, args: dict, extra: dict) -> dict:
@@ -268,6 +305,11 @@ class _BlockPatch:
 
 def streamlined_forward(model: nn.Module, runner: Runner, **arguments: Any) -> torch.Tensor:
     """``WanModel._forward`` (the model's own class's), its recognised blocks run on token slices."""
+    if not sliced_model(model):
+        _say(model, ("wan model untouched", type(model).__name__),
+             "Streamline: %s is not a Wan model Streamline slices (%s); it runs untouched, with ComfyUI's own memory "
+             "use", type(model).__name__, ", ".join(SLICED_MODELS))
+        return getattr(type(model), SLOT)(model, **arguments)
     options = dict(arguments.get("transformer_options") or {})
     replace = dict(options.get("patches_replace") or {})
     dit = dict(replace.get("dit") or {})
@@ -279,26 +321,31 @@ def streamlined_forward(model: nn.Module, runner: Runner, **arguments: Any) -> t
         if why is not None:
             whole.append((i, why))
             continue
-        dit[("double_block", i)] = _BlockPatch(runner, i, block, context_img_len, dit.get(("double_block", i)))
+        dit[("double_block", i)] = _BlockPatch(runner, i, block, context_img_len, dit.get(("double_block", i)),
+                                               drops_block_input(type(model)))
     if whole:
-        _say_whole(model, whole)
+        first, why = whole[0]
+        _say(model, ("wan blocks whole", type(model).__name__),
+             "Streamline: %s: %d of %d blocks run whole, unsliced, through ComfyUI's own code (block %d: %s)",
+             type(model).__name__, len(whole), len(model.blocks), first, why)
     replace["dit"] = dit
     options["patches_replace"] = replace
     return getattr(type(model), SLOT)(model, **{**arguments, "transformer_options": options})
 
 
-def _say_whole(model: nn.Module, whole: list[tuple[int, str]]) -> None:
+def _say(model: nn.Module, key: tuple, message: str, *args: Any) -> None:
+    """Log ``message`` once per run (once per process outside a run)."""
     from ..context import current
 
     ctx = current()
-    key = ("wan blocks whole", type(model).__name__)
-    if ctx is not None and key in ctx.said:
+    said = ctx.said if ctx is not None else _SAID
+    if key in said:
         return
-    if ctx is not None:
-        ctx.said.add(key)
-    first, why = whole[0]
-    log.info("Streamline: %s: %d of %d blocks run whole, unsliced, through ComfyUI's own code (block %d: %s)",
-             type(model).__name__, len(whole), len(model.blocks), first, why)
+    said.add(key)
+    log.info(message, *args)
+
+
+_SAID: set = set()
 
 
 def example_arguments(model: nn.Module, input_shape, device="meta", frames: int | None = None, tokens: int = 1,

@@ -179,8 +179,9 @@ class StreamlineModel:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model, or an SD1.5 / SDXL model used with "
-                                               "AnimateDiff-Evolved (before or after Use Evolved Sampling)."}),
+                "model": ("MODEL", {"tooltip": "An SVD / SVD-XT model, an SD1.5 / SDXL model used with "
+                                               "AnimateDiff-Evolved (before or after Use Evolved Sampling), or a Wan "
+                                               "2.1 / 2.2 model."}),
                 "slicing": (["auto", "upper bound"], {
                     "default": "auto",
                     "tooltip": "auto: per group, the least slicing whose predicted peak fits the VRAM budget "
@@ -202,7 +203,7 @@ class StreamlineModel:
                 "groups": (list(AXES), {
                     "default": "all",
                     "tooltip": "Which layer groups may be sliced: spatial ones along frames, temporal ones "
-                               "along pixels, or all.",
+                               "along pixels, or all (Wan: all; its blocks are sliced along tokens).",
                 }),
             }
         }
@@ -214,7 +215,9 @@ class StreamlineModel:
     DESCRIPTION = (
         "Runs every layer group of the video U-Net on slices of its input (spatial groups along frames, "
         "temporal groups along pixels, norms on full-video statistics), so the activation peak drops to "
-        "about 1.5x the skip tensors while the output stays the same."
+        "about 1.5x the skip tensors while the output stays the same. On Wan 2.1 / 2.2 each transformer block "
+        "runs on token slices (keys and values of every token first): about 1.5x the residual stream with one "
+        "self-attention's keys and values."
     )
 
     def patch(self, model, slicing: str, max_slices: int, vram_budget_gb: float, groups: str):

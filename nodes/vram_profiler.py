@@ -211,7 +211,11 @@ def _streamlined(unet: Any) -> bool:
 
 
 def _block_hooks(unet: Any, recorder: Recorder) -> list:
-    """Forward hooks on the last layer of each of the host's blocks, marking the block's end."""
+    """Forward hooks marking the end of each of the host's blocks: a U-Net's input, middle and output blocks and
+    its head (on each block's last layer), a Wan transformer's blocks and its head (on the block itself)."""
+    if _is_wan(unet):
+        blocks = [(f"blocks.{i}", b) for i, b in enumerate(unet.blocks)] + [("head", unet.head)]
+        return [block.register_forward_hook(lambda *_a, _n=name: recorder.group(_n)) for name, block in blocks]
     blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(getattr(unet, "input_blocks", []))]
     if getattr(unet, "middle_block", None) is not None:
         blocks.append(("middle_block", unet.middle_block))
@@ -224,6 +228,12 @@ def _block_hooks(unet: Any, recorder: Recorder) -> list:
         last = children[-1] if children else block
         hooks.append(last.register_forward_hook(lambda *_a, _n=name: recorder.group(_n)))
     return hooks
+
+
+def _is_wan(unet: Any) -> bool:
+    from ..streamlined_core.engine.arch import comfy_wan
+
+    return comfy_wan.matches(unet)
 
 
 def publish(timeline: Timeline) -> None:
@@ -311,12 +321,13 @@ class VRAMProfiler:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "Any MODEL whose diffusion model is ComfyUI's UNetModel (SVD, SD1.5, "
-                                               "SDXL, with or without Streamline Model, before or after it)."}),
+                                               "SDXL) or WanModel (Wan 2.1, 2.2), with or without Streamline Model, "
+                                               "before or after it."}),
                 "granularity": (list(GRANULARITIES), {
                     "default": "step",
                     "tooltip": "step: one reading per denoising step and model call (cheapest). group: also one "
                                "per layer group (Streamline's groups, or the host's blocks), to see where in the "
-                               "U-Net the peak happens.",
+                               "model the peak happens.",
                 }),
                 "snapshot_steps": ("INT", {
                     "default": 0, "min": 0, "max": 1000,
@@ -346,10 +357,10 @@ class VRAMProfiler:
         import comfy.patcher_extension as pe
 
         unet = model.get_model_object("diffusion_model")
-        if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        if not all(hasattr(unet, a) for a in ("input_blocks", "middle_block", "output_blocks")) and not _is_wan(unet):
             raise ValueError(
-                f"VRAM Profiler records ComfyUI's UNetModel (SVD, SD1.5, SDXL); this MODEL's diffusion model is "
-                f"{type(unet).__module__}.{type(unet).__name__}")
+                f"VRAM Profiler records ComfyUI's UNetModel (SVD, SD1.5, SDXL) and WanModel (Wan 2.1, 2.2); this MODEL's "
+                f"diffusion model is {type(unet).__module__}.{type(unet).__name__}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
         if not isinstance(snapshot_steps, int) or snapshot_steps < 0:

@@ -4,6 +4,8 @@ would queue, checked against node definitions shaped as ``/object_info`` serves 
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# the inputs that name a model file: a test machine has none of them (the lists are empty)
+MODEL_FILES = ("ckpt_name", "model_name", "unet_name", "clip_name", "vae_name")
 
 
 def api_prompt(workflow: dict, info: dict) -> dict:
@@ -22,7 +24,7 @@ def api_prompt(workflow: dict, info: dict) -> dict:
                 assert values, f"{node['type']}: no widget value for {name}"
                 inputs[name] = values.pop(0)
                 if isinstance(kind, list) and name != "image":
-                    assert inputs[name] in kind or name in ("ckpt_name", "model_name"), f"{node['type']}.{name}={inputs[name]!r}"
+                    assert inputs[name] in kind or name in MODEL_FILES, f"{node['type']}.{name}={inputs[name]!r}"
                 if options.get("control_after_generate") or (kind == "INT" and name in ("seed", "noise_seed")):
                     assert values.pop(0) in ("fixed", "increment", "decrement", "randomize")
                 if options.get("image_upload"):

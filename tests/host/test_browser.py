@@ -521,3 +521,57 @@ def test_the_step_rehash_workflow_loads_with_the_nodes_widgets(session, out_dir,
     (out_dir / "step_rehash_node.png").write_bytes(picture)
     if os.environ.get("STREAMLINE_UPDATE_SCREENSHOT") == "1" and frontend[1] is None:  # the environment's frontend
         (ROOT / "docs" / "step_rehash_node.png").write_bytes(picture)
+
+
+def test_a_wan_run_shows_its_blocks_in_the_panel_with_the_plans_prediction(session, server, out_dir):
+    """A tiny Wan 2.1 through Streamline Model and the VRAM Profiler: the panel's group bars are Wan's blocks (each
+    block's keys and values, then the rest), each with the plan's prediction beside the measurement."""
+    page, _ = session
+    prompt = {
+        "1": {"class_type": "StreamlineTestTinyWan", "inputs": {"frames": 3, "width": 80, "height": 48}},
+        "2": {"class_type": "StreamlineModel", "inputs": {
+            "model": ["1", 0], "slicing": "auto", "max_slices": 8, "vram_budget_gb": 0.0, "groups": "all"}},
+        "6": {"class_type": "VRAMProfiler", "inputs": {
+            "model": ["2", 0], "granularity": "group", "snapshot_steps": 0, "label": "wan"}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": 7, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["1", 1], "negative": ["1", 2], "latent_image": ["1", 3], "denoise": 1.0}},
+        "4": {"class_type": "StreamlineTestLatentFrames", "inputs": {"samples": ["3", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    if not page.locator(".sl-panel").is_visible():
+        open_panel(page)
+    prompt_id = queue(page, prompt)
+    wait_done(server, prompt_id)
+    page.wait_for_function("(id) => [...document.querySelectorAll('.sl-run-a option')].some(o => o.value === id)",
+                           arg=prompt_id, timeout=30_000)
+    page.select_option(".sl-run-a", prompt_id)
+    page.select_option(".sl-run-b", "")
+    page.wait_for_function("() => document.querySelector('.sl-saving') === null")
+    page.wait_for_timeout(300)
+    doc = server.get(f"/streamline/timelines/{prompt_id}")
+    bars = chart_state(page)["bars"]
+    assert bars["names"] == ["blocks.0.self_attn.kv", "blocks.0", "blocks.1.self_attn.kv", "blocks.1"], bars["names"]
+    predicted = {e["name"] for e in doc["events"] if e["kind"] == "group" and e["predicted"] is not None}
+    assert bars["counts"] == [4, len(predicted)] and len(predicted) == 4
+    page.locator(".sl-panel").screenshot(path=str(out_dir / "panel-wan.png"))
+
+
+def test_the_wan_workflow_renders_in_the_page(session, out_dir):
+    """The Wan 2.1 text-to-video example (1.3B, 832x480, 81 frames), loaded into the page: every node is a known type
+    with its widgets, Streamline Model sits between the model sampling and KSampler, and a picture of it is kept."""
+    page, _ = session
+    workflow = json.loads((ROOT / "example_workflows" / "wan21_text_to_video_1.3b.json").read_text())
+    page.evaluate("async (w) => { await window.comfyAPI.app.app.loadGraphData(w); }", workflow)
+    nodes = page.evaluate("""() => window.comfyAPI.app.app.graph._nodes.map(n => ({
+        type: n.type, widgets: (n.widgets || []).map(w => [w.name, w.value]),
+        known: !!window.LiteGraph.registered_node_types[n.type]}))""")
+    assert sorted(n["type"] for n in nodes) == sorted(n["type"] for n in workflow["nodes"])
+    assert all(n["known"] for n in nodes), [n["type"] for n in nodes if not n["known"]]
+    values = {n["type"]: dict(n["widgets"]) for n in nodes}
+    assert values["StreamlineModel"] == {"slicing": "auto", "max_slices": 8, "vram_budget_gb": 0.0, "groups": "all"}
+    assert values["UNETLoader"]["unet_name"] == "wan2.1_t2v_1.3B_fp16.safetensors"
+    assert (values["EmptyHunyuanLatentVideo"]["width"], values["EmptyHunyuanLatentVideo"]["height"]) == (832, 480)
+    assert values["ModelSamplingSD3"]["shift"] == 8
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(out_dir / "wan-workflow.png"))

@@ -159,3 +159,24 @@ def test_an_sd15_image_model_is_recorded_by_its_blocks(pack, sd15_patcher):
     names = {e["name"] for e in doc["events"] if e["kind"] == "group"}
     assert {"input_blocks.0", "middle_block", "output_blocks.11"} <= names
     assert_restored(pack, sd15_patcher)
+
+
+def test_a_wan_model_is_recorded_by_its_blocks_and_by_streamlines_groups(pack):
+    """Wan: without Streamline, the host's blocks and head are the groups; streamlined, each block's two groups
+    (its keys and values, then the rest by query slices), each with the plan's prediction."""
+    from streamlined_core.tools.selftest.comfy_graph import build_wan, ksample_wan
+
+    model = build_wan("wan2.1-t2v")
+    plain = ksample_wan(model)
+    recorded = ksample_wan(profiled(pack, model, "group", label="wan"))
+    assert torch.equal(plain, recorded)
+    names = list(dict.fromkeys(e["name"] for e in latest(pack)["events"] if e["kind"] == "group"))
+    assert names == ["blocks.0", "blocks.1", "head"], names
+    assert_restored(pack, model)
+    ksample_wan(profiled(pack, streamlined(pack, model), "group", label="wan streamlined"))
+    doc = latest(pack)
+    groups = [e for e in doc["events"] if e["kind"] == "group"]
+    assert list(dict.fromkeys(e["name"] for e in groups)) == ["blocks.0.self_attn.kv", "blocks.0",
+                                                              "blocks.1.self_attn.kv", "blocks.1"]
+    assert all(e["predicted"] is not None for e in groups) and doc["predicted_peak_bytes"] > 0
+    assert_restored(pack, model)

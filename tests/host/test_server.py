@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from workflow import api_prompt
+from workflow import MODEL_FILES, api_prompt
 
 from streamlined_core.tools.selftest.server import start  # the self-test's own server
 
@@ -99,7 +99,7 @@ def test_example_workflows_are_served_and_valid_for_the_server(server, name):
 
     def missing_file(e):
         if e["type"] == "value_not_in_list":
-            return e["extra_info"]["input_name"] in ("ckpt_name", "model_name")
+            return e["extra_info"]["input_name"] in MODEL_FILES
         return e["type"] == "custom_validation_failed" and e["details"].startswith("image - Invalid image file")
 
     assert errors and all(missing_file(e) for e in errors), errors

@@ -1,5 +1,5 @@
-"""Nodes the self-test's own ComfyUI server loads beside the pack (and the server tests): a tiny SVD and SVD's VAE
-that need no files, latents shown as frames, and a probe of what the server process holds after a run.
+"""Nodes the self-test's own ComfyUI server loads beside the pack (and the server tests): a tiny SVD, a tiny Wan and
+SVD's VAE that need no files, latents shown as frames, and a probe of what the server process holds after a run.
 
 Never loaded by a user's ComfyUI: ``streamline selftest`` (and tests/host/test_server.py) links this folder into
 the ``custom_nodes`` of a temporary base directory of the server it starts.
@@ -52,6 +52,29 @@ class TinySVD:
         return patcher, positive, negative, {"samples": torch.zeros(frames, 4, h, w)}
 
 
+class TinyWan:
+    """A tiny Wan 2.1 text-to-video model (ComfyUI's WAN21, flow matching with shift 8), seeded weights, its text
+    conditioning and an empty latent of ``frames`` latent frames."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"frames": ("INT", {"default": 3, "min": 1, "max": 32}),
+                             "width": ("INT", {"default": 80, "min": 16, "max": 512, "step": 16}),
+                             "height": ("INT", {"default": 48, "min": 16, "max": 512, "step": 16})}}
+
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("model", "positive", "negative", "latent")
+    FUNCTION = "build"
+    CATEGORY = "testing"
+
+    def build(self, frames, width, height):
+        from streamlined_core.tools.selftest.comfy_graph import build_wan, wan_conditioning
+
+        model = build_wan("wan2.1-t2v")
+        positive, negative, latent = wan_conditioning(model, frames, height // 8, width // 8)
+        return model, positive, negative, latent
+
+
 class TinyVAE:
     """SVD's VAE as ComfyUI's own ``VAE`` object, seeded weights."""
 
@@ -70,7 +93,8 @@ class TinyVAE:
 
 
 class LatentFrames:
-    """Latents as RGB frames through SD's latent-to-RGB preview factors (no VAE needed)."""
+    """Latents as RGB frames through SD's latent-to-RGB preview factors (no VAE needed); a video latent's frames
+    show its first three channels."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -83,6 +107,9 @@ class LatentFrames:
     def show(self, samples):
         import comfy.latent_formats
 
+        if samples["samples"].dim() == 5:  # a video latent (B, C, T, H, W), Wan's: its first three channels
+            frames = samples["samples"][0].transpose(0, 1)[:, :3].float()
+            return (((torch.tanh(frames) + 1) / 2).movedim(1, -1),)
         factors = torch.tensor(comfy.latent_formats.SD15().latent_rgb_factors)
         rgb = torch.einsum("nchw,cr->nhwr", samples["samples"].float(), factors)
         return (((rgb + 1) / 2).clamp(0, 1),)
@@ -192,5 +219,5 @@ def _break_once():
         setattr(cls, cls.FUNCTION, vague)
 
 
-NODE_CLASS_MAPPINGS = {"StreamlineTestTinySVD": TinySVD, "StreamlineTestTinyVAE": TinyVAE,
+NODE_CLASS_MAPPINGS = {"StreamlineTestTinySVD": TinySVD, "StreamlineTestTinyWan": TinyWan, "StreamlineTestTinyVAE": TinyVAE,
                        "StreamlineTestLatentFrames": LatentFrames, "StreamlineTestProbe": Probe}

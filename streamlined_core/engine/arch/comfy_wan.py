@@ -2,8 +2,9 @@
 
 In a ``WanAttentionBlock`` every operation but self-attention's mixing of keys and values is local along
 tokens: the modulated LayerNorms, the q/k RMSNorms, the rotary embedding, the feed-forward, and
-cross-attention (each query attends to the text and image context on its own). So a block runs as two
-groups along ``"tokens"``:
+cross-attention (each query attends to the text and image context on its own). So a block runs as the two
+groups along ``"tokens"`` of ``engine/tokens.py`` (which LTX-Video's and HunyuanVideo's blocks would share; this
+module says only what a Wan slice computes):
 
 - ``blocks.{i}.self_attn.kv``: the keys (rotary-embedded) and values of every token, slice by slice, into
   one (2, B, L, dim) tensor;
@@ -44,7 +45,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..slicing import Merge, Runner, Tokens
+from ..slicing import Runner
+from ..tokens import attention_block
 from .comfy_common import forward_signature
 from .comfy_unet import planning_arguments, replayable  # noqa: F401 (the same per-call options as the U-Net's)
 
@@ -158,43 +160,6 @@ def sliceable(block: nn.Module) -> str | None:
 # -- the sliced block ------------------------------------------------------------------------------
 
 
-class TokensInPlace(Merge):
-    """Each token slice's result written over the same tokens of the block's input (B, L, dim): exact, since every
-    slice reads only its own tokens of the input (the keys and values of all of them are computed first)."""
-
-    def __init__(self, target: torch.Tensor) -> None:
-        self.target = target
-
-    def whole(self, part: torch.Tensor) -> torch.Tensor:
-        self.target.copy_(part)
-        return self.target
-
-    def allocate(self, part: torch.Tensor) -> torch.Tensor:
-        return self.target
-
-    def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:
-        out[:, start:stop].copy_(part)
-
-
-class KeysValues(Merge):
-    """Parts are (keys, values) pairs of (B, s, dim); the output is one (2, B, L, dim) tensor (keys, values).
-    Run whole, the pair itself is the output."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-
-    def whole(self, part):
-        return part
-
-    def allocate(self, part):
-        k, _ = part
-        return k.new_empty((2, k.shape[0], self.tokens, k.shape[2]))
-
-    def write(self, out, start: int, stop: int, part) -> None:
-        out[0, :, start:stop].copy_(part[0])
-        out[1, :, start:stop].copy_(part[1])
-
-
 def _rope(host) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The host's rotary embedding of one tensor: ``apply_rope1`` (0.3.64), else ``apply_rope`` of q and k
     (0.3.52), which embeds each on its own."""
@@ -213,7 +178,7 @@ def _token_rows(host, rows: int, length: int, device) -> torch.Tensor | None:
     index = torch.arange(rows, device=device).view(1, rows, 1)
     mapped = host.repeat_e(index, torch.empty((1, length, 0), device=device)).reshape(-1)
     if mapped.numel() != length:
-        raise _RunWhole(f"its modulation has {rows} rows for {length} tokens")
+        raise RunWhole(f"its modulation has {rows} rows for {length} tokens")
     return mapped
 
 
@@ -230,7 +195,7 @@ def modulation_of_the_slice(host, e: torch.Tensor, rows: torch.Tensor | None, st
     return host.repeat_e(e, x[:, start:stop])
 
 
-class _RunWhole(Exception):
+class RunWhole(Exception):
     """A call this module cannot slice exactly: the host's block runs it."""
 
 
@@ -261,11 +226,9 @@ def sliced_block(runner: Runner, name: str, block: nn.Module, x: torch.Tensor, e
         k = rope(attn.norm_k(attn.k(h)).view(b, z - a, n, d), freqs[:, a:z]).view(b, z - a, n * d)
         return k, attn.v(h).view(b, z - a, n * d)
 
-    kv = runner.run(f"{name}.self_attn.kv", "tokens", length, keys_values, KeysValues(length))
-
-    def body(a: int, z: int) -> torch.Tensor:
+    def rest(a: int, z: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         q = rope(attn.norm_q(attn.q(modulated(a, z))).view(b, z - a, n, d), freqs[:, a:z])
-        y = host.optimized_attention(q.view(b, z - a, n * d), kv[0], kv[1], heads=n, **attn_opts)
+        y = host.optimized_attention(q.view(b, z - a, n * d), keys, values, heads=n, **attn_opts)
         del q
         xs = torch.addcmul(x[:, a:z], attn.o(y), mod(2, a, z))
         del y
@@ -273,10 +236,9 @@ def sliced_block(runner: Runner, name: str, block: nn.Module, x: torch.Tensor, e
         y = block.ffn(torch.addcmul(mod(3, a, z), block.norm2(xs), 1 + mod(4, a, z)))
         return torch.addcmul(xs, y, mod(5, a, z))
 
-    # written over the block's input where nothing else may read it afterwards: the host's loop drops a block's
-    # input once the block returns; another pack's patch around the block may keep it, so there the output is new
+    # written over the block's input only where the model's loop drops it and no dtype changes on the way
     in_place = own_input and all(t.dtype == x.dtype for t in es)
-    return runner.run(name, "tokens", length, body, TokensInPlace(x) if in_place else Tokens(length))
+    return attention_block(runner, name, x, keys_values, rest, in_place)
 
 
 # -- the call --------------------------------------------------------------------------------------
@@ -291,16 +253,22 @@ class _BlockPatch:
         self.runner, self.index, self.block = runner, index, block
         self.context_img_len, self.previous, self.drops_input = context_img_len, previous, drops_input
 
-    def run(self, args: dict) -> dict:
-        out = sliced_block(self.runner, f"blocks.{self.index}", self.block, args["img"], args["vec"], args["pe"],
-                           args["txt"], self.context_img_len, args.get("transformer_options"),
-                           own_input=self.drops_input and self.previous is None)
+    def run(self, args: dict, host_block) -> dict:
+        try:
+            out = sliced_block(self.runner, f"blocks.{self.index}", self.block, args["img"], args["vec"], args["pe"],
+                               args["txt"], self.context_img_len, args.get("transformer_options"),
+                               own_input=self.drops_input and self.previous is None)
+        except RunWhole as e:  # raised before anything ran
+            _say(self.block, ("wan block whole", str(e)), "Streamline: Wan block %d runs whole, unsliced: %s",
+                 self.index, e)
+            return host_block(args)
         return {"img": out}
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        host_block = extra["original_block"]
         if self.previous is None:
-            return self.run(args)
-        return self.previous(args, {**extra, "original_block": self.run})
+            return self.run(args, host_block)
+        return self.previous(args, {**extra, "original_block": lambda a: self.run(a, host_block)})
 
 
 def streamlined_forward(model: nn.Module, runner: Runner, **arguments: Any) -> torch.Tensor:

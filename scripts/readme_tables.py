@@ -9,6 +9,7 @@
     .venv/bin/python scripts/readme_tables.py --decode   # also streamline simulate --decode, bench --decode (docs/decode_cuts.png)
     .venv/bin/python scripts/readme_tables.py --pipeline # also streamline simulate --pipeline, and with --card 6
     .venv/bin/python scripts/readme_tables.py --calibrate # also streamline calibrate (docs/rehash_maps.png)
+    .venv/bin/python scripts/readme_tables.py --wan      # also streamline simulate --model wan --markdown (a ComfyUI checkout)
     .venv/bin/python scripts/readme_tables.py --rehash   # also streamline bench --rehash (docs/rehash_bench.png; about 2.5 h on 2 cores)
     .venv/bin/python scripts/readme_tables.py --rehash-comfyui  # also bench --rehash --comfyui-only (a ComfyUI checkout; ~12 min)
     .venv/bin/python scripts/readme_tables.py --cuda FILE # the table `streamline bench --cuda` printed on a GPU, saved in FILE
@@ -42,6 +43,7 @@ BLOCKS = {
     "decode-cuts": "--decode: streamline bench --decode --grid, and its grid (shown under the block)",
     "pipeline": "--pipeline: streamline simulate --pipeline --markdown",
     "pipeline-card": "--pipeline: streamline simulate --pipeline --card 6",
+    "wan": "--wan: streamline simulate --model wan --markdown",
     "rehash-calibration": "--calibrate: streamline calibrate, and its maps",
     "rehash-bench": "--rehash: streamline bench --rehash --plot",
     "rehash-comfyui": "--rehash-comfyui: streamline bench --rehash --comfyui-only",
@@ -194,6 +196,10 @@ def main() -> None:
         put("pipeline", lambda page: pipeline_markdown(rows))
         card = Card(6)
         put("pipeline-card", lambda page: format_card_markdown([r.host.predict(card, v) for r in rows for v in VARIANTS]))
+    if "--wan" in args:
+        from streamlined_core.tools.sim.wan import WAN_MODELS, format_markdown as wan_markdown, wan_rows
+
+        put("wan", lambda page: wan_markdown(wan_rows(list(WAN_MODELS), progress=say)))
     if "--calibrate" in args:
         put("rehash-calibration", lambda page: calibration_block(say, page))
     if "--rehash" in args:

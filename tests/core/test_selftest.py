@@ -123,3 +123,11 @@ def test_a_broken_variant_name_is_refused(monkeypatch):
     monkeypatch.setenv(tally.BROKEN_ENV, "nonsense")
     with pytest.raises(ValueError, match="STREAMLINE_SELFTEST_BROKEN must be one of no-restore-after-interrupt"):
         tally.broken_variant()
+
+
+def test_arch_runs_only_the_categories_of_the_architectures_named(capsys, monkeypatch):
+    from streamlined_core.tools.commands.selftest import ARCHS as KEYS
+
+    assert set(ARCHS) <= set(KEYS)  # every diffusers architecture can be named
+    code, report = run_json(capsys, monkeypatch, "--arch", "diffusers-sd-vae", "--examples", "2")
+    assert code == 0 and [r["arch"] for r in report["rows"]] == ["diffusers-sd-vae"]

@@ -202,9 +202,16 @@ def test_the_transformer_floor_is_the_hand_count(comfyui):
 
 
 def test_the_simulated_wan_rows_reach_1_5x_the_transformer_floor(comfyui):
-    from streamlined_core.tools.sim.wan import wan_rows
+    """Wan 2.1 1.3B at 832x480, 81 frames (the other models' rows: ``streamline simulate --model wan``); the docs'
+    table holds the rows the command prints."""
+    from readme import generated_block
+
+    from streamlined_core.tools.sim.wan import format_markdown, wan_rows
 
     rows = wan_rows(["wan2.1-1.3b"], sizes=[(832, 480)])
+    block = generated_block("wan")
+    for line in format_markdown(rows).splitlines()[2:6]:
+        assert line in block, line
     assert [(r.storage, r.batch) for r in rows] == [("bf16", 2), ("bf16", 1), ("fp8", 2), ("fp8", 1)]
     for r in rows:
         assert r.tokens == 32760 and r.peak_bytes <= 1.5 * r.floor_bytes, r

@@ -19,6 +19,10 @@ from .common import positive
 # default process also runs the weight paths and the unrecognised forward
 WORKER_TIMEOUT = 4 * 3600  # one ComfyUI process (the full profile's default backend: about an hour here)
 CHECKS = ("exactness", "faults", "recoveries", "repeats", "bad-inputs", "compositions")
+# the exactness self-test's architectures (selftest/archs.py DIFFUSERS, selftest/comfy.py), by key
+ARCHS = ("diffusers-svd-unet", "diffusers-animatediff-unet", "diffusers-svd-vae", "diffusers-sd-vae",
+         "comfyui-svd-unet", "comfyui-svd-vae", "comfyui-ade-unet", "comfyui-wan")
+ARCHS_ENV = "STREAMLINE_SELFTEST_ARCHS"
 BACKEND_FLAGS = {"default": "", "pytorch": "--use-pytorch-cross-attention", "split": "--use-split-cross-attention",
                  "sub-quadratic": "--use-quad-cross-attention"}
 
@@ -57,6 +61,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="the ComfyUI attention backends to run (repeatable; default: all four; the weight paths and "
                         "the unrecognised forward run with the default one)")
     p.add_argument("--only", choices=["diffusers", "comfyui"], default=None, help="run one family of rows")
+    p.add_argument("--arch", action="append", choices=ARCHS, default=None, metavar="KEY",
+                   help=f"exactness: only the categories of these architectures (repeatable), among {', '.join(ARCHS)}")
     p.add_argument("--cases", default="", metavar="TEXT",
                    help="run only the faults, recoveries, bad inputs and compositions cases whose names contain TEXT "
                         "(case-insensitive; to rerun one failure)")
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         from ..selftest.archs import DIFFUSERS
 
         for arch in DIFFUSERS:
+            if args.arch and arch.key not in args.arch:
+                continue
             _say(f"{arch.label}: {diffusers_n} examples")
             rows.append(run_category(arch, "default", f"diffusers {diffusers.__version__}", diffusers_n,
                                      wrong=wrong_variant()).as_dict())
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         for root in hosts(args):
             for flag in (BACKEND_FLAGS[b] for b in (args.backend or BACKEND_FLAGS) if "exactness" in checks):
                 _say(f"ComfyUI at {root}, {flag or 'default flags'}: {comfy_n} examples per category")
-                for row in _worker(root, comfy_n, args.profile, flag):
+                for row in _worker(root, comfy_n, args.profile, flag, args.arch):
                     rows.append(row)
                     _said(row)
             if reliability:
@@ -184,7 +192,7 @@ def _categories_table(categories: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
+def _worker(root: str, examples: int, profile: str, flag: str, archs: list[str] | None = None) -> list[dict]:
     command = [sys.executable, "-m", "streamlined_core.tools.selftest.worker", str(Path(root).resolve()), str(examples),
                profile]
 
@@ -194,7 +202,7 @@ def _worker(root: str, examples: int, profile: str, flag: str) -> list[dict]:
 
     try:
         done = subprocess.run(command + ([flag] if flag else []), cwd=root, capture_output=True, text=True,
-                              env=_worker_env(), timeout=WORKER_TIMEOUT)
+                              env={**_worker_env(), ARCHS_ENV: ",".join(archs or ())}, timeout=WORKER_TIMEOUT)
     except subprocess.TimeoutExpired:
         return failed(f"ran past {WORKER_TIMEOUT} s")
     lines = done.stdout.strip().splitlines()

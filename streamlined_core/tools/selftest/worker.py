@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 
 from .exactness import Failure, run_category, wrong_variant
@@ -34,25 +35,34 @@ def main(argv: list[str]) -> int:
     backend = f"{' '.join(flags) or 'default'}: {attention.optimized_attention.__name__}"
     chosen = getattr(vae_model, "vae_attention", None)
     vae_backend = f"{' '.join(flags) or 'default'}: {getattr(chosen() if chosen else None, '__name__', 'unknown')}"
-    results = [run_category(archs.unet_arch(), backend, host, examples, wrong=wrong),
-               run_category(archs.VAE, vae_backend, host, examples, wrong=wrong),
-               run_category(archs.wan_arch(), backend, host, examples, wrong=wrong)]
-    if profile == "ci" and flags:
-        pass  # AnimateDiff-Evolved: under the default backend only
+    wanted = set(filter(None, os.environ.get("STREAMLINE_SELFTEST_ARCHS", "").split(","))) or None
+    want = lambda key: wanted is None or key in wanted  # noqa: E731 (selftest --arch)
+    results = []
+    if want("comfyui-svd-unet"):
+        results.append(run_category(archs.unet_arch(), backend, host, examples, wrong=wrong))
+    if want("comfyui-svd-vae"):
+        results.append(run_category(archs.VAE, vae_backend, host, examples, wrong=wrong))
+    if want("comfyui-wan"):
+        results.append(run_category(archs.wan_arch(), backend, host, examples, wrong=wrong))
+    if (profile == "ci" and flags) or not want("comfyui-ade-unet"):
+        pass  # AnimateDiff-Evolved: under the default backend only in the CI profile
     elif animatediff_evolved(root):
         results.append(run_category(archs.ANIMATEDIFF, backend, host, examples, wrong=wrong))
-    else:
+    elif results:
         results[0].notes.append("AnimateDiff-Evolved is not in this checkout's custom_nodes: its rows did not run")
     if not flags:
-        for weights in ("fp16", "fp8"):
+        for weights in ("fp16", "fp8") if want("comfyui-svd-unet") else ():
             arch = archs.unet_arch(weights, label=f"ComfyUI SVD U-Net, {weights} weights")
             results.append(run_category(arch, f"{weights} weights cast per call", host, examples, wrong=wrong))
-        for weights in ("fp16", "bf16", "fp8"):
+        for weights in ("fp16", "bf16", "fp8") if want("comfyui-wan") else ():
             results.append(run_category(archs.wan_arch(weights), f"{weights} weights cast per call", host, examples,
                                         wrong=wrong))
-        results.append(partial(archs, host, examples, wrong))
-        results.append(partial(archs, host, examples, wrong, wan=True))
-        results.append(unrecognised(archs, host, examples, wrong))
+        if want("comfyui-svd-unet"):
+            results.append(partial(archs, host, examples, wrong))
+        if want("comfyui-wan"):
+            results.append(partial(archs, host, examples, wrong, wan=True))
+        if want("comfyui-svd-unet"):
+            results.append(unrecognised(archs, host, examples, wrong))
     print(json.dumps([r.as_dict() for r in results]))
     return 0
 

@@ -197,7 +197,8 @@ def main() -> None:
         card = Card(6)
         put("pipeline-card", lambda page: format_card_markdown([r.host.predict(card, v) for r in rows for v in VARIANTS]))
     if "--wan" in args:
-        from streamlined_core.tools.sim.wan import WAN_MODELS, format_markdown as wan_markdown, wan_rows
+        from streamlined_core.tools.sim.wan import WAN_MODELS, wan_rows
+        from streamlined_core.tools.sim.wan import format_markdown as wan_markdown
 
         put("wan", lambda page: wan_markdown(wan_rows(list(WAN_MODELS), progress=say)))
     if "--calibrate" in args:

@@ -104,9 +104,12 @@ def test_a_block_part_on_a_slice_with_the_whole_modulation_is_wrong(pack):
     wan_module.modulation_of = wan_module.modulation_of_the_slice
     try:
         ksample_wan(patched, noise_mask=mask, steps=1)
+    except RuntimeError as e:  # 0.3.52's repeat_e refuses a slice whose length is no multiple of the frame count
+        assert "must match the size of tensor" in str(e)
+        return
     finally:
         wan_module.modulation_of = original
-    assert max(probe.errors) > 1e-2, probe.errors
+    assert max(probe.errors) > 1e-2, probe.errors  # 0.3.64's repeat_e maps it, silently wrong
 
 
 def test_another_packs_block_patch_wraps_the_sliced_block(pack):
@@ -210,8 +213,9 @@ def test_the_simulated_wan_rows_reach_1_5x_the_transformer_floor(comfyui):
 
     rows = wan_rows(["wan2.1-1.3b"], sizes=[(832, 480)])
     block = generated_block("wan")
-    for line in format_markdown(rows).splitlines()[2:6]:
-        assert line in block, line
+    if f"of {rows[0].host}'s WanModel" in block:  # the table's host (ComfyUI 0.3.52's self-attention peaks higher)
+        for line in format_markdown(rows).splitlines()[2:6]:
+            assert line in block, line
     assert [(r.storage, r.batch) for r in rows] == [("bf16", 2), ("bf16", 1), ("fp8", 2), ("fp8", 1)]
     for r in rows:
         assert r.tokens == 32760 and r.peak_bytes <= 1.5 * r.floor_bytes, r
@@ -298,3 +302,11 @@ def all_subclasses(cls):
     for sub in cls.__subclasses__():
         found |= {sub} | all_subclasses(sub)
     return found
+
+
+def test_a_typed_budget_this_latent_cannot_meet_is_refused_before_the_first_step(pack):
+    model = build_wan("wan2.1-t2v")
+    patched = streamline_model(pack, model, "auto", budget=0.00016)  # the tiny weights (0.00015 GiB) and a little
+    with pytest.raises(ValueError, match=r"vram_budget_gb=0\.000\d+ cannot be met for this latent \(5 frames at 6x10, "
+                                         r"both conds batched\): the least budget that works is"):
+        ksample_wan(patched)

@@ -51,6 +51,7 @@ class WanRow:
     floor_bytes: int
     plan: str
     planning_seconds: float = 0.0
+    host: str = ""  # the ComfyUI whose WanModel ran ("ComfyUI 0.3.64")
 
     @property
     def x_floor(self) -> float:
@@ -80,6 +81,7 @@ def wan_rows(models: Iterable[str], sizes: Iterable[tuple[int, int]] | None = No
     if path is None:
         raise RuntimeError(f"the Wan rows run ComfyUI's WanModel: {why}")
     import_comfy(path, pytorch_attention=False)
+    host = f"ComfyUI {_version()}"
     sizes = list(sizes) if sizes is not None else None
     work = [(m, size, storage, guidance) for m in models for size in (sizes or WAN_MODELS[m][1])
             for storage in STORAGE for guidance in GUIDANCE]
@@ -100,10 +102,19 @@ def wan_rows(models: Iterable[str], sizes: Iterable[tuple[int, int]] | None = No
         arguments = {"x": args[0]}
         rows.append(WanRow(name, width, height, count, storage, guidance, batch, comfy_wan.tokens(model, arguments),
                            weights_bytes(model), original, peak, comfy_wan.floor_bytes(model, arguments),
-                           plan.describe(), round(plan.seconds, 3)))
+                           plan.describe(), round(plan.seconds, 3), host))
         say(f"    original {original / GIB:.2f} GiB ({rows[-1].original_x_floor:.2f}x the floor), streamlined "
             f"{peak / GIB:.2f} GiB ({rows[-1].x_floor:.2f}x, {plan.describe()}), planned in {plan.seconds:.1f} s")
     return rows
+
+
+def _version() -> str:
+    try:
+        import comfyui_version
+
+        return comfyui_version.__version__
+    except ImportError:
+        return "(version unknown)"
 
 
 COLUMNS = ("model", "width x height", "frames", "tokens", "weights", "weights GiB", "cond/uncond", "original GiB",
@@ -117,7 +128,7 @@ def _cells(row: WanRow) -> list[str]:
             f"{row.floor_bytes / GIB:.2f}", row.plan]
 
 
-FOOTNOTE = ("Activations are live-tensor peaks of one call of ComfyUI's WanModel at full size on the meta device "
+FOOTNOTE = ("Activations are live-tensor peaks of one call of {host}'s WanModel at full size on the meta device "
             "(bf16 activations, memory-efficient attention, the text context at 512 tokens); fp8 weights are cast "
             "to bf16 per call by ComfyUI's operations, and those casts count. Transformer floor: the residual stream "
             "and one self-attention's keys and values, 3 x B x tokens x dim in bf16. Goal: streamlined at most "
@@ -128,7 +139,11 @@ def format_markdown(rows: list[WanRow]) -> str:
     """The Markdown table the docs embed."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n\n" + FOOTNOTE + "\n"
+    return "\n".join(lines) + "\n\n" + _footnote(rows) + "\n"
+
+
+def _footnote(rows: list[WanRow]) -> str:
+    return FOOTNOTE.format(host=rows[0].host if rows else "ComfyUI")
 
 
 def format_text(rows: list[WanRow]) -> str:
@@ -137,4 +152,4 @@ def format_text(rows: list[WanRow]) -> str:
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n\n" + FOOTNOTE + "\n"
+    return "\n".join(lines) + "\n\n" + _footnote(rows) + "\n"

@@ -27,6 +27,8 @@ class TokensInPlace(Merge):
     """Each token slice's result written over the same tokens of the block's input (B, L, dim): exact, since every
     slice reads only its own tokens of the input (the keys and values of all of them are computed first)."""
 
+    in_place = True  # the runner's events say so, and the planner takes the first slice as the governing one
+
     def __init__(self, target: torch.Tensor) -> None:
         self.target = target
 

@@ -77,9 +77,11 @@ def test_attention_against_each_slices_own_keys_is_not_the_block(block):
     assert (wrong - reference).abs().max() > 1e-2
 
 
-def test_the_groups_are_reported_along_tokens(block):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_the_groups_are_reported_along_tokens(block, in_place):
     events = []
     with torch.no_grad():
-        block.sliced(Runner(lambda _n, _a, _l: (4, "keep"), [events.append]), torch.randn(1, 10, 16), torch.ones(1, 10, 1))
-    starts = [(e.name, e.axis, e.length, e.slices) for e in events if e.kind == "start"]
-    assert starts == [("block.self_attn.kv", "tokens", 10, 4), ("block", "tokens", 10, 4)]
+        block.sliced(Runner(lambda _n, _a, _l: (4, "keep"), [events.append]), torch.randn(1, 10, 16),
+                     torch.ones(1, 10, 1), in_place)
+    starts = [(e.name, e.axis, e.length, e.slices, e.in_place) for e in events if e.kind == "start"]
+    assert starts == [("block.self_attn.kv", "tokens", 10, 4, False), ("block", "tokens", 10, 4, in_place)]

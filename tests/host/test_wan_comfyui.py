@@ -106,6 +106,10 @@ def test_a_block_part_on_a_slice_with_the_whole_modulation_is_wrong(pack):
         ksample_wan(patched, noise_mask=mask, steps=1)
     except RuntimeError as e:  # 0.3.52's repeat_e refuses a slice whose length is no multiple of the frame count
         assert "must match the size of tensor" in str(e)
+        assert not probe.errors, "the engine ran before: the refusal came from somewhere else"
+        wan_module.modulation_of = original
+        ksample_wan(patched, noise_mask=mask, steps=1)  # the right mapping runs the same call
+        assert max(probe.errors) <= 1e-5
         return
     finally:
         wan_module.modulation_of = original
@@ -310,3 +314,38 @@ def test_a_typed_budget_this_latent_cannot_meet_is_refused_before_the_first_step
     with pytest.raises(ValueError, match=r"vram_budget_gb=0\.000\d+ cannot be met for this latent \(5 frames at 6x10, "
                                          r"both conds batched\): the least budget that works is"):
         ksample_wan(patched)
+
+
+def test_another_attention_gets_every_query_and_options_added_to_the_block_args_are_taken(pack, caplog):
+    """An ``optimized_attention_override`` (sparse masks, attention capture) may assume queries and keys cover the
+    same tokens: the blocks then run whole, said in the log. A block patch that adds ``transformer_options`` to the
+    block's arguments (step caches do) on an image-to-video model: 0.3.52's cross-attention takes none, and gets
+    none."""
+    model = build_wan("wan2.1-i2v")
+    seen = []
+
+    def override(func, *args, **kwargs):
+        seen.append(args[0].shape[1])
+        return func(*args, **kwargs)
+
+    overridden = model.clone()
+    overridden.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    reference = ksample_wan(overridden)
+    patched = streamline_model(pack, overridden)
+    probe = WanProbe(pack, patched)
+    with caplog.at_level(logging.INFO):
+        out = ksample_wan(patched)
+    assert rel(out, reference) <= LATENT_TOL and not probe.sliced
+    assert any("optimized_attention_override" in r.getMessage() and "run whole" in r.getMessage()
+               for r in caplog.records)
+
+    def with_options(args, extra):
+        return extra["original_block"]({**args, "transformer_options": args.get("transformer_options", {})})
+
+    adding = model.clone()
+    for i in range(2):
+        adding.set_model_patch_replace(with_options, "dit", "double_block", i)
+    reference = ksample_wan(adding)
+    patched = streamline_model(pack, adding)
+    probe = WanProbe(pack, patched)
+    assert rel(ksample_wan(patched), reference) <= LATENT_TOL and max(probe.errors) <= 1e-5 and probe.sliced

@@ -213,7 +213,10 @@ def sliced_block(runner: Runner, name: str, block: nn.Module, x: torch.Tensor, e
     rows = _token_rows(host, es[0].shape[1], length, x.device)
     rope = _rope(host)
     opts = {"transformer_options": transformer_options} if transformer_options is not None else {}
+    # passed where the host's own forward takes them (0.3.52's take none; another pack may add them to the args)
     attn_opts = opts if "transformer_options" in forward_signature(type(attn)).parameters else {}
+    cross = forward_signature(type(block.cross_attn)).parameters
+    cross_opts = opts if "transformer_options" in cross or any(p.kind is p.VAR_KEYWORD for p in cross.values()) else {}
 
     def mod(i: int, a: int, z: int) -> torch.Tensor:
         return modulation_of(host, es[i], rows, a, z, x)
@@ -232,7 +235,7 @@ def sliced_block(runner: Runner, name: str, block: nn.Module, x: torch.Tensor, e
         del q
         xs = torch.addcmul(x[:, a:z], attn.o(y), mod(2, a, z))
         del y
-        xs = xs + block.cross_attn(block.norm3(xs), context, context_img_len=context_img_len, **opts)
+        xs = xs + block.cross_attn(block.norm3(xs), context, context_img_len=context_img_len, **cross_opts)
         y = block.ffn(torch.addcmul(mod(3, a, z), block.norm2(xs), 1 + mod(4, a, z)))
         return torch.addcmul(xs, y, mod(5, a, z))
 
@@ -278,11 +281,21 @@ def streamlined_forward(model: nn.Module, runner: Runner, **arguments: Any) -> t
              "Streamline: %s is not a Wan model Streamline slices (%s); it runs untouched, with ComfyUI's own memory "
              "use", type(model).__name__, ", ".join(SLICED_MODELS))
         return getattr(type(model), SLOT)(model, **arguments)
+    if "optimized_attention_override" in (arguments.get("transformer_options") or {}):
+        # another pack's attention (sparse or sliding-tile masks, attention capture, quantized blocks) may assume
+        # its queries and keys cover the same tokens: never hand it a query slice
+        _say(model, ("wan attention override", type(model).__name__),
+             "Streamline: %s: another node set transformer_options['optimized_attention_override']; the blocks run "
+             "whole, unsliced, so that attention sees every query", type(model).__name__)
+        return getattr(type(model), SLOT)(model, **arguments)
     options = dict(arguments.get("transformer_options") or {})
     replace = dict(options.get("patches_replace") or {})
     dit = dict(replace.get("dit") or {})
     clip_fea = arguments.get("clip_fea")
     context_img_len = clip_fea.shape[-2] if clip_fea is not None else None
+    # in place only under the class's own block loop: another pack may have put its own forward_orig on the
+    # instance (a step cache), which may keep a block's input
+    drops_input = drops_block_input(type(model)) and "forward_orig" not in model.__dict__
     whole = []
     for i, block in enumerate(model.blocks):
         why = sliceable(block)
@@ -290,7 +303,7 @@ def streamlined_forward(model: nn.Module, runner: Runner, **arguments: Any) -> t
             whole.append((i, why))
             continue
         dit[("double_block", i)] = _BlockPatch(runner, i, block, context_img_len, dit.get(("double_block", i)),
-                                               drops_block_input(type(model)))
+                                               drops_input)
     if whole:
         first, why = whole[0]
         _say(model, ("wan blocks whole", type(model).__name__),

@@ -208,3 +208,10 @@ def diffusers_svd_call(shape: tuple[int, int, int, int], std: float = 0.1):
 
 
 from streamlined_core.tools.selftest.comfy_graph import out_of_memory  # noqa: E402,F401  (the tests' injector too)
+
+
+def pack_module(pack, name):
+    """A module of the engine as the pack loaded it (ComfyUI imports the pack by path: one copy)."""
+    import sys
+
+    return sys.modules[f"{pack.__name__}.streamlined_core.{name}"]

@@ -205,7 +205,7 @@ class Runner:
         slices = max(1, min(int(slices), length))
         if mode not in modes:
             mode = modes[0]
-        in_place = isinstance(merge, (InPlace, TilesInPlace)) or getattr(merge, "in_place", False)
+        in_place = isinstance(merge, (InPlace, TilesInPlace))
         self.emit(GroupEvent("start", name, axis, length, slices, mode, modes, in_place, rows))
         replay, key = self.replay, (name, length, slices, mode)
         if replay is not None:

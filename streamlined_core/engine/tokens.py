@@ -20,25 +20,15 @@ from typing import Callable
 
 import torch
 
-from .slicing import Merge, Runner, Tokens
+from .slicing import InPlace, Merge, Runner, Tokens
 
 
-class TokensInPlace(Merge):
+class TokensInPlace(InPlace):
     """Each token slice's result written over the same tokens of the block's input (B, L, dim): exact, since every
     slice reads only its own tokens of the input (the keys and values of all of them are computed first)."""
 
-    in_place = True  # the runner's events say so, and the planner takes the first slice as the governing one
-
-    def __init__(self, target: torch.Tensor) -> None:
-        self.target = target
-
     def whole(self, part: torch.Tensor) -> torch.Tensor:
-        self.target.copy_(part)
-        return self.target
-
-    def allocate(self, part: torch.Tensor) -> torch.Tensor:
-        if part.dtype != self.target.dtype:
-            raise ValueError(f"an in-place group got a {part.dtype} part for a {self.target.dtype} input")
+        self.allocate(part).copy_(part)
         return self.target
 
     def write(self, out: torch.Tensor, start: int, stop: int, part: torch.Tensor) -> None:

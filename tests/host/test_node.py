@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 from comfy_svd import LATENT_TOL, build_svd, conditioning, ksample, rel
-from contract import ComfyProbe
+from contract import ComfyProbe, pack_module
 
 
 @pytest.fixture(scope="module")
@@ -258,12 +258,6 @@ def test_an_unrecognised_host_version_falls_back_to_module_level_slicing(pack, s
 
 # -- per-run context and budgets ----------------------------------------------------------------
 
-
-def pack_module(pack, name):
-    """A module of the engine as the pack loaded it (ComfyUI imports the pack by path: one copy)."""
-    import sys
-
-    return sys.modules[f"{pack.__name__}.streamlined_core.{name}"]
 
 
 def test_two_clones_of_one_streamlined_model_see_only_their_own_runs_events(pack, svd_patcher):

@@ -7,15 +7,9 @@ import logging
 
 import pytest
 import torch
+from contract import pack_module
 
 from streamlined_core.tools.selftest.comfy_graph import LATENT_TOL, build_wan, ksample_wan, rel
-
-
-def pack_module(pack, name):
-    """A module of the engine as the pack loaded it (ComfyUI imports the pack by path: one copy)."""
-    import sys
-
-    return sys.modules[f"{pack.__name__}.streamlined_core.{name}"]
 
 
 def streamline_model(pack, model, slicing="upper bound", max_slices=3, budget=0.0):
@@ -160,7 +154,7 @@ def test_a_lora_patch(pack):
     wan = model.get_model_object("diffusion_model")
     gen = torch.Generator().manual_seed(3)
     lora = {f"diffusion_model.blocks.{i}.{name}.weight":
-            (0.5 * torch.randn(getattr_path(wan, f"blocks.{i}.{name}").weight.shape, generator=gen),)
+            (0.5 * torch.randn(wan.get_submodule(f"blocks.{i}.{name}").weight.shape, generator=gen),)
             for i in range(2) for name in ("self_attn.q", "cross_attn.k", "ffn.0")}
     lora_model = model.clone()
     assert len(lora_model.add_patches(lora, 1.0)) == len(lora)
@@ -169,12 +163,6 @@ def test_a_lora_patch(pack):
     patched = streamline_model(pack, lora_model)
     probe = WanProbe(pack, patched)
     assert rel(ksample_wan(patched), reference) <= LATENT_TOL and max(probe.errors) <= 1e-5 and probe.sliced
-
-
-def getattr_path(module, path):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def test_groups_other_than_all_are_refused_on_wan(pack):

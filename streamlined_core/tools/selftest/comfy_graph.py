@@ -182,9 +182,8 @@ def ksample_sd15(model, frames: int, steps: int = 2, h: int = 8, w: int = 8, cfg
 # ComfyUI's unet_config of tiny Wan models (comfy/model_detection.py's keys; text_dim and text_len, which detection
 # leaves at umt5's 4096 and 512, small too): 2.1 text-to-video and image-to-video with Wan 2.1's 16-channel latents,
 # 2.2's 5B layout with its 48 channels
-WAN_TINY = {"image_model": "wan2.1", "dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "patch_size": (1, 2, 2),
-            "freq_dim": 16, "window_size": (-1, -1), "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6,
-            "text_dim": 24, "text_len": 8}
+WAN_TINY = {"image_model": "wan2.1", **configs.WAN_COMMON,
+            **{k: v for k, v in configs.TINY_WAN_CONFIG.items() if k not in ("model_type", "in_dim", "out_dim")}}
 WAN_CONFIGS = {
     "wan2.1-t2v": ("WAN21_T2V", {**WAN_TINY, "model_type": "t2v", "in_dim": 16, "out_dim": 16}),
     "wan2.1-i2v": ("WAN21_I2V", {**WAN_TINY, "model_type": "i2v", "in_dim": 36, "out_dim": 16}),
